@@ -7,6 +7,7 @@ wrong type is a `ConfigError` that names the key and the file.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -287,7 +288,7 @@ class Params(Section):
     @model_validator(mode="after")
     def _cascade(self) -> Params:
         sizes = [s.resolution for s in self.stages.values()]
-        if any(b <= a for a, b in zip(sizes, sizes[1:], strict=False)):
+        if any(b <= a for a, b in itertools.pairwise(sizes)):
             raise ValueError(f"stage resolutions must increase along the cascade, got {sizes}")
         for name in self.stages:
             if not name.replace("_", "").isalnum():
@@ -362,7 +363,9 @@ def load_params(path: str | Path = "params.yaml", overrides: Iterable[str] = ())
     """Read, override and validate params.yaml."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: no such params file (run from the project root or pass --params)")
+        raise ConfigError(
+            f"{path}: no such params file (run from the project root or pass --params)"
+        )
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
@@ -370,4 +373,3 @@ def load_params(path: str | Path = "params.yaml", overrides: Iterable[str] = ())
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     return parse_params(apply_overrides(raw, overrides), str(path))
-

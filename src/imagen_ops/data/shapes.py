@@ -53,8 +53,12 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "pink": (245, 120, 190),
 }
 SHAPES = ("circle", "square", "triangle", "star")
-RELATIONS = {"left_of": "to the left of", "right_of": "to the right of", "above": "above",
-             "below": "below"}
+RELATIONS = {
+    "left_of": "to the left of",
+    "right_of": "to the right of",
+    "above": "above",
+    "below": "below",
+}
 NUMBERS = {2: "two", 3: "three", 4: "four"}
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars"}
 
@@ -118,13 +122,19 @@ def aspect(shape: str) -> float:
     return 1.0
 
 
-def shape_polygon(shape: str, center: tuple[float, float], width: float) -> list[tuple[float, float]]:
+def shape_polygon(
+    shape: str, center: tuple[float, float], width: float
+) -> list[tuple[float, float]]:
     """Vertices of a polygonal shape whose bounding box is centred on `center` (any units)."""
     cx, cy = center
     h = width * aspect(shape)
     if shape == "square":
-        return [(cx - width / 2, cy - h / 2), (cx + width / 2, cy - h / 2),
-                (cx + width / 2, cy + h / 2), (cx - width / 2, cy + h / 2)]
+        return [
+            (cx - width / 2, cy - h / 2),
+            (cx + width / 2, cy - h / 2),
+            (cx + width / 2, cy + h / 2),
+            (cx - width / 2, cy + h / 2),
+        ]
     if shape == "triangle":
         return [(cx, cy - h / 2), (cx + width / 2, cy + h / 2), (cx - width / 2, cy + h / 2)]
     if shape == "star":
@@ -139,8 +149,13 @@ def shape_polygon(shape: str, center: tuple[float, float], width: float) -> list
     raise ValueError(f"shape_polygon: {shape!r} is not polygonal (circle is drawn as an ellipse)")
 
 
-def draw_shape(draw: ImageDraw.ImageDraw, shape: str, center: tuple[float, float], width: float,
-               fill: int | tuple[int, int, int]) -> None:
+def draw_shape(
+    draw: ImageDraw.ImageDraw,
+    shape: str,
+    center: tuple[float, float],
+    width: float,
+    fill: int | tuple[int, int, int],
+) -> None:
     """Draw one shape in pixel units (used by the renderer and by the oracle's templates)."""
     if shape == "circle":
         cx, cy = center
@@ -156,20 +171,27 @@ def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
     """sRGB uint8 (..., 3) -> CIE Lab (D65) float32 (..., 3)."""
     c = np.asarray(rgb, dtype=np.float32) / 255.0
     c = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
-    m = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]],
-                 dtype=np.float32)
+    m = np.array(
+        [[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]],
+        dtype=np.float32,
+    )
     xyz = (c @ m.T) / np.array([0.95047, 1.0, 1.08883], dtype=np.float32)
     f = np.where(xyz > 0.008856, np.cbrt(xyz), 7.787 * xyz + 16 / 116)
-    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]),
-                     200 * (f[..., 1] - f[..., 2])], axis=-1).astype(np.float32)
+    return np.stack(
+        [116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])],
+        axis=-1,
+    ).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------- sampling
 
 
-def _place(rng: np.random.Generator, sizes: list[tuple[float, float]],
-           placed: list[tuple[float, float, float, float]], tries: int = 200
-           ) -> list[tuple[float, float]] | None:
+def _place(
+    rng: np.random.Generator,
+    sizes: list[tuple[float, float]],
+    placed: list[tuple[float, float, float, float]],
+    tries: int = 200,
+) -> list[tuple[float, float]] | None:
     """Centres for boxes of (w, h) that stay inside the image and GAP apart, or None."""
     centers = []
     for w, h in sizes:
@@ -177,8 +199,13 @@ def _place(rng: np.random.Generator, sizes: list[tuple[float, float]],
             cx = rng.uniform(w / 2 + GAP / 2, 1 - w / 2 - GAP / 2)
             cy = rng.uniform(h / 2 + GAP / 2, 1 - h / 2 - GAP / 2)
             box = (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
-            if all(box[0] > b[2] + GAP or b[0] > box[2] + GAP or box[1] > b[3] + GAP
-                   or b[1] > box[3] + GAP for b in placed):
+            if all(
+                box[0] > b[2] + GAP
+                or b[0] > box[2] + GAP
+                or box[1] > b[3] + GAP
+                or b[1] > box[3] + GAP
+                for b in placed
+            ):
                 placed.append(box)
                 centers.append((cx, cy))
                 break
@@ -187,11 +214,14 @@ def _place(rng: np.random.Generator, sizes: list[tuple[float, float]],
     return centers
 
 
-def _objects(rng: np.random.Generator, shapes: list[str], colors: list[str],
-             size_range: tuple[float, float]) -> tuple[SceneObject, ...]:
+def _objects(
+    rng: np.random.Generator, shapes: list[str], colors: list[str], size_range: tuple[float, float]
+) -> tuple[SceneObject, ...]:
     while True:
         sizes = [float(round(rng.uniform(*size_range), 3)) for _ in shapes]
-        centers = _place(rng, [(s, s * aspect(sh)) for s, sh in zip(sizes, shapes, strict=True)], [])
+        centers = _place(
+            rng, [(s, s * aspect(sh)) for s, sh in zip(sizes, shapes, strict=True)], []
+        )
         if centers is not None:
             return tuple(
                 SceneObject(sh, c, s, (round(x, 4), round(y, 4)))
@@ -206,7 +236,9 @@ def _position_pair(rng: np.random.Generator, relation: str) -> tuple[SceneObject
         colors = [str(c) for c in rng.choice(list(COLORS), 2, replace=False)]
         objs = _objects(rng, shapes, colors, (0.25, 0.36))
         (ax, ay), (bx, by) = objs[0].center, objs[1].center
-        along, across = (bx - ax, by - ay) if relation in ("left_of", "right_of") else (by - ay, bx - ax)
+        along, across = (
+            (bx - ax, by - ay) if relation in ("left_of", "right_of") else (by - ay, bx - ax)
+        )
         if relation in ("right_of", "below"):
             along = -along
         if along > 0.3 and abs(across) < 0.5 * along:
@@ -220,16 +252,18 @@ def sample_scene(rng: np.random.Generator, cfg: SynthConfig) -> Scene:
     category = str(rng.choice(cats, p=p / p.sum()))
     relation = None
     if category == "single":
-        objects = _objects(rng, [str(rng.choice(SHAPES))], [str(rng.choice(list(COLORS)))],
-                           (0.3, 0.6))
+        objects = _objects(
+            rng, [str(rng.choice(SHAPES))], [str(rng.choice(list(COLORS)))], (0.3, 0.6)
+        )
     elif category == "binding":
         shapes = [str(s) for s in rng.choice(SHAPES, 2)]
         colors = [str(c) for c in rng.choice(list(COLORS), 2, replace=False)]
         objects = _objects(rng, shapes, colors, (0.25, 0.4))
     elif category == "counting":
         n = int(rng.integers(2, 5))
-        objects = _objects(rng, [str(rng.choice(SHAPES))] * n, [str(rng.choice(list(COLORS)))] * n,
-                           (0.25, 0.3))
+        objects = _objects(
+            rng, [str(rng.choice(SHAPES))] * n, [str(rng.choice(list(COLORS)))] * n, (0.25, 0.3)
+        )
     else:
         relation = str(rng.choice(list(RELATIONS)))
         objects = _position_pair(rng, relation)
@@ -282,8 +316,13 @@ def render_scene(scene: Scene, size: int, seed: int = 0) -> Image.Image:
     image = _background(scene, size, rng).resize((big, big), Image.NEAREST)
     draw = ImageDraw.Draw(image)
     for obj in scene.objects:
-        draw_shape(draw, obj.shape, (obj.center[0] * big, obj.center[1] * big), obj.size * big,
-                   COLORS[obj.color])
+        draw_shape(
+            draw,
+            obj.shape,
+            (obj.center[0] * big, obj.center[1] * big),
+            obj.size * big,
+            COLORS[obj.color],
+        )
     return image.reduce(SUPERSAMPLE)
 
 

@@ -1,0 +1,166 @@
+"""Samplers: short functions over a denoiser, independent of the network.
+
+Every sampler has the form `sample_x(denoise, x, ts, schedule, ...)`: `denoise(x, t)`
+predicts x0 (guidance and thresholding are already folded in, see guidance.py), `x` is
+the starting noise at ts[0] = 1 and `ts` the descending time grid ending at 0. Each step
+calls `callback(i, t, x, x0)` with the same keys, so progress bars, previews and logging
+attach without touching solver code. Step coefficients are computed in float64.
+
+Notation: alpha, sigma and logsnr as in schedules.py; lambda = logsnr / 2 = log(alpha/sigma)
+is the half log-SNR of the DPM-Solver papers (Lu et al. 2022). The last step, to t = 0,
+returns the final x0 prediction (the clean end of the trajectory).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from imagen_ops.diffusion.guidance import Denoiser
+from imagen_ops.diffusion.schedules import Schedule
+
+__all__ = [
+    "SAMPLER_NAMES",
+    "NoiseSource",
+    "sample",
+    "sample_ancestral",
+    "sample_ddim",
+    "sample_dpmpp_2m",
+]
+
+Callback = Callable[[int, float, Tensor, Tensor], None]
+
+
+class NoiseSource:
+    """Standard normal noise from one generator per image, so image k does not depend on
+    the batch it is sampled in (EDM's per-seed generators)."""
+
+    def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu"):
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.device = torch.device(device)
+
+    def __call__(self, shape: Sequence[int]) -> Tensor:
+        """A (len(seeds), *shape) tensor: one draw per generator."""
+        draws = [torch.randn(tuple(shape), generator=g) for g in self.generators]
+        return torch.stack(draws).to(self.device)
+
+
+def _coeffs(schedule: Schedule, t: float) -> tuple[float, float, float]:
+    """(alpha, sigma, lambda) at time t, in float64."""
+    logsnr = float(schedule(torch.tensor(t, dtype=torch.float64)))
+    return math.sqrt(1 / (1 + math.exp(-logsnr))), math.sqrt(1 / (1 + math.exp(logsnr))), logsnr / 2
+
+
+def _t(x: Tensor, t: float) -> Tensor:
+    return torch.tensor(t, dtype=torch.float32, device=x.device)
+
+
+@torch.no_grad()
+def sample_ddim(
+    denoise: Denoiser,
+    x: Tensor,
+    ts: Sequence[float],
+    schedule: Schedule,
+    *,
+    eta: float = 0.0,
+    noise: NoiseSource | None = None,
+    callback: Callback | None = None,
+) -> Tensor:
+    """DDIM (Song et al. 2021) with stochasticity eta; eta = 1 is ancestral DDPM sampling.
+
+    x_s = alpha_s x0 + sqrt(sigma_s^2 - c^2) eps_hat + c z,  eps_hat = (x_t - alpha_t x0) / sigma_t,
+    c = eta (sigma_s / sigma_t) sqrt(1 - alpha_t^2 / alpha_s^2). At eta = 1, c^2 is the
+    variance of the posterior q(x_s | x_t, x0) and the mean is its mean: ancestral sampling.
+    """
+    if eta > 0 and noise is None:
+        raise ValueError("sample_ddim with eta > 0 needs a NoiseSource")
+    for i, (t, s) in enumerate(itertools.pairwise(ts)):
+        x0 = denoise(x, _t(x, t))
+        if callback is not None:
+            callback(i, t, x, x0)
+        if s == 0:
+            return x0
+        a_t, sig_t, _ = _coeffs(schedule, t)
+        a_s, sig_s, _ = _coeffs(schedule, s)
+        eps = (x - a_t * x0) / sig_t
+        c = eta * (sig_s / sig_t) * math.sqrt(max(0.0, 1 - (a_t / a_s) ** 2))
+        x = a_s * x0 + math.sqrt(max(0.0, sig_s**2 - c**2)) * eps
+        if c > 0:
+            x = x + c * noise(x.shape[1:])
+    return x
+
+
+def sample_ancestral(
+    denoise: Denoiser,
+    x: Tensor,
+    ts: Sequence[float],
+    schedule: Schedule,
+    *,
+    noise: NoiseSource,
+    callback: Callback | None = None,
+) -> Tensor:
+    """Ancestral DDPM sampling (Ho et al. 2020): x_s ~ q(x_s | x_t, x0_hat), the posterior."""
+    return sample_ddim(denoise, x, ts, schedule, eta=1.0, noise=noise, callback=callback)
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(
+    denoise: Denoiser,
+    x: Tensor,
+    ts: Sequence[float],
+    schedule: Schedule,
+    *,
+    callback: Callback | None = None,
+) -> Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022): multistep, second order, data prediction.
+
+    With h = lambda_s - lambda_t, the first-order step is exact for a constant x0:
+        x_s = (sigma_s / sigma_t) x_t - alpha_s expm1(-h) D,
+    and the second order replaces D = x0_t by the linear extrapolation
+        D = (1 + 1/(2r)) x0_t - 1/(2r) x0_prev,  r = h_prev / h.
+    """
+    x0_prev, h_prev = None, None
+    for i, (t, s) in enumerate(itertools.pairwise(ts)):
+        x0 = denoise(x, _t(x, t))
+        if callback is not None:
+            callback(i, t, x, x0)
+        if s == 0:
+            return x0
+        _, sig_t, lam_t = _coeffs(schedule, t)
+        a_s, sig_s, lam_s = _coeffs(schedule, s)
+        h = lam_s - lam_t
+        d = x0
+        if x0_prev is not None:
+            r = h_prev / h
+            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+        x = (sig_s / sig_t) * x - (a_s * math.expm1(-h)) * d
+        x0_prev, h_prev = x0, h
+    return x
+
+
+SAMPLER_NAMES = ("ancestral", "ddim", "dpmpp_2m")
+
+
+def sample(
+    name: str,
+    denoise: Denoiser,
+    x: Tensor,
+    ts: Sequence[float],
+    schedule: Schedule,
+    *,
+    noise: NoiseSource,
+    eta: float = 0.0,
+    callback: Callback | None = None,
+) -> Tensor:
+    """Run the sampler called `name` with the options it takes."""
+    if name == "ancestral":
+        return sample_ancestral(denoise, x, ts, schedule, noise=noise, callback=callback)
+    if name == "ddim":
+        return sample_ddim(denoise, x, ts, schedule, eta=eta, noise=noise, callback=callback)
+    if name == "dpmpp_2m":
+        return sample_dpmpp_2m(denoise, x, ts, schedule, callback=callback)
+    raise ValueError(f"unknown sampler {name!r}; choose one of {SAMPLER_NAMES}")

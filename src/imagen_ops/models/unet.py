@@ -1,0 +1,310 @@
+"""The U-Net of every cascade stage: Imagen's base model and its Efficient U-Net variant.
+
+Reads bottom-up: primitives, blocks, embeddings, the network. Conditioning (Saharia et al.
+2022, section 2 and appendix B):
+- the noise level (log-SNR), the attention-pooled text and, for super-resolution stages,
+  the augmentation level are summed into one embedding that scales and shifts (FiLM) every
+  residual block;
+- text tokens (LayerNorm, then projected) are concatenated to the keys and values of the
+  attention layers, with a learned null token that is always present, so an all-False text
+  mask is the unconditional model used by classifier-free guidance;
+- super-resolution stages take the upsampled low-resolution image on extra input channels.
+`efficient=True` is the Efficient U-Net: every level resamples before (down) or after (up)
+its convolutions, so the blocks of the first level already run at half resolution, and
+skip connections are scaled by 1/sqrt(2).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from imagen_ops.config import UNetConfig
+
+__all__ = ["UNet"]
+
+
+# ------------------------------------------------------------------------- primitives
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(32, channels), channels)
+
+
+def zero_init(module: nn.Module) -> nn.Module:
+    """Residual branches start as the identity (their last layer outputs zeros)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> Tensor:
+    """Multi-head attention over (B, heads, tokens, dim); key_mask (B, S) is True to attend.
+
+    On accelerators this is `scaled_dot_product_attention` (flash / memory-efficient
+    kernels). On CPU the explicit product is 2-4x faster for our short sequences in bf16
+    (BENCHMARKS.md, "attention on CPU"), with the softmax in float32.
+    """
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1).to(v.dtype) @ v
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, with FiLM (scale-shift) from the conditioning embedding."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float):
+        super().__init__()
+        self.norm1 = group_norm(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.film = nn.Linear(emb_dim, 2 * out_ch)
+        self.norm2 = group_norm(out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.film(emb)[:, :, None, None].chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over pixels, with the text tokens appended to keys and values.
+
+    `self_attention=False` attends to text only (cross-attention); `text=False` to pixels only.
+    """
+
+    def __init__(
+        self, channels: int, head_dim: int, text_width: int, *, self_attention: bool, text: bool
+    ):
+        super().__init__()
+        self.heads, self.self_attention, self.text = channels // head_dim, self_attention, text
+        self.norm = group_norm(channels)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_kv = nn.Linear(channels, 2 * channels) if self_attention else None
+        self.to_kv_text = nn.Linear(text_width, 2 * channels) if text else None
+        self.out = zero_init(nn.Linear(channels, channels))
+
+    def _split(self, t: Tensor) -> Tensor:
+        return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
+    def forward(self, x: Tensor, text: Tensor, text_mask: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        keys, masks = [], []
+        if self.self_attention:
+            keys.append(self.to_kv(tokens))
+            masks.append(torch.ones(b, h * w, dtype=torch.bool, device=x.device))
+        if self.text:
+            keys.append(self.to_kv_text(text))
+            masks.append(text_mask)
+        k, v = torch.cat(keys, dim=1).chunk(2, dim=-1)
+        mask = torch.cat(masks, dim=1) if self.text else None
+        out = masked_attention(self._split(self.to_q(tokens)), self._split(k), self._split(v), mask)
+        out = self.out(out.transpose(1, 2).flatten(2))
+        return x + out.transpose(1, 2).reshape(b, c, h, w)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """One resolution of the encoder or decoder: residual blocks, each optionally followed
+    by attention."""
+
+    def __init__(
+        self,
+        chans: list[tuple[int, int]],
+        cfg: UNetConfig,
+        text_width: int,
+        self_attention: bool,
+        text: bool,
+    ):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            ResBlock(i, o, cfg.embedding_dim, cfg.dropout) for i, o in chans
+        )
+        self.attns = nn.ModuleList(
+            AttentionBlock(
+                o, cfg.attention_head_dim, text_width, self_attention=self_attention, text=text
+            )
+            if self_attention or text
+            else nn.Identity()
+            for _, o in chans
+        )
+
+
+# ------------------------------------------------------------------------- embeddings
+
+
+def sinusoidal(x: Tensor, dim: int, min_freq: float = 1 / 20, max_freq: float = 20.0) -> Tensor:
+    """Sin/cos features of a log-SNR, frequencies geometric in [min_freq, max_freq]: they
+    resolve log-SNR differences from ~0.05 to the whole [-15, 15] range."""
+    freqs = torch.exp(
+        torch.linspace(math.log(min_freq), math.log(max_freq), dim // 2, device=x.device)
+    )
+    angles = x.float()[:, None] * freqs[None]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+class NoiseEmbedding(nn.Module):
+    """log-SNR -> embedding (the noise level, or the SR augmentation level)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, logsnr: Tensor) -> Tensor:
+        return self.mlp(sinusoidal(logsnr, self.dim))
+
+
+class TextConditioning(nn.Module):
+    """LayerNorm + projection of the frozen encoder's tokens, a learned null token, and an
+    attention-pooled summary that joins the noise embedding (Imagen's pooled text)."""
+
+    def __init__(self, text_dim: int, width: int, emb_dim: int, head_dim: int):
+        super().__init__()
+        self.heads = max(1, width // head_dim)
+        self.proj = nn.Sequential(nn.LayerNorm(text_dim), nn.Linear(text_dim, width))
+        self.null = nn.Parameter(torch.randn(1, 1, width) * 0.02)
+        self.query = nn.Parameter(torch.randn(1, 1, width) * 0.02)
+        self.to_kv = nn.Linear(width, 2 * width)
+        self.to_emb = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, emb_dim))
+
+    def forward(self, text: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Return (tokens with the null token first, their mask, pooled embedding)."""
+        b = text.shape[0]
+        tokens = torch.cat([self.null.expand(b, -1, -1), self.proj(text)], dim=1)
+        mask = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=mask.device), mask], dim=1)
+        k, v = self.to_kv(tokens).chunk(2, dim=-1)
+
+        def split(t: Tensor) -> Tensor:
+            return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
+        pooled = masked_attention(split(self.query.expand(b, -1, -1)), split(k), split(v), mask)
+        return tokens, mask, self.to_emb(pooled.transpose(1, 2).flatten(1))
+
+
+# ---------------------------------------------------------------------------- network
+
+
+class UNet(nn.Module):
+    """Predicts the stage's objective (eps, x0 or v) from a noisy image and its conditioning.
+
+    Args:
+        cfg: the architecture.
+        text_dim: width D of the text encoder's token embeddings.
+        super_resolution: take the upsampled low-res image (3 more input channels) and the
+            augmentation level.
+    """
+
+    def __init__(self, cfg: UNetConfig, *, text_dim: int, super_resolution: bool):
+        super().__init__()
+        self.cfg, self.text_dim, self.super_resolution = cfg, text_dim, super_resolution
+        emb, width = cfg.embedding_dim, cfg.embedding_dim
+        chans = [cfg.channels * m for m in cfg.channel_mults]
+        self.skip_scale = 2**-0.5 if cfg.efficient else 1.0
+
+        self.noise_emb = NoiseEmbedding(emb)
+        self.aug_emb = NoiseEmbedding(emb) if super_resolution else None
+        self.text = TextConditioning(text_dim, width, emb, cfg.attention_head_dim)
+        self.conv_in = nn.Conv2d(6 if super_resolution else 3, cfg.channels, 3, padding=1)
+
+        self.downs, self.down_levels = nn.ModuleList(), nn.ModuleList()
+        skip_chans, ch = [], cfg.channels
+        for i, out_ch in enumerate(chans):
+            resample = i > 0 or cfg.efficient
+            self.downs.append(Downsample(ch) if resample else nn.Identity())
+            pairs = [(ch if j == 0 else out_ch, out_ch) for j in range(cfg.num_res_blocks[i])]
+            self.down_levels.append(
+                Level(pairs, cfg, width, cfg.self_attention[i], cfg.cross_attention[i])
+            )
+            skip_chans += [out_ch] * len(pairs)
+            ch = out_ch
+
+        self.mid = Level([(ch, ch), (ch, ch)], cfg, width, True, cfg.cross_attention[-1])
+
+        self.up_levels, self.ups = nn.ModuleList(), nn.ModuleList()
+        for i in reversed(range(len(chans))):
+            pairs = []
+            for _ in range(cfg.num_res_blocks[i]):
+                pairs.append((ch + skip_chans.pop(), chans[i]))
+                ch = chans[i]
+            self.up_levels.append(
+                Level(pairs, cfg, width, cfg.self_attention[i], cfg.cross_attention[i])
+            )
+            self.ups.append(Upsample(ch) if i > 0 or cfg.efficient else nn.Identity())
+
+        self.norm_out = group_norm(ch)
+        self.conv_out = zero_init(nn.Conv2d(ch, 3, 3, padding=1))
+
+    def forward(
+        self,
+        x: Tensor,
+        logsnr: Tensor,
+        text: Tensor,
+        text_mask: Tensor,
+        lowres: Tensor | None = None,
+        aug_logsnr: Tensor | None = None,
+    ) -> Tensor:
+        """x (B, 3, H, W); logsnr (B,); text (B, L, D); text_mask (B, L) bool; for SR stages
+        lowres (B, 3, H, W) already upsampled to x's size and aug_logsnr (B,)."""
+        if self.super_resolution != (lowres is not None and aug_logsnr is not None):
+            raise ValueError(
+                "super-resolution stages need lowres and aug_logsnr; base stages neither"
+            )
+        tokens, mask, pooled = self.text(text, text_mask)
+        emb = self.noise_emb(logsnr) + pooled
+        if self.super_resolution:
+            emb = emb + self.aug_emb(aug_logsnr)
+            x = torch.cat([x, lowres], dim=1)
+        emb = F.silu(emb)
+
+        h = self.conv_in(x)
+        skips = []
+        for down, level in zip(self.downs, self.down_levels, strict=True):
+            h = down(h)
+            for block, attn in zip(level.blocks, level.attns, strict=True):
+                h = self._attend(attn, block(h, emb), tokens, mask)
+                skips.append(h)
+        for block, attn in zip(self.mid.blocks, self.mid.attns, strict=True):
+            h = self._attend(attn, block(h, emb), tokens, mask)
+        for level, up in zip(self.up_levels, self.ups, strict=True):
+            for block, attn in zip(level.blocks, level.attns, strict=True):
+                h = torch.cat([h, skips.pop() * self.skip_scale], dim=1)
+                h = self._attend(attn, block(h, emb), tokens, mask)
+            h = up(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+    @staticmethod
+    def _attend(attn: nn.Module, h: Tensor, tokens: Tensor, mask: Tensor) -> Tensor:
+        return h if isinstance(attn, nn.Identity) else attn(h, tokens, mask)
