@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/imagen-ops demo
+	$(BIN)/python -m flows.retrain
 
 test: $(STAMP)
 	$(BIN)/ruff check .

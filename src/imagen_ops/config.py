@@ -32,6 +32,7 @@ __all__ = [
     "TrainConfig",
     "UNetConfig",
     "apply_overrides",
+    "flatten",
     "load_params",
 ]
 
@@ -235,8 +236,22 @@ class SampleConfig(Section):
     spacing: Literal["time", "logsnr"] = "time"
     eta: float = Field(0.0, ge=0, description="DDIM stochasticity (1 = ancestral)")
     aug_level: float | tuple[float, ...] = Field(0.2, description="SR noise-aug level (t)")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="network precision")
     batch_size: int = Field(32, ge=1)
     seed: int = 0
+
+    def for_stages(self, indices: list[int], count: int) -> SampleConfig:
+        """Settings of the sub-cascade made of stages `indices` of a `count`-stage cascade."""
+        update = {}
+        for key in ("steps", "guidance", "aug_level"):
+            values = per_stage(getattr(self, key), count)
+            update[key] = tuple(values[i] for i in indices)
+        return self.model_copy(update=update)
+
+    def with_base_guidance(self, weight: float, count: int) -> SampleConfig:
+        """Guidance `weight` on the base stage, the other stages' weights unchanged."""
+        guidance = per_stage(self.guidance, count)
+        return self.model_copy(update={"guidance": (float(weight), *guidance[1:])})
 
 
 class EvalConfig(Section):
@@ -307,6 +322,17 @@ class Params(Section):
         names = self.stage_names()
         i = names.index(name)
         return None if i == 0 else self.stages[names[i - 1]].resolution
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mapping -> {"a.b.c": leaf} (for trackers that take flat keys)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def per_stage(value: Any, n: int) -> list[Any]:

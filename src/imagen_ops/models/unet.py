@@ -10,8 +10,9 @@ Reads bottom-up: primitives, blocks, embeddings, the network. Conditioning (Saha
   mask is the unconditional model used by classifier-free guidance;
 - super-resolution stages take the upsampled low-resolution image on extra input channels.
 `efficient=True` is the Efficient U-Net: every level resamples before (down) or after (up)
-its convolutions, so the blocks of the first level already run at half resolution, and
-skip connections are scaled by 1/sqrt(2).
+its convolutions, so the blocks of the first level already run at half resolution, skip
+connections are scaled by 1/sqrt(2), and one residual block at full resolution joins the
+stem's features to the output.
 """
 
 from __future__ import annotations
@@ -264,6 +265,12 @@ class UNet(nn.Module):
             )
             self.ups.append(Upsample(ch) if i > 0 or cfg.efficient else nn.Identity())
 
+        # Efficient U-Net: no block runs at full resolution, so the stem's full-resolution
+        # features rejoin the output through one residual block (per-pixel detail, e.g. the
+        # noise a v- or eps-prediction must reproduce at low noise levels).
+        self.out_block = (
+            ResBlock(ch + cfg.channels, ch, emb, cfg.dropout) if cfg.efficient else None
+        )
         self.norm_out = group_norm(ch)
         self.conv_out = zero_init(nn.Conv2d(ch, 3, 3, padding=1))
 
@@ -289,7 +296,7 @@ class UNet(nn.Module):
             x = torch.cat([x, lowres], dim=1)
         emb = F.silu(emb)
 
-        h = self.conv_in(x)
+        h = stem = self.conv_in(x)
         skips = []
         for down, level in zip(self.downs, self.down_levels, strict=True):
             h = down(h)
@@ -303,6 +310,8 @@ class UNet(nn.Module):
                 h = torch.cat([h, skips.pop() * self.skip_scale], dim=1)
                 h = self._attend(attn, block(h, emb), tokens, mask)
             h = up(h)
+        if self.out_block is not None:
+            h = self.out_block(torch.cat([h, stem * self.skip_scale], dim=1), emb)
         return self.conv_out(F.silu(self.norm_out(h)))
 
     @staticmethod

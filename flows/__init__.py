@@ -1,0 +1,1 @@
+"""Prefect flows: scheduled retraining of the cascade (run from the project root)."""

