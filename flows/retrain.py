@@ -36,7 +36,8 @@ def _env() -> dict[str, str]:
 
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
-    """Run a command, stream its output to the task log, raise with its tail on failure."""
+    """Run a command, log its output, raise with its tail on failure; returns its stdout
+    (results only: the commands log to stderr)."""
     logger = get_run_logger()
     logger.info("$ %s", " ".join(cmd))
     proc = subprocess.run(cmd, cwd=cwd, env=env or _env(), capture_output=True, text=True)
@@ -45,7 +46,7 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
         logger.info(line)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{output[-3000:]}")
-    return output
+    return proc.stdout
 
 
 @task(retries=1, retry_delay_seconds=5)

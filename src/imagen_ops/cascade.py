@@ -168,10 +168,31 @@ class Cascade:
         self._encoder: TextEncoder | None = None
 
     @classmethod
-    def load(
-        cls, stage_dirs: Sequence[str | Path], text: TextConfig, device: str | torch.device = "cpu"
+    def from_dir(
+        cls,
+        root: str | Path,
+        stage_names: Sequence[str] | None = None,
+        text: TextConfig | None = None,
+        device: str | torch.device = "cpu",
     ) -> Cascade:
-        return cls([load_stage(d, device=device) for d in stage_dirs], text)
+        """Load `root/<stage>/` for each stage. The order and the text encoder come from
+        `root/cascade.json` when present (a packaged model), else from the arguments."""
+        root = Path(root)
+        manifest = root / CASCADE_FILE
+        if manifest.is_file():
+            spec = json.loads(manifest.read_text())
+            stage_names, text = spec["stages"], TextConfig.model_validate(spec["text"])
+        if stage_names is None or text is None:
+            raise FileNotFoundError(
+                f"{root} has no {CASCADE_FILE}; give the stage order and "
+                "the text encoder (params.yaml)"
+            )
+        return cls([load_stage(root / name, device=device) for name in stage_names], text)
+
+    def write_manifest(self, root: str | Path) -> None:
+        """`cascade.json`: the stage order and the text encoder, beside the stage folders."""
+        spec = {"stages": [s.name for s in self.stages], "text": self.text.model_dump(mode="json")}
+        (Path(root) / CASCADE_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True))
 
     @property
     def device(self) -> torch.device:

@@ -88,18 +88,18 @@ def _flat_numbers(d: dict[str, Any]) -> dict[str, float]:
 def signature():
     """Inputs: prompt (required), guidance, steps, seed; outputs: prompt, seed, image.
 
-    steps and seed are doubles: in a batch where only some rows set them, pandas holds the
-    column as float with NaN, which a long column would reject; validate_request checks
-    that they are whole numbers."""
+    The optional numbers are typed Any: MLflow refuses int64 for a double column and float
+    (which a column with missing rows becomes) for a long one, so either choice rejects
+    ordinary requests; validate_request checks them instead, with HTTP 400 messages."""
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import ColSpec, Schema
+    from mlflow.types.schema import AnyType, ColSpec, Schema
 
     inputs = Schema(
         [
             ColSpec("string", "prompt"),
-            ColSpec("double", "guidance", required=False),
-            ColSpec("double", "steps", required=False),
-            ColSpec("double", "seed", required=False),
+            ColSpec(AnyType(), "guidance", required=False),
+            ColSpec(AnyType(), "steps", required=False),
+            ColSpec(AnyType(), "seed", required=False),
         ]
     )
     outputs = Schema(
@@ -135,6 +135,9 @@ def register(params: Params, paths: RegisterPaths, run_id: str | None = None) ->
     metric, value, greater = primary_metric(metrics, cfg.primary_metric)  # fail before logging
     experiment_id = configure(cfg)
     client = MlflowClient()
+    # decide before anything is registered: a failure up to here changes no alias
+    champion_version, champion_value = champion_metric(cfg, metric)
+    decision = decide(metric, value, champion_value, greater, cfg.margin)
     tags = {
         "imagen_ops.git_commit": _git_commit(paths.root),
         "imagen_ops.dvc_lock_sha256": _sha256(paths.root / "dvc.lock"),
@@ -168,8 +171,6 @@ def register(params: Params, paths: RegisterPaths, run_id: str | None = None) ->
             )
         version = str(info.registered_model_version)
         client.set_registered_model_alias(cfg.model_name, CHALLENGER, version)
-        champion_version, champion_value = champion_metric(cfg, metric)
-        decision = decide(metric, value, champion_value, greater, cfg.margin)
         if decision.promote:
             client.set_registered_model_alias(cfg.model_name, CHAMPION, version)
         mlflow.log_dict(

@@ -1,0 +1,173 @@
+"""The `imagen-ops` command line: actionable errors, model summary, sampling, data synth."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from imagen_ops.cli import main
+from imagen_ops.data.ingest import read_table
+from imagen_ops.images import make_grid
+
+from .conftest import tiny_params, write_params
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread here: the 2 cores are shared (a training job), and 2-thread OpenMP
+    regions stall under contention (sampling measured 10-100x slower than with 1)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def params_file(tmp_path) -> Path:
+    return write_params(tmp_path / "params.yaml")
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "PATH": path, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        ["imagen-ops", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_unknown_config_key_exits_2_naming_key_and_file(tmp_path) -> None:
+    """The installed console script: exit status 2, a one-line reason, no traceback."""
+    path = write_params(tmp_path / "params.yaml", "stages.base.train.stpes=5")
+    proc = run_cli("prepare", "--params", str(path), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert f"{path}: stages.base.train.stpes: unknown key" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "artifacts").exists(), "nothing ran"
+
+
+def test_missing_params_file(tmp_path, caplog) -> None:
+    assert main(["model", "summary", "--params", str(tmp_path / "nope.yaml")]) == 2
+    assert "no such params file" in caplog.text and "--params" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("stages.base.train.steps", "expected KEY=VALUE"),
+        ("stages.base.resolution.x=1", "'resolution' is not a section"),
+        ("stages.sr32.train.lr=-1", "stages.sr32.train.lr"),
+        ("sample.sampler=euler", "sample.sampler"),
+    ],
+)
+def test_bad_override_exits_2(params_file, caplog, override, message) -> None:
+    with caplog.at_level(logging.ERROR):
+        assert main(["model", "summary", "--params", str(params_file), "-S", override]) == 2
+    assert message in caplog.text
+
+
+def test_verbose_raises_for_the_traceback(params_file) -> None:
+    from imagen_ops.config import ConfigError
+
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        main(["model", "summary", "--params", str(params_file), "-S", "oops", "-v"])
+
+
+def test_model_summary_lists_every_stage(params_file, capsys) -> None:
+    assert main(["model", "summary", "--params", str(params_file)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split() == ["stage", "size", "params", "(M)", "GFLOP/fwd", "GFLOP/step"]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[1:]}
+    assert list(rows) == ["base", "sr32"]
+    for name, (size, params, fwd, step) in rows.items():
+        assert int(size) == tiny_params().stages[name].resolution
+        assert float(params) > 0 and float(fwd) > 0
+        assert float(step) > 2 * float(fwd), "a train step is forward + backward"
+
+
+def test_sample_writes_png_grid_and_numbered_files(tiny_models, params_file, tmp_path) -> None:
+    common = ["--model", str(tiny_models), "--params", str(params_file), "--steps", "2", "-q"]
+    out = tmp_path / "samples" / "one.png"
+    assert main(["sample", "a red circle", "--out", str(out), *common]) == 0
+    image = Image.open(out)
+    assert image.format == "PNG" and image.size == (32, 32) and image.mode == "RGB"
+
+    grid = tmp_path / "grid.png"
+    prompts = ["a red circle", "two blue squares"]
+    argv = ["sample", *prompts, "--num-images", "2", "--grid", "--out", str(grid), *common]
+    assert main(argv) == 0
+    expected = make_grid(np.zeros((4, 32, 32, 3), np.uint8), ["x"] * 4).size
+    assert Image.open(grid).size == expected
+
+    many = tmp_path / "many" / "s.png"
+    argv = ["sample", *prompts, "--seed", "3", "--out", str(many), *common]
+    assert main(argv) == 0
+    files = sorted(p.name for p in many.parent.iterdir())
+    assert files == ["s_000.png", "s_001.png"]
+    # image k uses seed 3 + k whatever else is sampled with it
+    alone = tmp_path / "alone.png"
+    argv = ["sample", "two blue squares", "--seed", "4", "--out", str(alone), *common]
+    assert main(argv) == 0
+    assert np.array_equal(
+        np.asarray(Image.open(alone)), np.asarray(Image.open(many.parent / "s_001.png"))
+    )
+
+
+def test_sample_missing_model_exits_2(params_file, tmp_path, caplog) -> None:
+    argv = [
+        "sample",
+        "a red circle",
+        "--model",
+        str(tmp_path / "none"),
+        "--params",
+        str(params_file),
+    ]
+    assert main(argv) == 2
+    assert "FileNotFoundError" in caplog.text and str(tmp_path / "none") in caplog.text
+
+
+def test_data_synth_writes_data_and_report(params_file, tmp_path, capsys) -> None:
+    data, report = tmp_path / "data", tmp_path / "reports" / "ingest.json"
+    argv = [
+        "data",
+        "synth",
+        "--params",
+        str(params_file),
+        "--n",
+        "6",
+        "--out",
+        str(data),
+        "--report",
+        str(report),
+        "--workers",
+        "1",
+        "-q",
+    ]
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads(report.read_text())
+    assert (printed["seen"], printed["kept"], printed["rejected_total"], printed["rows"]) == (
+        6,
+        6,
+        0,
+        6,
+    )
+    table = read_table(data)
+    assert len(table) == 6 and table["source"].eq("synth").all()
+    assert all((data / p).is_file() for p in table["path"])
+
+    # the same scenes again are duplicates: counted, rejected, the table unchanged
+    assert main(argv) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert (again["seen"], again["kept"], again["rows"]) == (6, 0, 6)
+    assert again["rejected"] == {"duplicate": 6}

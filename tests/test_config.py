@@ -1,0 +1,174 @@
+"""Configuration: the repo's params.yaml validates; errors name the dotted key and the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from imagen_ops.config import (
+    ConfigError,
+    Params,
+    SampleConfig,
+    apply_overrides,
+    load_params,
+    per_stage,
+)
+
+from .conftest import tiny_params, tiny_raw, write_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_repo_params_yaml_validates() -> None:
+    params = load_params(REPO / "params.yaml")
+    assert isinstance(params, Params)
+    sizes = [s.resolution for s in params.stages.values()]
+    assert sizes == sorted(sizes) and len(sizes) >= 2
+    # every section of the file maps onto a field (nothing silently ignored)
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert set(raw) <= set(Params.model_fields)
+
+
+def test_tiny_params_validate() -> None:
+    params = tiny_params()
+    assert params.stage_names() == ["base", "sr32"]
+    assert params.lowres_of("base") is None and params.lowres_of("sr32") == 16
+
+
+def test_unknown_nested_key_names_dotted_key_and_file(tmp_path: Path) -> None:
+    path = write_params(tmp_path / "params.yaml", "stages.base.unet.chanels=32")
+    with pytest.raises(ConfigError) as err:
+        load_params(path)
+    message = str(err.value)
+    assert "stages.base.unet.chanels" in message
+    assert "unknown key" in message
+    assert str(path) in message
+
+
+def test_unknown_top_level_key(tmp_path: Path) -> None:
+    path = write_params(tmp_path / "params.yaml", "trian.steps=3")
+    with pytest.raises(ConfigError, match=r"trian: unknown key"):
+        load_params(path)
+
+
+def test_wrong_type_names_key(tmp_path: Path) -> None:
+    path = write_params(tmp_path / "params.yaml", "stages.sr32.train.steps=many")
+    with pytest.raises(ConfigError) as err:
+        load_params(path)
+    assert f"{path}: stages.sr32.train.steps:" in str(err.value)
+    assert "integer" in str(err.value)
+
+
+def test_out_of_range_value() -> None:
+    with pytest.raises(ConfigError, match=r"data\.prepare\.val_fraction"):
+        tiny_params("data.prepare.val_fraction=1.5")
+
+
+def test_per_level_list_length_mismatch() -> None:
+    with pytest.raises(ConfigError, match=r"num_res_blocks needs one entry per level \(2"):
+        tiny_params("stages.base.unet.num_res_blocks=[1, 1, 1]")
+
+
+def test_per_stage_sample_list_length_mismatch() -> None:
+    with pytest.raises(ConfigError, match=r"sample\.guidance needs one value per stage \(2\)"):
+        tiny_params("sample.guidance=[3.0, 1.0, 1.0]")
+    # a scalar broadcasts, a list of the right length is accepted
+    assert tiny_params("sample.guidance=2.5").sample.guidance == 2.5
+    assert tiny_params("sample.steps=[3, 2]").sample.steps == (3, 2)
+
+
+def test_cascade_resolutions_must_increase() -> None:
+    with pytest.raises(ConfigError, match="must increase along the cascade"):
+        tiny_params("stages.sr32.resolution=16")
+    raw = tiny_raw()
+    raw["stages"] = {"sr32": raw["stages"]["sr32"], "base": raw["stages"]["base"]}
+    with pytest.raises(ConfigError, match=r"\[32, 16\]"):
+        load_params_from(raw)
+
+
+def load_params_from(raw: dict) -> Params:
+    from imagen_ops.config import parse_params
+
+    return parse_params(raw, "<raw>")
+
+
+def test_stage_resolution_divisibility_and_names() -> None:
+    with pytest.raises(ConfigError, match="not divisible by 4"):
+        tiny_params("stages.sr32.resolution=34")  # efficient: 2 levels + 1 -> factor 4
+    raw = tiny_raw()
+    raw["stages"]["sr-32"] = raw["stages"].pop("sr32")
+    with pytest.raises(ConfigError, match="stage name 'sr-32'"):
+        load_params_from(raw)
+
+
+def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such params file"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stages: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_params(listing)
+
+
+def test_overrides_parse_yaml_values_and_create_nested_keys() -> None:
+    raw = {"a": {"b": 1}, "keep": "x"}
+    out = apply_overrides(
+        raw, ["a.b=2", "a.c.d=[1, 2]", "flag=true", "ratio=0.5", "name=sr64", "none=null"]
+    )
+    assert out == {
+        "a": {"b": 2, "c": {"d": [1, 2]}},
+        "keep": "x",
+        "flag": True,
+        "ratio": 0.5,
+        "name": "sr64",
+        "none": None,
+    }
+    assert raw == {"a": {"b": 1}, "keep": "x"}, "the input is not modified"
+    # a value containing '=' keeps everything after the first '='
+    assert apply_overrides({}, ["x=a=b"]) == {"x": "a=b"}
+
+
+def test_override_errors() -> None:
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        apply_overrides({}, ["stages.base.train.steps"])
+    with pytest.raises(ConfigError, match="'resolution' is not a section"):
+        apply_overrides(tiny_raw(), ["stages.base.resolution.x=1"])
+
+
+def test_overrides_through_load_params(tmp_path: Path) -> None:
+    path = write_params(tmp_path / "params.yaml")
+    params = load_params(path, ["stages.base.train.steps=11", "eval.clip_model=/some/dir"])
+    assert params.stages["base"].train.steps == 11
+    assert params.eval.clip_model == "/some/dir"
+    assert params.stages["sr32"].train.steps == tiny_params().stages["sr32"].train.steps
+
+
+def test_config_is_frozen() -> None:
+    params = tiny_params()
+    with pytest.raises(ValueError):
+        params.sample.steps = 3  # type: ignore[misc]
+
+
+def test_sample_for_stages_broadcasts_and_selects() -> None:
+    cfg = SampleConfig(steps=(30, 20, 10), guidance=4.0, aug_level=(0.0, 0.1, 0.3))
+    sub = cfg.for_stages([1, 2], 3)
+    assert sub.steps == (20, 10)
+    assert sub.guidance == (4.0, 4.0)
+    assert sub.aug_level == (0.1, 0.3)
+    assert sub.sampler == cfg.sampler and sub.seed == cfg.seed
+    assert cfg.steps == (30, 20, 10), "the original is unchanged"
+    assert SampleConfig(steps=7).for_stages([0], 2).steps == (7,)
+
+
+def test_sample_with_base_guidance() -> None:
+    cfg = SampleConfig(guidance=(3.0, 1.5, 1.0))
+    assert cfg.with_base_guidance(7, 3).guidance == (7.0, 1.5, 1.0)
+    assert SampleConfig(guidance=2.0).with_base_guidance(5.0, 2).guidance == (5.0, 2.0)
+    assert cfg.guidance == (3.0, 1.5, 1.0)
+    assert per_stage(SampleConfig(guidance=2.0).guidance, 3) == [2.0, 2.0, 2.0]

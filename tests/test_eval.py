@@ -1,0 +1,337 @@
+"""Evaluation: FID / KID on Inception features, the CLIP score adapter, the evaluate stage."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import string
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from imagen_ops.config import SynthConfig
+from imagen_ops.eval import evaluate as evaluate_module
+from imagen_ops.eval.fid import (
+    FEATURES,
+    InceptionFeatures,
+    cached_features,
+    fid_kid,
+    frechet_distance,
+)
+
+from .conftest import tiny_params
+
+N = 10
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread here: the 2 cores are shared (a training job), and 2-thread OpenMP
+    regions stall under contention (sampling measured 10-100x slower than with 1)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def synth_images(n: int, seed: int) -> np.ndarray:
+    """n rendered shapes scenes, uint8 (n, 32, 32, 3)."""
+    from imagen_ops.data.sources import synth_source
+
+    cfg = SynthConfig(n=n, seed=seed, resolution=32)
+    return np.stack([np.asarray(Image.open(io.BytesIO(r.data))) for r in synth_source(cfg)])
+
+
+@pytest.fixture(scope="module")
+def extractor() -> InceptionFeatures:
+    return InceptionFeatures(batch_size=2 * N)
+
+
+@pytest.fixture(scope="module")
+def features(extractor) -> dict[str, torch.Tensor]:
+    """Inception features of N real scenes and N uniform-noise images, computed once."""
+    real = synth_images(N, seed=1)
+    noise = np.random.default_rng(0).integers(0, 256, real.shape, dtype=np.uint8)
+    feats = extractor(np.concatenate([real, noise]))
+    assert feats.shape == (2 * N, FEATURES) and feats.dtype == torch.float64
+    assert torch.isfinite(feats).all()
+    return {"real": feats[:N], "noise": feats[N:]}
+
+
+# ------------------------------------------------------------------------ FID / KID
+
+
+@pytest.mark.parametrize(("n_real", "n_fake"), [(10, 10), (9, 6), (40, 50), (12, 60)])
+def test_frechet_distance_matches_the_covariance_formula(n_real, n_fake) -> None:
+    """Both branches (nuclear norm for N <= width, symmetric square root above) agree with
+    torchmetrics' eigvals formula on covariances built from the same features."""
+    from torchmetrics.image.fid import _compute_fid
+
+    g = torch.Generator().manual_seed(n_real)
+    real = torch.randn(n_real, 16, generator=g, dtype=torch.float64)
+    fake = 1.5 * torch.randn(n_fake, 16, generator=g, dtype=torch.float64) + 0.3
+    expected = _compute_fid(real.mean(0), torch.cov(real.T), fake.mean(0), torch.cov(fake.T))
+    assert frechet_distance(real, fake) == pytest.approx(float(expected), rel=1e-6)
+    assert frechet_distance(real, real) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_fid_of_a_set_with_itself_is_zero_and_noise_is_far(features) -> None:
+    real, noise = features["real"], features["noise"]
+    same = fid_kid(real, real)
+    assert abs(same["fid"]) < 1e-3
+    far = fid_kid(real, noise)
+    assert far["fid"] > 100
+    assert (far["num_real"], far["num_fake"]) == (N, N)
+
+
+def test_kid_on_small_sets(features) -> None:
+    real, noise = features["real"], features["noise"]
+    same, far = fid_kid(real, real, with_fid=False), fid_kid(real, noise, with_fid=False)
+    assert same["kid_subset_size"] == far["kid_subset_size"] == N // 2
+    assert same["fid"] is None
+    # identical sets: zero within the spread over subsets; noise: clearly above it
+    assert abs(same["kid_mean"]) < 3 * same["kid_std"]
+    assert far["kid_mean"] > 5 * abs(same["kid_mean"])
+    assert far["kid_mean"] > 3 * far["kid_std"]
+    # the subset size adapts to the smaller set instead of raising
+    small = fid_kid(real[:3], noise, with_fid=False)
+    assert small["kid_subset_size"] == 2 and small["kid_mean"] > 0
+    # the same features give the same KID (subsets are seeded)
+    assert fid_kid(real, noise, with_fid=False) == far
+    with pytest.raises(ValueError, match="at least 2 images"):
+        fid_kid(real[:1], noise)
+
+
+@pytest.mark.parametrize(
+    "images",
+    [
+        np.zeros((2, 32, 32, 3), dtype=np.float32),  # float, not uint8
+        np.zeros((2, 3, 32, 32), dtype=np.uint8),  # channels first
+        np.zeros((32, 32, 3), dtype=np.uint8),  # a single image without batch axis
+        np.zeros((2, 32, 32, 4), dtype=np.uint8),  # RGBA
+    ],
+)
+def test_inception_rejects_bad_input(extractor, images) -> None:
+    with pytest.raises(ValueError, match=r"expected uint8 images \(N, H, W, 3\)"):
+        extractor(images)
+
+
+def test_cached_features_are_computed_once_per_key(tmp_path) -> None:
+    calls = []
+
+    def load() -> np.ndarray:
+        calls.append("images")
+        return np.zeros((3, 8, 8, 3), dtype=np.uint8)
+
+    def fake_extractor(images: np.ndarray, progress: bool = False) -> torch.Tensor:
+        calls.append("features")
+        return torch.arange(len(images) * 4, dtype=torch.float64).reshape(len(images), 4)
+
+    first = cached_features(tmp_path, "data-v1", load, fake_extractor)
+    again = cached_features(tmp_path, "data-v1", load, fake_extractor)
+    assert calls == ["images", "features"], "the second call reads the cache"
+    assert torch.equal(first, again) and again.dtype == torch.float64
+    cached_features(tmp_path, "data-v2", load, fake_extractor)
+    assert len(calls) == 4, "another data version is another cache entry"
+    assert len(list(tmp_path.glob("inception_*.pt"))) == 2
+
+
+# ----------------------------------------------------------------------- CLIP score
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory) -> Path:
+    """A randomly initialised CLIPModel + CLIPProcessor (BPE tokenizer from files)."""
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTokenizer,
+    )
+
+    root = tmp_path_factory.mktemp("clip")
+    letters = list(string.ascii_lowercase)
+    tokens = ["<|startoftext|>", "<|endoftext|>", *letters, *(c + "</w>" for c in letters)]
+    tokens += ["re", "red</w>", "ci", "cir"]
+    (root / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (root / "merges.txt").write_text("#version: 0.2\nr e\nre d</w>\nc i\nci r\n")
+    tokenizer = CLIPTokenizer(vocab=str(root / "vocab.json"), merges=str(root / "merges.txt"))
+    assert tokenizer.tokenize("a red circle")[:3] == ["a</w>", "red</w>", "cir"]
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    text = {
+        "vocab_size": len(tokens),
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 32,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "pad_token_id": 1,
+    }
+    vision = {
+        "image_size": 32,
+        "patch_size": 8,
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+    }
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    out = root / "model"
+    model.save_pretrained(out)
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(out)
+    return out
+
+
+CAPTIONS = ["a red circle", "two blue squares", "a green star above a red circle"]
+
+
+def test_clip_identical_pairs_score_100(tiny_clip) -> None:
+    from torchmetrics.multimodal.clip_score import CLIPScore
+
+    from imagen_ops.eval.clip_score import load_clip
+
+    model, processor = load_clip(str(tiny_clip))
+    for name in ("get_image_features", "get_text_features"):
+        assert callable(getattr(model, name))
+    images = torch.from_numpy(synth_images(3, seed=2)).permute(0, 3, 1, 2)
+    metric = CLIPScore(model_name_or_path=lambda: (model, processor))
+    assert float(metric(images, images).detach()) == pytest.approx(100.0, abs=1e-3)
+    metric = CLIPScore(model_name_or_path=lambda: (model, processor))
+    assert float(metric(CAPTIONS, CAPTIONS).detach()) == pytest.approx(100.0, abs=1e-3)
+    # different texts are not identical for this model (the tokenizer is not degenerate)
+    metric = CLIPScore(model_name_or_path=lambda: (model, processor))
+    assert float(metric(CAPTIONS, CAPTIONS[::-1]).detach()) < 100.0 - 1e-3
+
+
+def test_clip_score_is_the_clamped_mean_cosine(tiny_clip) -> None:
+    from imagen_ops.eval.clip_score import clip_score, load_clip
+
+    images = synth_images(3, seed=3)
+    score = clip_score(images, CAPTIONS, str(tiny_clip), batch_size=2)
+    assert isinstance(score, float) and 0.0 <= score <= 100.0
+    # the same number from the wrapped model directly: max(100 * mean cos(image, text), 0)
+    model, processor = load_clip(str(tiny_clip))
+    with torch.no_grad():
+        pixels = processor(images=list(images), return_tensors="pt")["pixel_values"]
+        tokens = processor(text=CAPTIONS, return_tensors="pt", padding=True)
+        a = model.get_image_features(pixels)
+        b = model.get_text_features(tokens["input_ids"], tokens["attention_mask"])
+    cosine = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+    assert score == pytest.approx(max(100 * float(cosine.mean()), 0.0), abs=1e-3)
+
+
+# ----------------------------------------------------------------------- the report
+
+
+def test_report_without_alignment_or_kid(tmp_path) -> None:
+    from imagen_ops.eval.report import write_report
+
+    sweep = [
+        {"guidance": w, "alignment": None, "kid_mean": None, "kid_std": None, "clip_score": None}
+        for w in (1.0, 3.0)
+    ]
+    metrics = {"version": 1, "fid": None, "alignment": None, "sampling": {"steps": [4, 2]}}
+    write_report(tmp_path, metrics, sweep, Image.new("RGB", (64, 64)))
+    page = (tmp_path / "report.html").read_text()
+    assert "sampling.steps" in page and "data:image/png;base64," in page
+    assert Image.open(tmp_path / "sweep.png").size[0] > 0
+
+
+# ----------------------------------------------------------------- the evaluate stage
+
+
+def eval_paths(tiny_data, tiny_models, out: Path) -> evaluate_module.EvalPaths:
+    return evaluate_module.EvalPaths(
+        prepared=tiny_data["prepared"],
+        cache=tiny_data["cache"],
+        models=tiny_models,
+        out=out / "eval",
+        metrics=out / "reports" / "metrics.json",
+        sweep=out / "reports" / "guidance_sweep.csv",
+        feature_cache=out / "fid_cache",
+    )
+
+
+@pytest.mark.integration
+def test_evaluate_stage_end_to_end(tiny_data, tiny_models, tmp_path, monkeypatch) -> None:
+    params = tiny_params()
+    loads = []
+    original = evaluate_module.cached_features
+
+    def counting(cache_dir, key, images, extractor):
+        def load():
+            loads.append(key)
+            return images()
+
+        return original(cache_dir, key, load, extractor)
+
+    monkeypatch.setattr(evaluate_module, "cached_features", counting)
+    first_dir, second_dir = tmp_path / "first", tmp_path / "second"
+    paths = eval_paths(tiny_data, tiny_models, first_dir)
+    result = evaluate_module.evaluate(params, paths, device="cpu", progress=False)
+
+    # metrics.json: what was returned, with the documented schema
+    metrics = json.loads(paths.metrics.read_text())
+    assert metrics == json.loads(json.dumps(result))
+    n = params.eval.num_samples
+    assert metrics["version"] == evaluate_module.METRICS_VERSION
+    assert metrics["resolution"] == 32 and metrics["num_images"] == n
+    assert metrics["num_real"] == metrics["num_fake"] == n
+    assert metrics["fid"] > 0 and metrics["kid_subset_size"] == n // 2
+    assert np.isfinite(metrics["kid_mean"]) and metrics["kid_std"] >= 0
+    assert metrics["clip_score"] is None and "eval.clip_model" in metrics["clip_score_reason"]
+    alignment = metrics["alignment"]
+    assert 0.0 <= alignment["overall"] <= 1.0
+    assert "single" in alignment
+    sampling = metrics["sampling"]
+    assert set(sampling["seconds_per_image"]) == {"base", "sr32"}
+    assert all(v > 0 for v in sampling["seconds_per_image"].values())
+    assert sampling["steps"] == [4, 4] and sampling["guidance"] == [2.0, 1.0]
+
+    # the sweep: one row per weight, in order
+    with paths.sweep.open() as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["guidance"]) for r in rows] == list(params.eval.guidance_sweep)
+    assert all(r["alignment"] != "" and r["kid_mean"] != "" for r in rows)
+    assert all(r["clip_score"] == "" for r in rows)
+
+    # images and the report
+    samples = sorted((paths.out / "samples").glob("*.png"))
+    assert len(samples) == n
+    assert all(Image.open(p).size == (32, 32) for p in samples)
+    assert Image.open(paths.out / "grid.png").size[0] > 0
+    assert Image.open(paths.out / "sweep.png").size[0] > 0
+    page = (paths.out / "report.html").read_text()
+    assert "alignment.overall" in page and "data:image/png;base64," in page
+
+    # real features: cached by the first run and read back, not recomputed, by the second
+    assert len(loads) == 1
+    cache_files = list(paths.feature_cache.glob("inception_*.pt"))
+    assert len(cache_files) == 1
+    stamp = cache_files[0].stat().st_mtime_ns
+    second = evaluate_module.EvalPaths(
+        **{
+            **paths.__dict__,
+            "out": second_dir / "eval",
+            "metrics": second_dir / "metrics.json",
+            "sweep": second_dir / "sweep.csv",
+        }
+    )
+    again = evaluate_module.evaluate(params, second, device="cpu", progress=False)
+    assert len(loads) == 1 and cache_files[0].stat().st_mtime_ns == stamp
+
+    # deterministic: same seeds, same images, same metrics (timings aside)
+    for k in range(n):
+        name = f"samples/{k:04d}.png"
+        assert (paths.out / name).read_bytes() == (second.out / name).read_bytes(), name
+    for key in ("fid", "kid_mean", "kid_std", "alignment"):
+        assert again[key] == result[key], key
+    assert second.sweep.read_text() == paths.sweep.read_text()

@@ -1,0 +1,143 @@
+"""The retraining flow: the lock, and the Prefect flow end to end on the tiny config."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from imagen_ops.files import LockedError, exclusive_lock
+
+from .test_dvc import BIN, FAST, make_project
+
+# ---------------------------------------------------------------------------- the lock
+
+
+def test_lock_is_exclusive_and_released(tmp_path) -> None:
+    path = tmp_path / "artifacts" / ".retrain.lock"
+    with exclusive_lock(path):
+        with pytest.raises(LockedError) as err, exclusive_lock(path):
+            pytest.fail("a second holder got the lock")
+        message = str(err.value)
+        assert str(path) in message and f"pid {os.getpid()} since" in message
+        assert "wait for it to finish" in message
+    with exclusive_lock(path):  # released on exit from the block
+        pass
+
+
+def test_lock_is_released_when_the_holder_is_killed(tmp_path) -> None:
+    path = tmp_path / ".retrain.lock"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from imagen_ops.files import exclusive_lock\n"
+            f"with exclusive_lock({str(path)!r}):\n"
+            "    print('held', flush=True)\n"
+            "    time.sleep(120)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LockedError, match=f"pid {holder.pid} since"), exclusive_lock(path):
+            pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with exclusive_lock(path):  # a crashed holder leaves no stale lock
+        pass
+
+
+# ----------------------------------------------------------------------------- the flow
+
+
+@pytest.fixture(scope="module")
+def prefect_harness(tmp_path_factory):
+    """A temporary Prefect API (opt-in: starting it takes ~10-20 s)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect_home")))
+        mp.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        from prefect.testing.utilities import prefect_test_harness
+
+        with prefect_test_harness(server_startup_timeout=90):
+            yield
+
+
+@pytest.fixture
+def flow_env(monkeypatch) -> None:
+    """Stage subprocesses: this venv first on PATH, one thread; MLflow from params.yaml."""
+    from mlflow.tracking._tracking_service import utils
+
+    monkeypatch.setattr(utils, "_tracking_uri", utils._tracking_uri)  # restored afterwards
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+
+
+def aliases(client) -> dict[str, str]:
+    return {k: str(v) for k, v in client.get_registered_model("imagen-ops").aliases.items()}
+
+
+@pytest.mark.integration
+def test_retrain_flow_end_to_end(tmp_path, prefect_harness, flow_env) -> None:
+    from mlflow import MlflowClient
+
+    from flows.retrain import retrain
+
+    root = make_project(tmp_path / "project", *FAST, "registry.track_training=true")
+    cwd = Path.cwd()
+
+    first = retrain(project=str(root), params_file="params.yaml")
+    assert Path.cwd() == cwd, "the flow restores the working directory"
+    assert first["ingest"]["kept"] == first["ingest"]["rows"] == 48
+    assert (root / "data.dvc").is_file() and (root / "dvc.lock").is_file()
+    metrics = json.loads((root / "reports/metrics.json").read_text())
+    assert metrics["num_images"] == 4 and metrics["alignment"] is not None
+    decision = first["decision"]
+    assert decision["promote"] and decision["reason"] == "no champion yet"
+    assert decision["metric"] == "alignment.overall"
+    assert decision["challenger"] == metrics["alignment"]["overall"]
+    assert first["version"] == first["champion_version"] == "1"
+
+    # the store lives in the project (params' relative sqlite URI, resolved there)
+    client = MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow/mlflow.db")
+    assert aliases(client) == {"champion": "1", "challenger": "1"}
+    run = client.get_run(first["run_id"])
+    assert run.data.tags["imagen_ops.promoted"] == "True"
+    assert run.data.tags["imagen_ops.git_commit"]
+    data_md5 = yaml.safe_load((root / "data.dvc").read_text())["outs"][0]["md5"]
+    assert run.data.tags["imagen_ops.data_version"] == data_md5
+    # the training runs nest under the flow's run
+    children = client.search_runs(
+        [run.info.experiment_id], f"tags.mlflow.parentRunId = '{first['run_id']}'"
+    )
+    assert sorted(r.info.run_name for r in children) == ["train-base", "train-sr32"]
+
+    weights = root / "artifacts/models/base/ema.safetensors"
+    stamp, lock = weights.stat().st_mtime_ns, (root / "dvc.lock").read_text()
+
+    # the same data again: DVC skips every stage; the gate compares with run 1's champion
+    second = retrain(project=str(root), params_file="params.yaml")
+    assert second["ingest"]["kept"] == 0 and second["ingest"]["rejected"] == {"duplicate": 48}
+    assert weights.stat().st_mtime_ns == stamp and (root / "dvc.lock").read_text() == lock
+    decision = second["decision"]
+    assert decision["champion"] == first["decision"]["challenger"]
+    assert not decision["promote"] and "champion kept" in decision["reason"]
+    assert second["version"] == "2" and second["champion_version"] == "1"
+    assert aliases(client) == {"champion": "1", "challenger": "2"}
+
+    # a run already in progress: the flow stops at once, naming the lock
+    with exclusive_lock(root / "artifacts" / ".retrain.lock"), pytest.raises(LockedError):
+        retrain(project=str(root), params_file="params.yaml")
+    assert len(client.search_model_versions("name='imagen-ops'")) == 2

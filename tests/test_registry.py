@@ -1,0 +1,419 @@
+"""Registry: the promotion gate, request validation, the pyfunc model, aliases, serving."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from imagen_ops.config import SampleConfig
+from imagen_ops.registry.promotion import decide, lookup_metric, primary_metric
+from imagen_ops.registry.pyfunc import MAX_GUIDANCE, MAX_PROMPTS, MAX_STEPS, validate_request
+
+from .conftest import tiny_params
+
+# ------------------------------------------------------------------------ the gate
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread here: the 2 cores are shared (a training job), and 2-thread OpenMP
+    regions stall under contention (sampling measured 10-100x slower than with 1)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_no_champion_promotes() -> None:
+    d = decide("alignment.overall", 0.2, None, greater_is_better=True, margin=0.5)
+    assert d.promote and d.champion is None and "no champion" in d.reason
+
+
+@pytest.mark.parametrize(
+    ("challenger", "champion", "greater", "margin", "promote"),
+    [
+        (0.60, 0.50, True, 0.05, True),  # better by more than the margin
+        (0.54, 0.50, True, 0.05, False),  # better, but within the margin
+        (0.50, 0.50, True, 0.0, False),  # a tie keeps the champion
+        (0.40, 0.50, True, 0.0, False),  # worse
+        (20.0, 30.0, False, 5.0, True),  # distances: lower is better
+        (27.0, 30.0, False, 5.0, False),  # lower, within the margin
+        (35.0, 30.0, False, 0.0, False),  # higher distance is worse
+    ],
+)
+def test_decide(challenger, champion, greater, margin, promote) -> None:
+    d = decide("m", challenger, champion, greater, margin)
+    assert d.promote is promote
+    assert ("promoted" if promote else "champion kept") in d.reason
+    assert d.to_dict()["champion"] == champion and d.to_dict()["margin"] == margin
+
+
+def test_primary_metric_auto_prefers_alignment() -> None:
+    metrics = {"fid": 40.0, "alignment": {"overall": 0.7, "single": 0.9}}
+    assert primary_metric(metrics) == ("alignment.overall", 0.7, True)
+    # without alignment (real data, alignment null) auto falls back to FID, lower is better
+    assert primary_metric({"fid": 40.0, "alignment": None}) == ("fid", 40.0, False)
+    assert primary_metric({"fid": 40.0}) == ("fid", 40.0, False)
+
+
+def test_primary_metric_direction_from_name() -> None:
+    metrics = {"fid": 40.0, "kid_mean": 0.01, "clip_score": 25.0, "alignment": {"overall": 0.7}}
+    assert primary_metric(metrics, "kid_mean") == ("kid_mean", 0.01, False)
+    assert primary_metric(metrics, "clip_score") == ("clip_score", 25.0, True)
+    assert primary_metric(metrics, "fid")[2] is False
+
+
+def test_primary_metric_missing_names_it() -> None:
+    with pytest.raises(KeyError, match="'clip_score'"):
+        primary_metric({"fid": 3.0, "clip_score": None}, "clip_score")
+    with pytest.raises(KeyError, match="'fid'"):
+        primary_metric({"kid_mean": 0.1, "alignment": None})
+    with pytest.raises(KeyError, match=r"'alignment\.position'"):
+        primary_metric({"alignment": {"overall": 0.5}}, "alignment.position")
+
+
+def test_lookup_metric() -> None:
+    metrics = {"a": {"b": {"c": 2}}, "n": None, "x": 1}
+    assert lookup_metric(metrics, "a.b.c") == 2.0
+    assert lookup_metric(metrics, "n") is None
+    assert lookup_metric(metrics, "x.y") is None
+    assert lookup_metric(metrics, "missing") is None
+
+
+# ------------------------------------------------------------------ request checks
+
+DEFAULTS = SampleConfig(seed=10)
+
+
+def _bad(frame: pd.DataFrame, match: str) -> None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, ErrorCode
+
+    with pytest.raises(MlflowException, match=match) as err:
+        validate_request(frame, DEFAULTS)
+    assert err.value.error_code == ErrorCode.Name(INVALID_PARAMETER_VALUE)
+
+
+def test_validate_request_good_rows_with_default_seeds() -> None:
+    frame = pd.DataFrame(
+        {
+            "prompt": ["  a red circle ", "two blue squares", "a star"],
+            "guidance": [2.5, None, 0.0],
+            "steps": [4, None, 1.0],
+            "seed": [7, None, 3],
+        }
+    )
+    rows = validate_request(frame, DEFAULTS)
+    assert rows == [
+        {"prompt": "a red circle", "guidance": 2.5, "steps": 4, "seed": 7},
+        {"prompt": "two blue squares", "guidance": None, "steps": None, "seed": 11},
+        {"prompt": "a star", "guidance": 0.0, "steps": 1, "seed": 3},
+    ]
+    assert isinstance(rows[2]["steps"], int) and isinstance(rows[1]["seed"], int)
+    only_prompts = validate_request(pd.DataFrame({"prompt": ["a", "b"]}), DEFAULTS)
+    assert [r["seed"] for r in only_prompts] == [10, 11]
+
+
+def test_validate_request_missing_prompt_column() -> None:
+    _bad(pd.DataFrame({"text": ["a red circle"]}), r"'prompt' column.*\['text'\]")
+
+
+@pytest.mark.parametrize("prompt", ["", "   ", None])
+def test_validate_request_empty_prompt(prompt) -> None:
+    _bad(pd.DataFrame({"prompt": ["ok", prompt]}), r"row 1: 'prompt' must be non-empty")
+
+
+def test_validate_request_prompt_count() -> None:
+    _bad(pd.DataFrame({"prompt": []}), "send 1 to")
+    _bad(pd.DataFrame({"prompt": ["a"] * (MAX_PROMPTS + 1)}), f"got {MAX_PROMPTS + 1}")
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "match"),
+    [
+        ("guidance", -0.5, "guidance must be in"),
+        ("guidance", MAX_GUIDANCE + 1, "guidance must be in"),
+        ("guidance", "strong", "guidance must be a number"),
+        ("steps", 0, "steps must be an integer"),
+        ("steps", MAX_STEPS + 1, "steps must be an integer"),
+        ("steps", 2.5, "steps must be an integer"),
+        ("steps", "many", "steps must be a number"),
+        ("seed", "lucky", "seed must be a number"),
+        ("seed", 1.5, "seed must be an integer"),
+    ],
+)
+def test_validate_request_out_of_range(column, value, match) -> None:
+    frame = pd.DataFrame({"prompt": ["a red circle"], column: [value]})
+    _bad(frame, f"row 0: {match}")
+
+
+# ------------------------------------------------------------- MLflow (tmp store)
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch) -> Path:
+    """An MLflow sqlite store and artifact root inside tmp_path (the working directory)."""
+    from mlflow.tracking._tracking_service import utils
+
+    monkeypatch.setattr(utils, "_tracking_uri", utils._tracking_uri)  # restored afterwards
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow/mlflow.db")
+    return tmp_path
+
+
+def decode_png(text: str) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(text)))
+    assert image.format == "PNG"
+    return image
+
+
+def test_pyfunc_log_load_predict(tiny_models, store) -> None:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    import imagen_ops
+    from imagen_ops.registry.pyfunc import ARTIFACT, ImagenModel, package_cascade
+    from imagen_ops.registry.register import signature
+    from imagen_ops.registry.tracking import configure
+
+    params = tiny_params()
+    cascade_dir = package_cascade(tiny_models, params, store / "packaged" / ARTIFACT)
+    assert sorted(p.name for p in cascade_dir.iterdir()) == ["base", "cascade.json", "sr32"]
+    assert sorted(p.name for p in (cascade_dir / "sr32").iterdir()) == [
+        "config.json",
+        "ema.safetensors",
+    ]
+    configure(params.registry)
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=ImagenModel(params.sample.model_dump(mode="json")),
+            artifacts={ARTIFACT: str(cascade_dir)},
+            code_paths=[str(Path(imagen_ops.__file__).parent)],
+            signature=signature(),
+        )
+    shutil.rmtree(store / "packaged")  # the logged model carries its own copy
+    model = mlflow.pyfunc.load_model(info.model_uri)
+    frame = pd.DataFrame(
+        {
+            "prompt": ["a red circle", "a red circle", "a red circle", "a red circle"],
+            "seed": [1, 1, 2, 1],
+            "steps": [None, None, None, 1],
+            "guidance": [None, None, None, 2],
+        }
+    )
+    out = model.predict(frame)
+    assert list(out.columns) == ["prompt", "seed", "image"]
+    assert out["seed"].tolist() == [1, 1, 2, 1]
+    images = [np.asarray(decode_png(s)) for s in out["image"]]
+    assert all(im.shape == (32, 32, 3) and im.dtype == np.uint8 for im in images)
+    assert np.array_equal(images[0], images[1]), "same seed, same image"
+    assert not np.array_equal(images[0], images[2]), "another seed, another image"
+    assert not np.array_equal(images[0], images[3]), "the row's steps are used"
+    with pytest.raises(MlflowException, match="'prompt' must be non-empty"):
+        model.predict(pd.DataFrame({"prompt": ["  "]}))
+
+
+def write_metrics(path: Path, overall: float | None, fid: float = 50.0) -> Path:
+    alignment = None if overall is None else {"overall": overall, "single": overall}
+    path.write_text(json.dumps({"version": 1, "fid": fid, "kid_mean": 0.1, "alignment": alignment}))
+    return path
+
+
+def aliases(name: str = "imagen-ops") -> dict[str, str]:
+    from mlflow import MlflowClient
+
+    return {k: str(v) for k, v in MlflowClient().get_registered_model(name).aliases.items()}
+
+
+def versions(name: str = "imagen-ops") -> list[str]:
+    from mlflow import MlflowClient
+
+    found = MlflowClient().search_model_versions(f"name='{name}'")
+    return sorted(str(v.version) for v in found)
+
+
+@pytest.mark.integration
+def test_register_gates_the_champion(tiny_models, store, monkeypatch) -> None:
+    from mlflow import MlflowClient
+
+    from imagen_ops.registry import register as register_module
+    from imagen_ops.registry.register import RegisterPaths, promote, register
+
+    params = tiny_params()
+    (store / "eval").mkdir()
+    Image.new("RGB", (8, 8)).save(store / "eval" / "grid.png")
+    (store / "dvc.lock").write_text("schema: '2.0'\n")
+    (store / "data.dvc").write_text("outs:\n- md5: abc123.dir\n  path: data\n")
+
+    def run(overall: float | None, **kw) -> dict:
+        metrics = write_metrics(store / "metrics.json", overall, **kw)
+        return register(params, RegisterPaths(store, tiny_models, metrics, store / "eval"))
+
+    first = run(0.5)
+    assert first["decision"]["promote"] and first["decision"]["metric"] == "alignment.overall"
+    assert aliases() == {"champion": first["version"], "challenger": first["version"]}
+    run_data = MlflowClient().get_run(first["run_id"]).data
+    assert run_data.metrics["alignment.overall"] == 0.5 and run_data.metrics["fid"] == 50.0
+    assert run_data.params["stages.sr32.resolution"] == "32"
+    assert run_data.tags["imagen_ops.data_version"] == "abc123.dir"
+    assert run_data.tags["imagen_ops.promoted"] == "True"
+    assert len(run_data.tags["imagen_ops.dvc_lock_sha256"]) == 64
+    artifacts = {a.path for a in MlflowClient().list_artifacts(first["run_id"], "eval")}
+    assert artifacts == {"eval/grid.png", "eval/metrics.json"}
+
+    worse = run(0.4)
+    assert not worse["decision"]["promote"] and worse["decision"]["champion"] == 0.5
+    assert worse["champion_version"] == first["version"]
+    assert aliases() == {"champion": first["version"], "challenger": worse["version"]}
+
+    better = run(0.7)
+    assert better["decision"]["promote"] and better["champion_version"] == better["version"]
+    assert aliases() == {"champion": better["version"], "challenger": better["version"]}
+    assert versions() == ["1", "2", "3"]
+
+    # failures before the decision change nothing: no primary metric, or no trained model
+    (store / "metrics.json").write_text(json.dumps({"fid": None, "alignment": None}))
+    with pytest.raises(KeyError, match="'fid'"):
+        register(params, RegisterPaths(store, tiny_models, store / "metrics.json", store))
+    write_metrics(store / "metrics.json", 0.9)
+    with pytest.raises(FileNotFoundError, match="not a trained stage"):
+        register(params, RegisterPaths(store, store / "nothing", store / "metrics.json", store))
+
+    def unreachable(*args):
+        raise ConnectionError("registry unreachable")
+
+    with monkeypatch.context() as m, pytest.raises(ConnectionError):
+        m.setattr(register_module, "champion_metric", unreachable)
+        register(params, RegisterPaths(store, tiny_models, store / "metrics.json", store))
+    assert aliases() == {"champion": better["version"], "challenger": better["version"]}
+    assert versions() == ["1", "2", "3"]
+
+    # promote: the gate applies to any version; force overrides it
+    kept = promote(params.registry, version=worse["version"])
+    assert not kept.promote and aliases()["champion"] == better["version"]
+    forced = promote(params.registry, version=worse["version"], force=True)
+    assert forced.promote and forced.reason.startswith("forced:")
+    assert aliases()["champion"] == worse["version"]
+    # default: the challenger (version 3) against the champion (now version 2)
+    back = promote(params.registry)
+    assert back.promote and aliases()["champion"] == better["version"]
+
+
+# --------------------------------------------------------------- the scoring server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url: str, payload: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def wait_until_up(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the server exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    pytest.fail(f"the server did not answer {url} in {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.mark.integration
+def test_mlflow_models_serve_champion(tiny_models, store) -> None:
+    from imagen_ops.registry.register import RegisterPaths, register
+
+    metrics = write_metrics(store / "metrics.json", 0.5)
+    register(tiny_params(), RegisterPaths(store, tiny_models, metrics, store / "eval"))
+    bin_dir = Path(sys.executable).parent
+    path = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "PATH": path, "OMP_NUM_THREADS": "1"}
+    port, log = free_port(), store / "serve.log"
+    cmd = [
+        str(bin_dir / "mlflow"),
+        "models",
+        "serve",
+        "-m",
+        "models:/imagen-ops@champion",
+        "--env-manager",
+        "local",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=store, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_until_up(f"{base}/ping", proc, log)
+        good = {"dataframe_split": {"columns": ["prompt", "seed"], "data": [["a red circle", 3]]}}
+        status, body = post(f"{base}/invocations", good)
+        assert status == 200, body
+        (row,) = body["predictions"]
+        assert row["prompt"] == "a red circle" and row["seed"] == 3
+        assert decode_png(row["image"]).size == (32, 32)
+        # per-row options: one row sets steps and guidance, the other leaves them out
+        mixed = {
+            "dataframe_records": [
+                {"prompt": "a star", "steps": 2, "guidance": 4},
+                {"prompt": "a star", "seed": 5},
+            ]
+        }
+        status, body = post(f"{base}/invocations", mixed)
+        assert status == 200, body
+        assert [r["seed"] for r in body["predictions"]] == [0, 5]
+
+        bad = {"dataframe_split": {"columns": ["prompt"], "data": [["   "]]}}
+        status, body = post(f"{base}/invocations", bad)
+        assert status == 400, body
+        assert "'prompt' must be non-empty" in body["message"]
+        bad_seed = {"dataframe_records": [{"prompt": "a star", "seed": "lucky"}]}
+        status, body = post(f"{base}/invocations", bad_seed)
+        assert status == 400 and "seed must be a number" in body["message"], body
+
+        status, body = post(f"{base}/invocations", good)  # still serving, and deterministic
+        assert status == 200 and body["predictions"][0]["image"] == row["image"]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
