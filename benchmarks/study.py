@@ -57,30 +57,47 @@ def main() -> None:
     settings0 = params.sample.for_stages([0], len(params.stages))
 
     if args.kind == "sampler":
-        grid = [("ancestral", 250)] + [(s, n) for s in ("ancestral", "ddim", "dpmpp_2m")
-                                       for n in (10, 15, 25, 50)]
+        grid = [("ancestral", 250)] + [
+            (s, n) for s in ("ancestral", "ddim", "dpmpp_2m") for n in (10, 15, 25, 50)
+        ]
         configs = [settings0.model_copy(update={"sampler": s, "steps": (n,)}) for s, n in grid]
     else:
-        configs = [settings0.model_copy(update={"guidance": (w,), "thresholding": th})
-                   for th in ("static", "dynamic") for w in (1.0, 1.5, 2.0, 3.0, 5.0, 7.0)]
+        configs = [
+            settings0.model_copy(update={"guidance": (w,), "thresholding": th})
+            for th in ("static", "dynamic")
+            for w in (1.0, 1.5, 2.0, 3.0, 5.0, 7.0)
+        ]
 
     rows = []
     for settings in configs:
         start = time.perf_counter()
         images, _ = sample_images(cascade, text, settings, seeds, progress=False)
         seconds = (time.perf_counter() - start) / len(images)
-        m = score_images(images, captions, scenes, real, extractor, params.eval, with_fid=False,
-                         device="cpu")
+        m = score_images(
+            images, captions, scenes, real, extractor, params.eval, with_fid=False, device="cpu"
+        )
         a = m["alignment"]
-        rows.append({"sampler": settings.sampler, "steps": settings.steps[0],
-                     "guidance": settings.guidance[0], "thresholding": settings.thresholding,
-                     "overall": a["overall"], "single": a["single"], "color": a["color_accuracy"],
-                     "kid_mean": m["kid_mean"], "kid_std": m["kid_std"], "s_per_image": seconds})
+        rows.append(
+            {
+                "sampler": settings.sampler,
+                "steps": settings.steps[0],
+                "guidance": settings.guidance[0],
+                "thresholding": settings.thresholding,
+                "overall": a["overall"],
+                "single": a["single"],
+                "color": a["color_accuracy"],
+                "kid_mean": m["kid_mean"],
+                "kid_std": m["kid_std"],
+                "s_per_image": seconds,
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
 
     keys = list(rows[0])
-    print(f"\n### {args.kind} study, stage {base_name} ({base.resolution} px), {len(records)} "
-          "validation prompts")
+    print(
+        f"\n### {args.kind} study, stage {base_name} ({base.resolution} px), {len(records)} "
+        "validation prompts"
+    )
     print(table(keys, [[r[k] for k in keys] for r in rows]))
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))

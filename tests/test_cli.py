@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from imagen_ops.cli import main
@@ -21,16 +20,6 @@ from imagen_ops.images import make_grid
 from .conftest import tiny_params, write_params
 
 BIN = Path(sys.executable).parent
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread here: the 2 cores are shared (a training job), and 2-thread OpenMP
-    regions stall under contention (sampling measured 10-100x slower than with 1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture
@@ -171,3 +160,38 @@ def test_data_synth_writes_data_and_report(params_file, tmp_path, capsys) -> Non
     again = json.loads(capsys.readouterr().out)
     assert (again["seen"], again["kept"], again["rows"]) == (6, 0, 6)
     assert again["rejected"] == {"duplicate": 6}
+
+
+def test_params_apply_merges_a_recipe_and_validates(tmp_path) -> None:
+    params = write_params(tmp_path / "params.yaml")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("stages:\n  base:\n    train:\n      steps: 77\n")
+    assert main(["params", "apply", str(recipe), "--params", str(params)]) == 0
+    merged = tiny_params("stages.base.train.steps=77")
+    from imagen_ops.config import load_params
+
+    assert load_params(params) == merged, "only the recipe's key changed"
+    recipe.write_text("stages:\n  base:\n    train:\n      stepz: 1\n")
+    before = params.read_text()
+    assert main(["params", "apply", str(recipe), "--params", str(params)]) == 2
+    assert params.read_text() == before, "an invalid recipe leaves params.yaml untouched"
+
+
+def test_repo_recipes_apply_to_the_repo_params(tmp_path) -> None:
+    root = Path(__file__).resolve().parents[1]
+    for recipe in sorted((root / "configs").glob("*.yaml")):
+        out = tmp_path / f"{recipe.stem}.yaml"
+        assert (
+            main(
+                [
+                    "params",
+                    "apply",
+                    str(recipe),
+                    "--params",
+                    str(root / "params.yaml"),
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )

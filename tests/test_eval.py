@@ -28,16 +28,6 @@ from .conftest import tiny_params
 N = 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread here: the 2 cores are shared (a training job), and 2-thread OpenMP
-    regions stall under contention (sampling measured 10-100x slower than with 1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def synth_images(n: int, seed: int) -> np.ndarray:
     """n rendered shapes scenes, uint8 (n, 32, 32, 3)."""
     from imagen_ops.data.sources import synth_source

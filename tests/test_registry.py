@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 
 from imagen_ops.config import SampleConfig
@@ -29,16 +28,6 @@ from imagen_ops.registry.pyfunc import MAX_GUIDANCE, MAX_PROMPTS, MAX_STEPS, val
 from .conftest import tiny_params
 
 # ------------------------------------------------------------------------ the gate
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread here: the 2 cores are shared (a training job), and 2-thread OpenMP
-    regions stall under contention (sampling measured 10-100x slower than with 1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_no_champion_promotes() -> None:

@@ -54,7 +54,7 @@ def test_lr_schedule_warms_up_and_decays():
     )
     lrs = [lr_at(s, cfg) for s in range(100)]
     assert lrs[0] == pytest.approx(cfg.lr / 10) and lrs[9] == pytest.approx(cfg.lr)
-    assert all(a >= b for a, b in itertools.pairwise(lrs)), "cosine decay is monotone"
+    assert all(a >= b for a, b in itertools.pairwise(lrs[9:])), "cosine decay is monotone"
     assert lrs[-1] == pytest.approx(cfg.lr * cfg.min_lr_ratio, rel=0.01)
 
 

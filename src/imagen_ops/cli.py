@@ -200,6 +200,25 @@ def cmd_sample(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_params_apply(args: argparse.Namespace) -> None:
+    import yaml
+
+    from imagen_ops.config import deep_merge, flatten, parse_params
+    from imagen_ops.files import write_text_atomic
+
+    base = yaml.safe_load(Path(args.params).read_text()) or {}
+    recipe = yaml.safe_load(Path(args.recipe).read_text()) or {}
+    merged = deep_merge(base, recipe)
+    parse_params(merged, f"{args.params} + {args.recipe}")  # validate before writing
+    out = Path(args.out or args.params)
+    header = f"# {out.name}: {args.params} with the recipe {args.recipe} applied\n"
+    write_text_atomic(out, header + yaml.safe_dump(merged, sort_keys=False))
+    changed = {k: v for k, v in flatten(merged).items() if flatten(base).get(k) != v}
+    _out(f"wrote {out}; {len(changed)} value(s) from {args.recipe}:")
+    for key, value in changed.items():
+        _out(f"  {key}: {value}")
+
+
 # ----------------------------------------------------------- evaluation, registry
 
 
@@ -279,6 +298,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="data")
     p.add_argument("--format", choices=["auto", "folder", "jsonl", "csv", "webdataset", "parquet"])
     p.add_argument("--report", default="reports/ingest.json")
+
+    params_p = sub.add_parser("params", help="manage params.yaml")
+    params_sub = params_p.add_subparsers(dest="params_command", required=True)
+    p = add(
+        "apply",
+        cmd_params_apply,
+        "write params.yaml with a recipe (configs/*.yaml) merged in",
+        params_sub,
+    )
+    p.add_argument("recipe", help="partial params file, e.g. configs/quality.yaml")
+    p.add_argument("--out", help="where to write (default: the --params file itself)")
 
     p = add("prepare", cmd_prepare, "pack data/ into per-resolution arrays (DVC stage prepare)")
     p.add_argument("--data", default="data")

@@ -32,6 +32,7 @@ __all__ = [
     "TrainConfig",
     "UNetConfig",
     "apply_overrides",
+    "deep_merge",
     "flatten",
     "load_params",
 ]
@@ -189,7 +190,7 @@ class TrainConfig(Section):
     ema_decay: float = Field(0.999, ge=0, lt=1)
     precision: Literal["fp32", "bf16"] = "bf16"
     compile: bool = False
-    channels_last: bool = True
+    channels_last: bool = Field(False, description="NHWC (faster on CUDA, slower on CPU)")
     crop: int | None = Field(None, ge=8, description="SR stages: random crop size")
     device: str = "auto"
     seed: int = 0
@@ -365,6 +366,17 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str]) -> dict[st
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
             node = child
         node[path[-1]] = value
+    return out
+
+
+def deep_merge(base: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    """`base` with every leaf of `patch` written over it (sections merge, values replace)."""
+    out = _deep_copy(base)
+    for key, value in patch.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = _deep_copy(value) if isinstance(value, Mapping) else value
     return out
 
 

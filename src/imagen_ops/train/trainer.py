@@ -271,7 +271,16 @@ class Trainer:
         window: list[float] = []
         t_window, t_start, steps_run = time.perf_counter(), time.perf_counter(), 0
         loss = float("nan")
-        for step, micro in prefetch(self._micro_batches, range(start, tc.steps)):
+        steps = range(start, tc.steps)
+        # On CUDA the next batch is built on a background thread while the GPU computes. On
+        # the CPU that thread's tensor ops compete with the step's OpenMP threads for the
+        # same cores, which halves throughput (BENCHMARKS.md), so batches are built inline.
+        batches = (
+            prefetch(self._micro_batches, steps)
+            if self.device.type == "cuda"
+            else ((s, self._micro_batches(s)) for s in steps)
+        )
+        for step, micro in batches:
             loss, norm = self._optimize(step, micro)
             window.append(loss)
             steps_run += 1
