@@ -42,20 +42,25 @@ def zero_init(module: nn.Module) -> nn.Module:
     return module
 
 
-def masked_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> Tensor:
-    """Multi-head attention over (B, heads, tokens, dim); key_mask (B, S) is True to attend.
-
-    On accelerators this is `scaled_dot_product_attention` (flash / memory-efficient
-    kernels). On CPU the explicit product is 2-4x faster for our short sequences in bf16
-    (BENCHMARKS.md, "attention on CPU"), with the softmax in float32.
-    """
-    mask = None if key_mask is None else key_mask[:, None, None, :]
-    if q.device.type != "cpu":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+def explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v with the softmax in float32; mask broadcasts to the scores."""
     scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return scores.softmax(dim=-1).to(v.dtype) @ v
+
+
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> Tensor:
+    """Multi-head attention over (B, heads, tokens, dim); key_mask (B, S) is True to attend.
+
+    `scaled_dot_product_attention` everywhere except bf16 / fp16 on the CPU, where its
+    kernel is ~3x slower than the explicit product for these short sequences (BENCHMARKS.md,
+    "attention on CPU").
+    """
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    if q.device.type != "cpu" or q.dtype == torch.float32:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return explicit_attention(q, k, v, mask)
 
 
 # ----------------------------------------------------------------------------- blocks

@@ -1,0 +1,217 @@
+"""The U-Net and the cascade: conditioning, masks, guidance batching, end-to-end sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from imagen_ops.cascade import Cascade, Stage, augment_lowres
+from imagen_ops.config import TextConfig, UNetConfig
+from imagen_ops.diffusion.guidance import Conditioning, classifier_free_guidance
+from imagen_ops.diffusion.schedules import alpha_sigma
+from imagen_ops.models.unet import UNet, explicit_attention, masked_attention
+from imagen_ops.text.encoders import TextEmbeddings
+
+from .conftest import tiny_params
+
+TEXT_DIM = 12
+UNET = UNetConfig(
+    channels=16,
+    channel_mults=(1, 2),
+    num_res_blocks=(1, 2),
+    self_attention=(False, True),
+    cross_attention=(True, True),
+    attention_head_dim=8,
+    embedding_dim=32,
+)
+
+
+def randomize(net: nn.Module, seed: int = 0) -> nn.Module:
+    """Zero-initialised layers make a fresh U-Net output 0; give every weight a value."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return net.eval()
+
+
+def inputs(b: int = 3, size: int = 16, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, 3, size, size, generator=g)
+    text = torch.randn(b, 5, TEXT_DIM, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)[:b]
+    return x, torch.linspace(-5, 5, b), text, mask
+
+
+@pytest.mark.parametrize("efficient", [False, True])
+def test_shapes_and_zero_initialised_output(efficient):
+    cfg = UNET.model_copy(update={"efficient": efficient})
+    net = UNet(cfg, text_dim=TEXT_DIM, super_resolution=False)
+    x, logsnr, text, mask = inputs()
+    out = net(x, logsnr, text, mask)
+    assert out.shape == x.shape
+    assert torch.all(out == 0), "residual branches and the output conv start at zero"
+
+
+def test_efficient_unet_runs_no_block_at_full_resolution():
+    sizes = []
+    net = UNet(
+        UNET.model_copy(update={"efficient": True}), text_dim=TEXT_DIM, super_resolution=False
+    )
+    for level in (*net.down_levels, *net.up_levels):
+        for block in level.blocks:
+            block.register_forward_hook(lambda m, i, o: sizes.append(o.shape[-1]))
+    x, logsnr, text, mask = inputs(size=16)
+    net(x, logsnr, text, mask)
+    assert max(sizes) == 8 and net.skip_scale == pytest.approx(2**-0.5)
+
+
+def test_padded_text_tokens_do_not_change_the_output():
+    net = randomize(UNet(UNET, text_dim=TEXT_DIM, super_resolution=False))
+    x, logsnr, text, mask = inputs()
+    garbage = text.clone()
+    garbage[~mask] = torch.randn(int((~mask).sum()), TEXT_DIM) * 100
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, logsnr, text, mask), net(x, logsnr, garbage, mask))
+        # ...while the real tokens do matter, and an all-False mask is a valid input
+        other = text.clone()
+        other[mask] += 1.0
+        assert not torch.allclose(net(x, logsnr, text, mask), net(x, logsnr, other, mask))
+        empty = net(x, logsnr, text, torch.zeros_like(mask))
+        assert torch.isfinite(empty).all()
+        torch.testing.assert_close(empty, net(x, logsnr, garbage, torch.zeros_like(mask)))
+
+
+def test_super_resolution_needs_its_conditioning():
+    net = randomize(UNet(UNET, text_dim=TEXT_DIM, super_resolution=True))
+    x, logsnr, text, mask = inputs()
+    with pytest.raises(ValueError, match="lowres"):
+        net(x, logsnr, text, mask)
+    with torch.no_grad():
+        a = net(x, logsnr, text, mask, torch.zeros_like(x), torch.zeros(3))
+        b = net(x, logsnr, text, mask, torch.ones_like(x), torch.zeros(3))
+        c = net(x, logsnr, text, mask, torch.zeros_like(x), torch.full((3,), 5.0))
+    assert not torch.allclose(a, b) and not torch.allclose(a, c)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_explicit_attention_matches_sdpa(dtype):
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 4, 9, 8, generator=g).to(dtype) for _ in range(3))
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[0, 5:] = False
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), attn_mask=mask[:, None, None, :]
+    )
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(
+        explicit_attention(q, k, v, mask[:, None, None, :]).float(), ref, atol=tol, rtol=tol
+    )
+    torch.testing.assert_close(masked_attention(q, k, v, mask).float(), ref, atol=tol, rtol=tol)
+
+
+def test_batched_guidance_equals_two_passes_through_the_network():
+    stage = Stage(
+        "base",
+        tiny_params().stages["base"],
+        randomize(
+            UNet(tiny_params().stages["base"].unet, text_dim=TEXT_DIM, super_resolution=False)
+        ),
+        None,
+    )
+    denoise = stage.denoiser()
+    x, _, text, mask = inputs()
+    cond, t = Conditioning(text, mask), torch.tensor(0.4)
+    with torch.no_grad():
+        guided = classifier_free_guidance(denoise, cond, 3.0)(x, t)
+        c, u = denoise(x, t, cond), denoise(x, t, cond.without_text())
+    torch.testing.assert_close(guided, u + 3.0 * (c - u), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(classifier_free_guidance(denoise, cond, 1.0)(x, t), c)
+
+
+def test_augment_lowres_diffuses_to_the_requested_level():
+    stage = Stage.build("sr32", tiny_params().stages["sr32"], TEXT_DIM, 16)
+    low = torch.rand(4, 3, 16, 16) * 2 - 1
+    noise = torch.randn(4, 3, 32, 32)
+    up = torch.nn.functional.interpolate(low, size=32, mode="bilinear", align_corners=False)
+    for t in (0.0, 0.3, 1.0):
+        out, logsnr = augment_lowres(low, 32, torch.full((4,), t), stage.schedule, noise)
+        alpha, sigma = alpha_sigma(stage.schedule(torch.tensor(t)))
+        torch.testing.assert_close(logsnr, stage.schedule(torch.full((4,), t)))
+        torch.testing.assert_close(out, alpha * up + sigma * noise)
+    assert float(logsnr[0]) == pytest.approx(-15.0)  # t = 1 is (almost) pure noise
+
+
+@pytest.fixture(scope="module")
+def tiny_cascade():
+    params = tiny_params()
+    stages = []
+    for i, (name, cfg) in enumerate(params.stages.items()):
+        stage = Stage.build(name, cfg, TEXT_DIM, params.lowres_of(name))
+        randomize(stage.net, seed=i)
+        stage.net.requires_grad_(False)
+        stages.append(stage)
+    return Cascade(stages, TextConfig()), params.sample
+
+
+def embeddings(n: int) -> TextEmbeddings:
+    g = torch.Generator().manual_seed(5)
+    return TextEmbeddings(
+        torch.randn(n, 4, TEXT_DIM, generator=g), torch.ones(n, 4, dtype=torch.bool)
+    )
+
+
+@pytest.mark.parametrize("sampler", ["ancestral", "ddim", "dpmpp_2m"])
+def test_cascade_samples_end_to_end_deterministically(tiny_cascade, sampler):
+    cascade, settings = tiny_cascade
+    settings = settings.model_copy(update={"sampler": sampler, "eta": 0.5})
+    text = embeddings(3)
+    a = cascade.sample(text, settings, seeds=[10, 11, 12])
+    assert a.shape == (3, 3, 32, 32) and a.abs().max() <= 1
+    b = cascade.sample(text, settings, seeds=[10, 11, 12])
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # image k depends on its seed only, not on the batch it is sampled in
+    alone = cascade.sample(text[1:2], settings, seeds=[11])
+    torch.testing.assert_close(alone[0], a[1], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(a[0], cascade.sample(text[:1], settings, seeds=[99])[0])
+
+
+def test_super_resolution_stage_alone_on_a_user_image(tiny_cascade):
+    cascade, settings = tiny_cascade
+    calls = []
+    low = torch.rand(2, 3, 16, 16) * 2 - 1
+    out = cascade.sample(
+        embeddings(2), settings, lowres=low, callback=lambda stage, *a: calls.append(stage)
+    )
+    assert out.shape == (2, 3, 32, 32) and set(calls) == {"sr32"}
+    with pytest.raises(ValueError, match="no stage conditions on 8 px"):
+        cascade.sample(embeddings(2), settings, lowres=torch.zeros(2, 3, 8, 8))
+
+
+def test_cascade_rejects_stages_that_do_not_chain():
+    params = tiny_params()
+    base = Stage.build("base", params.stages["base"], TEXT_DIM, None)
+    sr = Stage.build("sr32", params.stages["sr32"], TEXT_DIM, 8)
+    with pytest.raises(ValueError, match="conditions on 8 px"):
+        Cascade([base, sr], TextConfig())
+
+
+def test_stage_round_trips_through_its_directory(tmp_path):
+    from imagen_ops.cascade import load_stage
+
+    stage = Stage.build("sr32", tiny_params().stages["sr32"], TEXT_DIM, 16)
+    randomize(stage.net)
+    stage.save(tmp_path / "sr32", {"ema": stage.net.state_dict()})
+    loaded = load_stage(tmp_path / "sr32")
+    x = torch.randn(2, 3, 32, 32)
+    args = (
+        x,
+        torch.zeros(2),
+        torch.randn(2, 3, TEXT_DIM),
+        torch.ones(2, 3, dtype=torch.bool),
+        torch.zeros_like(x),
+        torch.zeros(2),
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.net(*args), stage.net(*args))
