@@ -22,6 +22,7 @@ returns a local t5-v1_1-base-sized config.
 from __future__ import annotations
 
 import argparse
+import importlib.machinery
 import statistics
 import sys
 import time
@@ -43,11 +44,16 @@ TEXT_DIM, TEXT_LEN, BATCH = 384, 13, 32
 
 def import_imagen_pytorch(path: Path):
     sys.path.insert(0, str(path))
+    import transformers
+    from transformers.utils import import_utils
+
+    import_utils.is_torchvision_available()  # cached False before the stand-in exists
     tv = types.ModuleType("torchvision")
     tv.transforms = types.ModuleType("torchvision.transforms")
+    tv.__spec__ = importlib.machinery.ModuleSpec("torchvision", None)
+    tv.transforms.__spec__ = importlib.machinery.ModuleSpec("torchvision.transforms", None)
     sys.modules.setdefault("torchvision", tv)
     sys.modules.setdefault("torchvision.transforms", tv.transforms)
-    import transformers
 
     transformers.T5Config.from_pretrained = classmethod(
         lambda cls, *a, **k: transformers.T5Config(d_model=768)
@@ -57,7 +63,7 @@ def import_imagen_pytorch(path: Path):
     return imagen_pytorch
 
 
-def lucid_model(ip, ours_params: int, size: int, attn: tuple[bool, ...]):
+def lucid_model(ip, ours_params: int, size: int, attn: tuple[bool, ...], efficient: bool):
     """An imagen-pytorch Imagen whose U-Net has about `ours_params` parameters."""
     best = None
     for dim in range(16, 129, 8):
@@ -70,7 +76,7 @@ def lucid_model(ip, ours_params: int, size: int, attn: tuple[bool, ...]):
             text_embed_dim=TEXT_DIM,
             attn_heads=2,
             attn_dim_head=32,
-            memory_efficient=False,
+            memory_efficient=efficient,
         )
         n = sum(p.numel() for p in unet.parameters())
         if best is None or abs(n - ours_params) < abs(best[1] - ours_params):
@@ -102,13 +108,40 @@ def main() -> None:
     if params.lowres_of(args.stage) is not None:
         raise SystemExit("compare a base stage (no low-res conditioning)")
     print(f"machine: {machine()}\n")
+    rows = []
+    for efficient in (True, False):  # Efficient U-Net layout in both, then the standard one
+        stage_cfg = cfg.model_copy(
+            update={"unet": cfg.unet.model_copy(update={"efficient": efficient})}
+        )
+        rows += compare(ip, args.stage, stage_cfg, efficient, args.repeats)
+    print(
+        f"### Training step, stage {args.stage} ({cfg.resolution} px), batch {BATCH}, "
+        "median of interleaved repeats"
+    )
+    print(
+        table(
+            [
+                "layout",
+                "precision",
+                "implementation",
+                "params",
+                "GFLOP/fwd",
+                "images/s",
+                "speed-up",
+            ],
+            rows,
+        )
+    )
 
-    ours = Stage.build(args.stage, cfg, TEXT_DIM, None)
+
+def compare(ip, name: str, cfg, efficient: bool, repeats: int) -> list[list[object]]:
+    """Rows of one layout: imagen-pytorch and imagen-ops in fp32 and bf16 autocast."""
+    ours = Stage.build(name, cfg, TEXT_DIM, None)
     n_ours = sum(p.numel() for p in ours.net.parameters())
     attn = tuple(
         a or c for a, c in zip(cfg.unet.self_attention, cfg.unet.cross_attention, strict=True)
     )
-    imagen, dim, n_lucid = lucid_model(ip, n_ours, cfg.resolution, attn)
+    imagen, dim, n_lucid = lucid_model(ip, n_ours, cfg.resolution, attn, efficient)
     unet = imagen.unets[0]
 
     g = torch.Generator().manual_seed(0)
@@ -122,7 +155,6 @@ def main() -> None:
         torch.randn_like(images),
         torch.rand(BATCH, generator=g) > 0.1,
     )
-
     opt_ours = torch.optim.AdamW(ours.net.parameters(), lr=1e-4, fused=True)
     opt_lucid = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=True)
 
@@ -140,23 +172,26 @@ def main() -> None:
         opt_lucid.step()
         opt_lucid.zero_grad(set_to_none=True)
 
+    layout = "efficient" if efficient else "standard"
+    lucid_name = f"imagen-pytorch 2.1.0 (dim={dim})"
     rows = []
     for bf16 in (False, True):
         times: dict[str, list[float]] = {"ours": [], "lucid": []}
         for fn in (step_ours, step_lucid):  # warm-up
             fn(bf16)
             fn(bf16)
-        for _ in range(args.repeats):  # interleaved, so drifts in machine load hit both
-            for name, fn in (("ours", step_ours), ("lucid", step_lucid)):
+        for _ in range(repeats):  # interleaved, so drifts in machine load hit both
+            for key, fn in (("ours", step_ours), ("lucid", step_lucid)):
                 start = time.perf_counter()
                 fn(bf16)
-                times[name].append(time.perf_counter() - start)
+                times[key].append(time.perf_counter() - start)
         med = {k: statistics.median(v) for k, v in times.items()}
         precision = "bf16 autocast" if bf16 else "fp32"
         rows.append(
             [
+                layout,
                 precision,
-                "imagen-pytorch 2.1.0",
+                lucid_name,
                 f"{n_lucid / 1e6:.2f}M",
                 round(count_flops_lucid(unet, size) / 1e9, 2),
                 round(BATCH / med["lucid"], 1),
@@ -165,6 +200,7 @@ def main() -> None:
         )
         rows.append(
             [
+                layout,
                 precision,
                 "imagen-ops",
                 f"{n_ours / 1e6:.2f}M",
@@ -173,13 +209,7 @@ def main() -> None:
                 f"{med['lucid'] / med['ours']:.2f}",
             ]
         )
-    print(
-        f"### Training step, stage {args.stage} ({size} px), batch {BATCH}; imagen-pytorch "
-        f"Unet(dim={dim}, dim_mults=(1, 2, 4), num_resnet_blocks=(1, 2, 2))"
-    )
-    print(
-        table(["precision", "implementation", "params", "GFLOP/fwd", "images/s", "speed-up"], rows)
-    )
+    return rows
 
 
 def count_flops_lucid(unet, size: int) -> int:
