@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import machine, table
 
 from imagen_ops.config import IngestConfig, SynthConfig, TextConfig
 from imagen_ops.data.ingest import ingest
@@ -23,6 +22,8 @@ from imagen_ops.data.shapes import synth_scenes
 from imagen_ops.data.sources import synth_source
 from imagen_ops.text.cache import build_cache
 from imagen_ops.text.encoders import load_text_encoder
+
+from common import machine, table
 
 
 def main() -> None:

@@ -13,7 +13,6 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from common import machine, median_seconds, table
 
 from imagen_ops.cascade import Cascade, Stage
 from imagen_ops.config import load_params
@@ -23,6 +22,8 @@ from imagen_ops.models.summary import count_flops
 from imagen_ops.models.unet import explicit_attention
 from imagen_ops.text.encoders import TextEmbeddings
 from imagen_ops.train.loss import TrainingNoise, diffusion_loss
+
+from common import machine, median_seconds, table
 
 TEXT_DIM, TEXT_LEN = 384, 13
 

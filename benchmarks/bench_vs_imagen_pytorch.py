@@ -30,7 +30,6 @@ import types
 from pathlib import Path
 
 import torch
-from common import machine, table
 
 from imagen_ops.cascade import Stage
 from imagen_ops.config import load_params
@@ -38,6 +37,8 @@ from imagen_ops.data.dataset import Batch
 from imagen_ops.models.summary import count_flops
 from imagen_ops.text.encoders import TextEmbeddings
 from imagen_ops.train.loss import TrainingNoise, diffusion_loss
+
+from common import machine, table
 
 TEXT_DIM, TEXT_LEN, BATCH = 384, 13, 32
 

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 import yaml
-from common import machine, table
 
 from imagen_ops.cascade import Cascade, Stage
 from imagen_ops.config import deep_merge, parse_params
@@ -24,6 +23,8 @@ from imagen_ops.data.dataset import Batch
 from imagen_ops.models.summary import count_flops
 from imagen_ops.text.encoders import TextEmbeddings
 from imagen_ops.train.loss import TrainingNoise, diffusion_loss
+
+from common import machine, table
 
 TEXT_DIM, TEXT_LEN = 384, 16
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s

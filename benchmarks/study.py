@@ -1,14 +1,14 @@
 """Sampler and guidance studies on a trained base stage (issue: quality and speed).
 
-    python benchmarks/study.py sampler  [--models artifacts/models] [--n 128]
-    python benchmarks/study.py guidance [--models artifacts/models] [--n 128]
+    python benchmarks/study.py sampler  [--models artifacts/models] [--n 256]
+    python benchmarks/study.py guidance [--models artifacts/models] [--n 256]
 
 Both sample the base stage for the first N validation prompts (embeddings from the cache)
 and score the images at the base resolution: exact shapes alignment, and KID against the
 same prompts' real images (unbiased, with its standard deviation over subsets).
 
-* sampler: ancestral, DDIM and DPM-Solver++(2M) at several step counts, with the guidance
-  and thresholding of params.yaml; the reference is 250 ancestral steps.
+* sampler: ancestral, DDIM, DPM-Solver++(2M) and its SDE form at 10, 25 and 50 steps,
+  with the guidance and thresholding of params.yaml; the reference is 250 ancestral steps.
 * guidance: w in {1, 1.5, 2, 3, 5, 7} with static and dynamic thresholding, at the
   default sampler and steps.
 """
@@ -20,14 +20,15 @@ import json
 import time
 from pathlib import Path
 
-from common import machine, table
-
 from imagen_ops.cascade import Cascade, load_stage
 from imagen_ops.config import load_params
 from imagen_ops.data.prepare import PreparedData
+from imagen_ops.diffusion.samplers import SAMPLER_NAMES
 from imagen_ops.eval.evaluate import sample_images, score_images
 from imagen_ops.eval.fid import InceptionFeatures
 from imagen_ops.text.cache import EmbeddingCache
+
+from common import machine, table
 
 
 def main() -> None:
@@ -57,9 +58,7 @@ def main() -> None:
     settings0 = params.sample.for_stages([0], len(params.stages))
 
     if args.kind == "sampler":
-        grid = [("ancestral", 250)] + [
-            (s, n) for s in ("ancestral", "ddim", "dpmpp_2m") for n in (10, 15, 25, 50)
-        ]
+        grid = [("ancestral", 250)] + [(s, n) for s in SAMPLER_NAMES for n in (10, 25, 50)]
         configs = [settings0.model_copy(update={"sampler": s, "steps": (n,)}) for s, n in grid]
     else:
         configs = [

@@ -97,6 +97,15 @@ def _start_mlflow_run(project: Path, params_file: str) -> str | None:
     return start_run(params.registry, "retrain", {"imagen_ops.kind": "retrain"})
 
 
+def _end_mlflow_run(project: Path, params_file: str, run_id: str, status: str) -> None:
+    from mlflow import MlflowClient
+
+    from imagen_ops.registry.tracking import configure
+
+    configure(load_params(project / params_file).registry)
+    MlflowClient().set_terminated(run_id, status)
+
+
 @flow(name="imagen-ops-retrain", log_prints=False)
 def retrain(
     project: str = ".",
@@ -110,12 +119,17 @@ def retrain(
     with exclusive_lock(root / "artifacts" / ".retrain.lock"):
         cwd = Path.cwd()
         os.chdir(root)  # MLflow's sqlite URI and artifact root are relative to the project
+        run_id = None
         try:
             run_id = _start_mlflow_run(root, params_file)
             report = ingest(str(root), params_file, source, push)
             for target in DVC_TARGETS:
                 repro(str(root), target, run_id)
             result = register(str(root), params_file, run_id)
+        except BaseException:
+            if run_id is not None:  # a failed run never stays RUNNING (and moves no alias)
+                _end_mlflow_run(root, params_file, run_id, "FAILED")
+            raise
         finally:
             os.chdir(cwd)
     decision = result["decision"]

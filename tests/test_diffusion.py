@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import get_args
 
 import pytest
 import torch
 
-from imagen_ops.config import DiffusionConfig
+from imagen_ops.config import DiffusionConfig, SampleConfig
 from imagen_ops.diffusion.guidance import (
     Conditioning,
     classifier_free_guidance,
@@ -22,6 +23,7 @@ from imagen_ops.diffusion.guidance import (
 )
 from imagen_ops.diffusion.objectives import loss_weight, target, to_eps, to_x0
 from imagen_ops.diffusion.samplers import (
+    SAMPLER_NAMES,
     NoiseSource,
     sample,
     sample_ancestral,
@@ -228,7 +230,7 @@ def test_deterministic_samplers_converge_at_their_order(start_noise, ode_referen
     assert dpm[1] < 0.03
 
 
-@pytest.mark.parametrize("name", ["ancestral", "ddim", "dpmpp_2m"])
+@pytest.mark.parametrize("name", SAMPLER_NAMES)
 def test_samplers_reach_the_data_distribution(name, start_noise):
     steps = 500 if name == "ancestral" else 50
     noise = NoiseSource(range(len(start_noise)))
@@ -250,6 +252,52 @@ def test_dpmpp_20_matches_ancestral_500(start_noise):
         torch.testing.assert_close(a, b, atol=0.03, rtol=0)
     # the share of samples in the small component (x < 0) agrees too
     assert abs(float((fast[:, 0] < 0).double().mean() - (slow[:, 0] < 0).double().mean())) < 0.03
+
+
+def test_dpmpp_2m_sde_25_matches_ancestral_500(start_noise):
+    fast = sample(
+        "dpmpp_2m_sde",
+        gmm_denoiser,
+        start_noise,
+        time_grid(25, SCHEDULE),
+        SCHEDULE,
+        noise=NoiseSource(range(len(start_noise))),
+    )
+    slow = sample_ancestral(
+        gmm_denoiser,
+        start_noise,
+        time_grid(500, SCHEDULE),
+        SCHEDULE,
+        noise=NoiseSource(range(1, len(start_noise) + 1)),
+    )
+    for a, b in zip(moments(fast), moments(slow), strict=True):
+        torch.testing.assert_close(a, b, atol=0.03, rtol=0)
+    assert abs(float((fast[:, 0] < 0).double().mean() - (slow[:, 0] < 0).double().mean())) < 0.03
+
+
+def test_first_dpmpp_2m_sde_step_is_the_ancestral_step(start_noise):
+    """Before it has a previous x0 to extrapolate from, the SDE solver is first order, and
+    its first-order step is the ancestral posterior step: same noise, same state."""
+    grid = time_grid(10, SCHEDULE)
+    states = {}
+    for name in ("ancestral", "dpmpp_2m_sde"):
+        seen = []
+        sample(
+            name,
+            gmm_denoiser,
+            start_noise[:256],
+            grid,
+            SCHEDULE,
+            noise=NoiseSource(range(256)),
+            callback=lambda i, t, x, x0, seen=seen: seen.append(x.clone()),
+        )
+        states[name] = seen
+    torch.testing.assert_close(states["dpmpp_2m_sde"][1], states["ancestral"][1])
+    assert not torch.allclose(states["dpmpp_2m_sde"][2], states["ancestral"][2])
+
+
+def test_sampler_names_match_the_config_choices():
+    assert set(get_args(SampleConfig.model_fields["sampler"].annotation)) == set(SAMPLER_NAMES)
 
 
 def test_ancestral_step_is_the_posterior():

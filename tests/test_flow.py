@@ -141,3 +141,10 @@ def test_retrain_flow_end_to_end(tmp_path, prefect_harness, flow_env) -> None:
     with exclusive_lock(root / "artifacts" / ".retrain.lock"), pytest.raises(LockedError):
         retrain(project=str(root), params_file="params.yaml")
     assert len(client.search_model_versions("name='imagen-ops'")) == 2
+
+    # a failing run (its new data cannot be read) ends its MLflow run FAILED, moves no alias
+    with pytest.raises(RuntimeError, match="no-such-source"):
+        retrain(project=str(root), params_file="params.yaml", source=str(root / "no-such-source"))
+    failed = client.search_runs([run.info.experiment_id], "attributes.status = 'FAILED'")
+    assert [r.info.run_name for r in failed] == ["retrain"]
+    assert aliases(client) == {"champion": "1", "challenger": "2"}

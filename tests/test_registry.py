@@ -406,3 +406,8 @@ def test_mlflow_models_serve_champion(tiny_models, store) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_champion_without_the_metric_is_replaced_with_a_reason() -> None:
+    d = decide("alignment.overall", 0.3, None, True, 0.0, champion_version="4")
+    assert d.promote and "champion version 4 has no alignment.overall" in d.reason

@@ -257,3 +257,88 @@ def test_same_seed_same_weights(tiny_data, tmp_path):
     for run in ("a", "b"):
         Trainer(tiny_params(), "base", paths_for(tiny_data, tmp_path / run), progress=False).fit()
     assert_same_weights(tmp_path / "a" / "model" / "base", tmp_path / "b" / "model" / "base")
+
+
+def test_gradient_accumulation_matches_one_big_batch(tiny_data, tmp_path):
+    common = ("stages.base.train.precision=fp32", "stages.base.train.steps=3")
+    Trainer(
+        tiny_params(*common), "base", paths_for(tiny_data, tmp_path / "one"), progress=False
+    ).fit()
+    Trainer(
+        tiny_params(*common, "stages.base.train.grad_accum=2"),
+        "base",
+        paths_for(tiny_data, tmp_path / "accum"),
+        progress=False,
+    ).fit()
+    one = weights(tmp_path / "one" / "model" / "base")
+    accum = weights(tmp_path / "accum" / "model" / "base")
+    assert differing_share(one, accum) < 0.005  # the same global batch, summed in two halves
+
+
+def test_adafactor_option_trains(tiny_data, tmp_path):
+    params = tiny_params(
+        "stages.base.train.optimizer=adafactor",
+        "stages.base.train.lr=0.1",
+        "stages.base.train.steps=80",
+        "stages.base.train.log_every=10",
+        "stages.base.train.checkpoint_every=1000",
+    )
+    trainer = Trainer(params, "base", paths_for(tiny_data, tmp_path), progress=False)
+    assert isinstance(trainer.optimizer, torch.optim.Adafactor)
+    trainer.fit()
+    losses = [
+        float(r.split(",")[1]) for r in (tmp_path / "train_base.csv").read_text().splitlines()[1:]
+    ]
+    assert losses[-1] < 0.5 * losses[0], f"loss did not fall: {losses}"
+
+
+class RecordingTracker:
+    def __init__(self):
+        self.params, self.metrics, self.images = {}, [], []
+
+    def log_params(self, params):
+        self.params.update(params)
+
+    def log_metrics(self, metrics, step):
+        self.metrics.append((step, metrics))
+
+    def log_image(self, image, name):
+        self.images.append((name, image.size))
+
+    def close(self, status="FINISHED"):
+        pass
+
+
+def test_tracker_gets_params_metrics_and_sample_grids(tiny_data, tmp_path):
+    params = tiny_params("stages.sr32.train.sample_every=3")
+    tracker = RecordingTracker()
+    Trainer(
+        params, "sr32", paths_for(tiny_data, tmp_path, "sr32"), tracker=tracker, progress=False
+    ).fit()
+    assert tracker.params["stage"] == "sr32" and tracker.params["train.steps"] == 6
+    assert [s for s, _ in tracker.metrics] == [2, 4, 6]
+    assert {"loss", "lr", "grad_norm", "images_per_s"} <= set(tracker.metrics[-1][1])
+    names = [n for n, _ in tracker.images]
+    assert names == ["samples/sr32_step_00000003.png", "samples/sr32_step_00000006.png"]
+
+
+def test_init_from_warm_starts_and_checks_the_architecture(tiny_data, tmp_path):
+    Trainer(tiny_params(), "base", paths_for(tiny_data, tmp_path / "src"), progress=False).fit()
+    source = tmp_path / "src" / "model" / "base"
+    trainer = Trainer(
+        tiny_params("stages.base.train.seed=3"),
+        "base",
+        paths_for(tiny_data, tmp_path / "ft"),
+        init_from=source,
+        progress=False,
+    )
+    ema = load_file(str(source / "ema.safetensors"))
+    assert all(torch.equal(v, ema[k]) for k, v in trainer.net.state_dict().items())
+    with pytest.raises(ValueError, match="architecture"):
+        Trainer(
+            tiny_params("stages.base.unet.embedding_dim=64"),
+            "base",
+            paths_for(tiny_data, tmp_path / "bad"),
+            init_from=source,
+            progress=False,
+        )

@@ -13,8 +13,9 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import get_args
 
-from imagen_ops.config import ConfigError, Params, load_params
+from imagen_ops.config import ConfigError, Params, SampleConfig, load_params
 
 log = logging.getLogger("imagen_ops")
 
@@ -343,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="samples/sample.png")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sampler", choices=["ancestral", "ddim", "dpmpp_2m"])
+    p.add_argument("--sampler", choices=get_args(SampleConfig.model_fields["sampler"].annotation))
     p.add_argument("--steps", type=int)
     p.add_argument("--guidance", type=float)
     p.add_argument("--grid", action="store_true", help="one labelled grid instead of files")

@@ -181,7 +181,11 @@ class TrainConfig(Section):
     batch_size: int = Field(64, ge=1, description="global batch (all ranks, all accum steps)")
     grad_accum: int = Field(1, ge=1)
     optimizer: Literal["adamw", "adafactor"] = "adamw"
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(
+        1e-3,
+        gt=0,
+        description="adamw: step size; adafactor: relative step, x RMS of each weight (~0.1)",
+    )
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decay floor, x lr")
     warmup_steps: int = Field(100, ge=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -229,7 +233,7 @@ class StageConfig(Section):
 class SampleConfig(Section):
     """Sampling defaults; per-stage values broadcast from a scalar or a list."""
 
-    sampler: Literal["ancestral", "ddim", "dpmpp_2m"] = "dpmpp_2m"
+    sampler: Literal["ancestral", "ddim", "dpmpp_2m", "dpmpp_2m_sde"] = "ancestral"
     steps: int | tuple[int, ...] = 25
     guidance: float | tuple[float, ...] = 3.0
     thresholding: Literal["none", "static", "dynamic"] = "dynamic"

@@ -114,15 +114,23 @@ def sample_dpmpp_2m(
     ts: Sequence[float],
     schedule: Schedule,
     *,
+    eta: float = 0.0,
+    noise: NoiseSource | None = None,
     callback: Callback | None = None,
 ) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022): multistep, second order, data prediction.
 
     With h = lambda_s - lambda_t, the first-order step is exact for a constant x0:
-        x_s = (sigma_s / sigma_t) x_t - alpha_s expm1(-h) D,
+        x_s = (sigma_s / sigma_t) e^{-eta h} x_t + alpha_s (1 - e^{-(1 + eta) h}) D
+              + sigma_s sqrt(1 - e^{-2 eta h}) z,
     and the second order replaces D = x0_t by the linear extrapolation
         D = (1 + 1/(2r)) x0_t - 1/(2r) x0_prev,  r = h_prev / h.
+    eta = 0 is the ODE solver; eta = 1 is its SDE form ("2M SDE"), whose first-order step
+    is exactly the ancestral posterior step, so it keeps ancestral sampling's error
+    correction with a second-order drift.
     """
+    if eta > 0 and noise is None:
+        raise ValueError("sample_dpmpp_2m with eta > 0 needs a NoiseSource")
     x0_prev, h_prev = None, None
     for i, (t, s) in enumerate(itertools.pairwise(ts)):
         x0 = denoise(x, _t(x, t))
@@ -137,12 +145,14 @@ def sample_dpmpp_2m(
         if x0_prev is not None:
             r = h_prev / h
             d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-        x = (sig_s / sig_t) * x - (a_s * math.expm1(-h)) * d
+        x = (sig_s / sig_t) * math.exp(-eta * h) * x - (a_s * math.expm1(-(1 + eta) * h)) * d
+        if eta > 0:
+            x = x + sig_s * math.sqrt(-math.expm1(-2 * eta * h)) * noise(x.shape[1:])
         x0_prev, h_prev = x0, h
     return x
 
 
-SAMPLER_NAMES = ("ancestral", "ddim", "dpmpp_2m")
+SAMPLER_NAMES = ("ancestral", "ddim", "dpmpp_2m", "dpmpp_2m_sde")
 
 
 def sample(
@@ -163,4 +173,6 @@ def sample(
         return sample_ddim(denoise, x, ts, schedule, eta=eta, noise=noise, callback=callback)
     if name == "dpmpp_2m":
         return sample_dpmpp_2m(denoise, x, ts, schedule, callback=callback)
+    if name == "dpmpp_2m_sde":
+        return sample_dpmpp_2m(denoise, x, ts, schedule, eta=1.0, noise=noise, callback=callback)
     raise ValueError(f"unknown sampler {name!r}; choose one of {SAMPLER_NAMES}")

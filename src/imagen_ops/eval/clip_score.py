@@ -9,6 +9,7 @@ tensors. No CLIP weights ship offline; without a configured model there is no sc
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 
@@ -39,6 +40,7 @@ class CLIPFeatures(nn.Module):
         return self._tensor(self.model.get_text_features(*args, **kwargs))
 
 
+@functools.lru_cache(maxsize=2)
 def load_clip(name_or_path: str, device: str | torch.device = "cpu"):
     """(wrapped model, processor) from a hub name or a local CLIPModel directory."""
     from transformers import CLIPModel, CLIPProcessor

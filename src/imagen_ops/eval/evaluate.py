@@ -99,6 +99,9 @@ def score_images(
     metrics: dict[str, Any] = {"num_images": len(images)}
     if extractor is not None and real_features is not None:
         metrics.update(fid_kid(real_features, extractor(images), with_fid=with_fid))
+    else:
+        metrics.update(dict.fromkeys(("fid", "kid_mean", "kid_std")))
+        metrics["fid_reason"] = "eval.fid is false"
     if cfg.clip_model:
         from imagen_ops.eval.clip_score import clip_score
 

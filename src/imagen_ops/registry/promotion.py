@@ -63,12 +63,17 @@ def decide(
     champion: float | None,
     greater_is_better: bool,
     margin: float = 0.0,
+    champion_version: str | None = None,
 ) -> Decision:
-    """Promote when there is no champion, or the challenger is better by more than `margin`."""
+    """Promote when there is no champion, the champion was never measured on `metric`, or
+    the challenger is better by more than `margin`."""
     if champion is None:
-        return Decision(
-            True, "no champion yet", metric, challenger, None, greater_is_better, margin
+        reason = (
+            "no champion yet"
+            if champion_version is None
+            else f"champion version {champion_version} has no {metric}: promoted"
         )
+        return Decision(True, reason, metric, challenger, None, greater_is_better, margin)
     gain = challenger - champion if greater_is_better else champion - challenger
     better = gain > margin
     direction = "higher" if greater_is_better else "lower"

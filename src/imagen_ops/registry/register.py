@@ -137,7 +137,7 @@ def register(params: Params, paths: RegisterPaths, run_id: str | None = None) ->
     client = MlflowClient()
     # decide before anything is registered: a failure up to here changes no alias
     champion_version, champion_value = champion_metric(cfg, metric)
-    decision = decide(metric, value, champion_value, greater, cfg.margin)
+    decision = decide(metric, value, champion_value, greater, cfg.margin, champion_version)
     tags = {
         "imagen_ops.git_commit": _git_commit(paths.root),
         "imagen_ops.dvc_lock_sha256": _sha256(paths.root / "dvc.lock"),
@@ -202,8 +202,8 @@ def promote(cfg: RegistryConfig, version: str | None = None, force: bool = False
             raise KeyError(f"{cfg.model_name} has no {CHALLENGER} version; pass --version")
     run = client.get_run(client.get_model_version(cfg.model_name, version).run_id)
     metric, value, greater = primary_metric(_unflatten(run.data.metrics), cfg.primary_metric)
-    _, champion_value = champion_metric(cfg, metric)
-    decision = decide(metric, value, champion_value, greater, cfg.margin)
+    champion_version, champion_value = champion_metric(cfg, metric)
+    decision = decide(metric, value, champion_value, greater, cfg.margin, champion_version)
     if force and not decision.promote:
         decision = Decision(
             True, f"forced: {decision.reason}", metric, value, champion_value, greater, cfg.margin
