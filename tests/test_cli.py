@@ -171,6 +171,13 @@ def test_params_apply_merges_a_recipe_and_validates(tmp_path) -> None:
     from imagen_ops.config import load_params
 
     assert load_params(params) == merged, "only the recipe's key changed"
+    commented = params.read_text().replace("steps: 77", "steps: 77  # keep me", 1)
+    params.write_text("# header comment\n" + commented)
+    recipe.write_text("stages:\n  base:\n    train:\n      steps: 78\n")
+    assert main(["params", "apply", str(recipe), "--params", str(params)]) == 0
+    text = params.read_text()
+    assert text.startswith("# header comment\n") and "steps: 78  # keep me" in text
+    assert load_params(params) == tiny_params("stages.base.train.steps=78")
     recipe.write_text("stages:\n  base:\n    train:\n      stepz: 1\n")
     before = params.read_text()
     assert main(["params", "apply", str(recipe), "--params", str(params)]) == 2

@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import get_args
+from typing import Any, get_args
 
 from imagen_ops.config import ConfigError, Params, SampleConfig, load_params
 
@@ -202,7 +202,10 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_params_apply(args: argparse.Namespace) -> None:
+    import io
+
     import yaml
+    from ruamel.yaml import YAML
 
     from imagen_ops.config import deep_merge, flatten, parse_params
     from imagen_ops.files import write_text_atomic
@@ -211,13 +214,37 @@ def cmd_params_apply(args: argparse.Namespace) -> None:
     recipe = yaml.safe_load(Path(args.recipe).read_text()) or {}
     merged = deep_merge(base, recipe)
     parse_params(merged, f"{args.params} + {args.recipe}")  # validate before writing
+    # Round-trip the file so its comments and layout survive; only the recipe's leaves change.
+    rt = YAML()
+    rt.preserve_quotes = True
+    document = rt.load(Path(args.params).read_text())
+    _merge_in_place(document, recipe)
+    text = io.StringIO()
+    rt.dump(document, text)
     out = Path(args.out or args.params)
-    header = f"# {out.name}: {args.params} with the recipe {args.recipe} applied\n"
-    write_text_atomic(out, header + yaml.safe_dump(merged, sort_keys=False))
+    write_text_atomic(out, text.getvalue())
     changed = {k: v for k, v in flatten(merged).items() if flatten(base).get(k) != v}
     _out(f"wrote {out}; {len(changed)} value(s) from {args.recipe}:")
     for key, value in changed.items():
         _out(f"  {key}: {value}")
+
+
+def _merge_in_place(document: Any, patch: dict[str, Any]) -> None:
+    """Write the leaves of `patch` into a ruamel round-trip mapping, keeping its comments
+    and the flow style of lists it replaces."""
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+    for key, value in patch.items():
+        old = document.get(key)
+        if isinstance(value, dict) and isinstance(old, CommentedMap):
+            _merge_in_place(old, value)
+        elif isinstance(value, list) and isinstance(old, CommentedSeq):
+            seq = CommentedSeq(value)
+            if old.fa.flow_style():
+                seq.fa.set_flow_style()
+            document[key] = seq
+        else:
+            document[key] = value
 
 
 # ----------------------------------------------------------- evaluation, registry
