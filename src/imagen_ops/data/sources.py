@@ -309,17 +309,16 @@ def _sample(
         return RawRecord(where, image, group["txt"], str(shard), reject_detail=detail)
     if "json" not in group:
         return RawRecord(where, image, None, str(shard), reject_detail=detail)
+
+    def invalid(reason: str) -> RawRecord:
+        return RawRecord(
+            where, image, None, str(shard), reject="invalid_caption", reject_detail=reason
+        )
+
     try:
         meta = json.loads(group["json"])
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        return RawRecord(
-            where,
-            image,
-            None,
-            str(shard),
-            reject="invalid_caption",
-            reject_detail=f"{key}.json is not valid JSON: {err}",
-        )
+        return invalid(f"{key}.json is not valid JSON: {err}")
     caption = None
     if isinstance(meta, dict):
         for name in (cfg.caption_column, *WDS_CAPTION_KEYS):
@@ -327,14 +326,7 @@ def _sample(
                 caption = meta[name]
                 break
     if not isinstance(caption, str | None):
-        return RawRecord(
-            where,
-            image,
-            None,
-            str(shard),
-            reject="invalid_caption",
-            reject_detail=f"{key}.json caption is a {type(caption).__name__}",
-        )
+        return invalid(f"{key}.json caption is a {type(caption).__name__}")
     return RawRecord(where, image, caption, str(shard), reject_detail=detail)
 
 
