@@ -342,7 +342,11 @@ def ingest(
                 report.reject(rec.key, err, cfg.examples_per_reason)
     report.kept = len(rows)
     report.rows = write_table(out_dir, old, rows)
-    assert report.seen == report.kept + report.rejected_total
+    if report.seen != report.kept + report.rejected_total:  # nothing may be lost silently
+        raise RuntimeError(
+            f"ingest bookkeeping: {report.seen} seen but {report.kept} kept"
+            f" + {report.rejected_total} rejected; please report this as a bug"
+        )
     log.info(
         "ingest into %s: %d seen, %d kept, %d rejected %s; %d rows",
         out_dir,
