@@ -177,9 +177,8 @@ def test_pyfunc_log_load_predict(tiny_models, store) -> None:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    import imagen_ops
-    from imagen_ops.registry.pyfunc import ARTIFACT, ImagenModel, package_cascade
-    from imagen_ops.registry.register import signature
+    from imagen_ops.registry.pyfunc import ARTIFACT, package_cascade
+    from imagen_ops.registry.register import log_cascade_model
     from imagen_ops.registry.tracking import configure
 
     params = tiny_params()
@@ -189,16 +188,10 @@ def test_pyfunc_log_load_predict(tiny_models, store) -> None:
         "config.json",
         "ema.safetensors",
     ]
+    shutil.rmtree(store / "packaged")
     configure(params.registry)
     with mlflow.start_run():
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=ImagenModel(params.sample.model_dump(mode="json")),
-            artifacts={ARTIFACT: str(cascade_dir)},
-            code_paths=[str(Path(imagen_ops.__file__).parent)],
-            signature=signature(),
-        )
-    shutil.rmtree(store / "packaged")  # the logged model carries its own copy
+        info = log_cascade_model(tiny_models, params)
     model = mlflow.pyfunc.load_model(info.model_uri)
     frame = pd.DataFrame(
         {

@@ -39,6 +39,16 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     }
 
 
+def train_base(tiny_data, out: Path, *overrides: str) -> dict[str, torch.Tensor]:
+    """Train the tiny base stage with `overrides` into `out`; its exported weights."""
+    Trainer(tiny_params(*overrides), "base", paths_for(tiny_data, out), progress=False).fit()
+    return weights(out / "model" / "base")
+
+
+def logged_losses(csv: Path) -> list[float]:
+    return [float(row.split(",")[1]) for row in csv.read_text().splitlines()[1:]]
+
+
 def assert_same_weights(a: Path, b: Path, atol: float = 0.0) -> None:
     wa, wb = weights(a), weights(b)
     assert wa.keys() == wb.keys()
@@ -66,8 +76,7 @@ def test_loss_falls_when_overfitting(tiny_data, tmp_path):
         "stages.base.train.checkpoint_every=1000",
     )
     Trainer(params, "base", paths_for(tiny_data, tmp_path), progress=False).fit()
-    rows = (tmp_path / "train_base.csv").read_text().splitlines()[1:]
-    losses = [float(r.split(",")[1]) for r in rows]
+    losses = logged_losses(tmp_path / "train_base.csv")
     assert losses[-1] < 0.5 * losses[0], f"loss did not fall: {losses}"
 
 
@@ -112,9 +121,7 @@ def _cli_train(params_file: Path, tiny_data, out: Path) -> subprocess.Popen:
 def test_sigkill_and_resume_equals_uninterrupted(tiny_data, tmp_path):
     overrides = ("stages.base.train.steps=12", "stages.base.train.checkpoint_every=4")
     params_file = write_params(tmp_path / "params.yaml", *overrides)
-    Trainer(
-        tiny_params(*overrides), "base", paths_for(tiny_data, tmp_path / "ref"), progress=False
-    ).fit()
+    train_base(tiny_data, tmp_path / "ref", *overrides)
 
     run = tmp_path / "killed"
     proc = _cli_train(params_file, tiny_data, run)
@@ -220,31 +227,16 @@ def test_ddp_two_ranks_match_one_process(tiny_data, tmp_path):
 
     torch.set_num_threads(1)
     try:
-        Trainer(
-            tiny_params(*overrides),
-            "base",
-            paths_for(tiny_data, tmp_path / "single"),
-            progress=False,
-        ).fit()
+        single = train_base(tiny_data, tmp_path / "single", *overrides)
     finally:
         torch.set_num_threads(2)
     # Same global batch, same per-example noise: equal up to float summation order in the
     # gradient all-reduce. Adam's first updates are lr * sign(g), so a rounding difference
     # in a near-zero gradient can flip a few elements by ~lr; a wrong batch split or a
     # missing all-reduce changes almost every element. Compare the share that differs.
-    ddp, single = (
-        weights(tmp_path / "ddp" / "model"),
-        weights(tmp_path / "single" / "model" / "base"),
-    )
-    share = differing_share(ddp, single)
-    assert share < 0.005
-    Trainer(
-        tiny_params(*overrides, "stages.base.train.seed=1"),
-        "base",
-        paths_for(tiny_data, tmp_path / "other"),
-        progress=False,
-    ).fit()
-    assert differing_share(single, weights(tmp_path / "other" / "model" / "base")) > 0.5
+    assert differing_share(weights(tmp_path / "ddp" / "model"), single) < 0.005
+    other = train_base(tiny_data, tmp_path / "other", *overrides, "stages.base.train.seed=1")
+    assert differing_share(single, other) > 0.5
 
 
 def differing_share(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -255,23 +247,14 @@ def differing_share(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> f
 
 def test_same_seed_same_weights(tiny_data, tmp_path):
     for run in ("a", "b"):
-        Trainer(tiny_params(), "base", paths_for(tiny_data, tmp_path / run), progress=False).fit()
+        train_base(tiny_data, tmp_path / run)
     assert_same_weights(tmp_path / "a" / "model" / "base", tmp_path / "b" / "model" / "base")
 
 
 def test_gradient_accumulation_matches_one_big_batch(tiny_data, tmp_path):
     common = ("stages.base.train.precision=fp32", "stages.base.train.steps=3")
-    Trainer(
-        tiny_params(*common), "base", paths_for(tiny_data, tmp_path / "one"), progress=False
-    ).fit()
-    Trainer(
-        tiny_params(*common, "stages.base.train.grad_accum=2"),
-        "base",
-        paths_for(tiny_data, tmp_path / "accum"),
-        progress=False,
-    ).fit()
-    one = weights(tmp_path / "one" / "model" / "base")
-    accum = weights(tmp_path / "accum" / "model" / "base")
+    one = train_base(tiny_data, tmp_path / "one", *common)
+    accum = train_base(tiny_data, tmp_path / "accum", *common, "stages.base.train.grad_accum=2")
     assert differing_share(one, accum) < 0.005  # the same global batch, summed in two halves
 
 
@@ -286,9 +269,7 @@ def test_adafactor_option_trains(tiny_data, tmp_path):
     trainer = Trainer(params, "base", paths_for(tiny_data, tmp_path), progress=False)
     assert isinstance(trainer.optimizer, torch.optim.Adafactor)
     trainer.fit()
-    losses = [
-        float(r.split(",")[1]) for r in (tmp_path / "train_base.csv").read_text().splitlines()[1:]
-    ]
+    losses = logged_losses(tmp_path / "train_base.csv")
     assert losses[-1] < 0.5 * losses[0], f"loss did not fall: {losses}"
 
 
@@ -323,7 +304,7 @@ def test_tracker_gets_params_metrics_and_sample_grids(tiny_data, tmp_path):
 
 
 def test_init_from_warm_starts_and_checks_the_architecture(tiny_data, tmp_path):
-    Trainer(tiny_params(), "base", paths_for(tiny_data, tmp_path / "src"), progress=False).fit()
+    train_base(tiny_data, tmp_path / "src")
     source = tmp_path / "src" / "model" / "base"
     trainer = Trainer(
         tiny_params("stages.base.train.seed=3"),

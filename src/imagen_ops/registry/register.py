@@ -108,6 +108,24 @@ def signature():
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
+def log_cascade_model(models: Path, params: Params, registered_model_name: str | None = None):
+    """Log the cascade in `models` as a pyfunc model into the active MLflow run: every
+    stage (EMA weights + config), the text encoder reference and the sampling defaults."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:  # MLflow copies the artifacts it logs
+        cascade_dir = package_cascade(models, params, Path(tmp) / ARTIFACT)
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=ImagenModel(params.sample.model_dump(mode="json")),
+            artifacts={ARTIFACT: str(cascade_dir)},
+            code_paths=[str(Path(imagen_ops.__file__).parent)],
+            signature=signature(),
+            pip_requirements=REQUIREMENTS,
+            registered_model_name=registered_model_name,
+        )
+
+
 def champion_metric(cfg: RegistryConfig, metric: str) -> tuple[str | None, float | None]:
     """(version, value of `metric`) of the current champion, (None, None) without one."""
     from mlflow import MlflowClient
@@ -158,17 +176,7 @@ def register(params: Params, paths: RegisterPaths, run_id: str | None = None) ->
             if (paths.eval_dir / name).is_file():
                 mlflow.log_artifact(str(paths.eval_dir / name), artifact_path="eval")
         mlflow.log_artifact(str(paths.metrics), artifact_path="eval")
-        with tempfile.TemporaryDirectory() as tmp:
-            cascade_dir = package_cascade(paths.models, params, Path(tmp) / ARTIFACT)
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=ImagenModel(params.sample.model_dump(mode="json")),
-                artifacts={ARTIFACT: str(cascade_dir)},
-                code_paths=[str(Path(imagen_ops.__file__).parent)],
-                signature=signature(),
-                pip_requirements=REQUIREMENTS,
-                registered_model_name=cfg.model_name,
-            )
+        info = log_cascade_model(paths.models, params, registered_model_name=cfg.model_name)
         version = str(info.registered_model_version)
         client.set_registered_model_alias(cfg.model_name, CHALLENGER, version)
         if decision.promote:
