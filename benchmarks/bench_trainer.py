@@ -19,6 +19,7 @@ from pathlib import Path
 
 from imagen_ops.config import load_params
 from imagen_ops.data.dataset import prefetch
+from imagen_ops.pipeline import train_settings
 from imagen_ops.train.trainer import Trainer, TrainPaths
 
 from common import machine, table
@@ -43,7 +44,7 @@ def main() -> None:
             Path(tmp) / "ck",
             Path(tmp) / "m.csv",
         )
-        trainer = Trainer(params, args.stage, paths, progress=False)
+        trainer = Trainer(train_settings(params, args.stage), paths, progress=False)
         batch = params.stages[args.stage].train.batch_size
         speeds: dict[str, list[float]] = {"inline": [], "background thread": []}
         step = 0

@@ -23,7 +23,7 @@ from pathlib import Path
 from imagen_ops.cascade import Cascade, load_stage
 from imagen_ops.config import load_params
 from imagen_ops.data.prepare import PreparedData
-from imagen_ops.diffusion.samplers import SAMPLER_NAMES
+from imagen_ops.diffusion.samplers import SAMPLERS
 from imagen_ops.eval.evaluate import sample_images, score_images
 from imagen_ops.eval.fid import InceptionFeatures
 from imagen_ops.text.cache import EmbeddingCache
@@ -58,7 +58,7 @@ def main() -> None:
     settings0 = params.sample.for_stages([0], len(params.stages))
 
     if args.kind == "sampler":
-        grid = [("ancestral", 250)] + [(s, n) for s in SAMPLER_NAMES for n in (10, 25, 50)]
+        grid = [("ancestral", 250)] + [(s, n) for s in SAMPLERS for n in (10, 25, 50)]
         configs = [settings0.model_copy(update={"sampler": s, "steps": (n,)}) for s, n in grid]
     else:
         configs = [

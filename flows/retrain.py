@@ -3,10 +3,12 @@
     python -m flows.retrain         # one run on the project in this directory (make demo)
     python -m flows.serve           # the same flow on the cron schedule of params.yaml
 
-Each DVC stage runs as its own task through `dvc repro <stage>`, so a stage whose data,
-code and params are unchanged is skipped, a failed stage can be retried alone, and the
-run's logs show each stage. Training runs nest under the flow's MLflow run. A lock keeps
-two runs from writing the same data and model directories at once.
+dvc.yaml is regenerated from params.yaml first (a no-op when it is current), then each
+DVC stage runs as its own task through `dvc repro <stage>`, so a stage whose data, code and
+params are unchanged is skipped, a failed stage can be retried alone, and the run's logs
+show each stage. Training runs nest under the flow's MLflow run. A lock keeps two runs from
+writing the same data and model directories at once. Every path comes from params.yaml's
+`paths` section.
 """
 
 from __future__ import annotations
@@ -23,8 +25,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from imagen_ops.config import load_params
 from imagen_ops.files import exclusive_lock
-
-DVC_TARGETS = ("prepare", "encode_text", "train", "evaluate")
+from imagen_ops.pipeline import pipeline_stages
 
 
 def _env() -> dict[str, str]:
@@ -59,15 +60,25 @@ def ingest(project: str, params_file: str, source: str | None, push: bool) -> di
     else:
         out = _run([*cli, "data", "synth", "--params", params_file, "-q"], root)
     report = json.loads(out[out.index("{") : out.rindex("}") + 1])
-    _run([sys.executable, "-m", "dvc", "add", "data"], root)
+    data = load_params(root / params_file).paths.data
+    _run([sys.executable, "-m", "dvc", "add", data], root)
     if push:
-        _run([sys.executable, "-m", "dvc", "push", "data.dvc"], root)
+        _run([sys.executable, "-m", "dvc", "push", f"{data}.dvc"], root)
     return report
+
+
+@task
+def write_pipeline(project: str, params_file: str) -> list[str]:
+    """dvc.yaml from params.yaml (unchanged when current); returns the stage names in order."""
+    root = Path(project)
+    cli = [sys.executable, "-m", "imagen_ops.cli"]
+    _run([*cli, "pipeline", "write", "--params", params_file], root)
+    return [s.name for s in pipeline_stages(load_params(root / params_file))]
 
 
 @task(retries=1, retry_delay_seconds=5)
 def repro(project: str, target: str, parent_run_id: str | None) -> str:
-    """`dvc repro` one stage (all train@ stages for "train"); unchanged stages are skipped."""
+    """`dvc repro` one stage; an unchanged stage is skipped."""
     env = _env()
     if parent_run_id:
         from imagen_ops.registry.tracking import PARENT_RUN_ENV
@@ -79,15 +90,21 @@ def repro(project: str, target: str, parent_run_id: str | None) -> str:
 @task
 def register(project: str, params_file: str, run_id: str | None) -> dict[str, Any]:
     """Log the run and the model; challenger alias; champion only if the gate passes."""
+    from imagen_ops.registry.pyfunc import ModelSpec
     from imagen_ops.registry.register import RegisterPaths
     from imagen_ops.registry.register import register as register_model
 
     root = Path(project)
     params = load_params(root / params_file)
-    paths = RegisterPaths(
-        root, root / "artifacts/models", root / "reports/metrics.json", root / "artifacts/eval"
+    p = params.paths
+    paths = RegisterPaths(root, root / p.models, root / p.metrics, root / p.eval)
+    return register_model(
+        params.registry,
+        ModelSpec.from_params(params),
+        paths,
+        run_params=params.model_dump(mode="json"),
+        run_id=run_id,
     )
-    return register_model(params, paths, run_id=run_id)
 
 
 def _start_mlflow_run(project: Path, params_file: str) -> str | None:
@@ -116,15 +133,16 @@ def retrain(
     """Ingest new data, reproduce the DVC stages, register the model, gate the champion."""
     logger = get_run_logger()
     root = Path(project).resolve()
-    with exclusive_lock(root / "artifacts" / ".retrain.lock"):
+    paths = load_params(root / params_file).paths
+    with exclusive_lock(root / paths.lock):
         cwd = Path.cwd()
         os.chdir(root)  # MLflow's sqlite URI and artifact root are relative to the project
         run_id = None
         try:
             run_id = _start_mlflow_run(root, params_file)
             report = ingest(str(root), params_file, source, push)
-            for target in DVC_TARGETS:
-                repro(str(root), target, run_id)
+            for stage in write_pipeline(str(root), params_file):
+                repro(str(root), stage, run_id)
             result = register(str(root), params_file, run_id)
         except BaseException:
             if run_id is not None:  # a failed run never stays RUNNING (and moves no alias)
@@ -133,7 +151,7 @@ def retrain(
         finally:
             os.chdir(cwd)
     decision = result["decision"]
-    metrics = json.loads((root / "reports/metrics.json").read_text())
+    metrics = json.loads((root / paths.metrics).read_text())
     _publish(result, metrics, report)
     logger.info(decision["reason"])
     return {**result, "ingest": report}
@@ -180,6 +198,8 @@ def main() -> None:
     args = parser.parse_args()
     result = retrain(args.project, args.params, args.source, args.push)
     root = Path(args.project).resolve()
+    params = load_params(root / args.params)
+    paths = params.paths
     d = result["decision"]
     lines = [
         "",
@@ -189,10 +209,10 @@ def main() -> None:
         f" (version {result['champion_version']})",
         f"  this run      version {result['version']} (@challenger)",
         f"  MLflow        run {result['run_id']} (mlflow ui --backend-store-uri "
-        f"sqlite:///mlflow/mlflow.db)",
-        f"  sample grid   {root / 'artifacts/eval/grid.png'}",
-        f"  metrics       {root / 'reports/metrics.json'}",
-        f"  report        {root / 'artifacts/eval/report.html'}",
+        f"{params.registry.tracking_uri})",
+        f"  sample grid   {root / paths.eval / 'grid.png'}",
+        f"  metrics       {root / paths.metrics}",
+        f"  report        {root / paths.eval / 'report.html'}",
         "  try           .venv/bin/imagen-ops sample 'a red circle' --model "
         f"models:/{result['model']}@champion --out samples/red_circle.png",
     ]

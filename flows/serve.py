@@ -1,32 +1,63 @@
-"""Serve the retraining flow on the cron schedule from params.yaml (`schedule` section).
+"""Run the retraining flow on the schedule of params.yaml (`schedule` section).
 
     python -m flows.serve            # a long-running process that runs the flow on schedule
+    python -m flows.serve --deploy   # register a deployment on the work pool `schedule.work_pool`
 
-For scale, deploy the same flow to a work pool instead (see prefect.yaml): a `process`
-pool on one machine, or `docker` / `kubernetes` pools whose workers run on GPU nodes.
+`--deploy` is for scale: `prefect work-pool create imagen-ops-process --type process` once,
+then `prefect worker start --pool imagen-ops-process` on each machine that should run it (a
+`docker` or `kubernetes` pool runs the workers on GPU nodes instead). The cron, its time
+zone, the deployment's name and the pool are read from params.yaml and nowhere else.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from flows.retrain import retrain
-from imagen_ops.config import load_params
+from imagen_ops.config import ScheduleConfig, load_params
+
+ENTRYPOINT = "flows/retrain.py:retrain"
+
+
+def deployment_options(cfg: ScheduleConfig, project: Path, params_file: str) -> dict[str, Any]:
+    """The name, schedule, parameters and tags both ways of running share."""
+    from prefect.schedules import Cron
+
+    return {
+        "name": cfg.deployment,
+        "schedule": Cron(cfg.cron, timezone=cfg.timezone),
+        "parameters": {"project": str(project.resolve()), "params_file": params_file},
+        "tags": ["imagen-ops", "retrain"],
+    }
+
+
+def deploy(project: Path, params_file: str) -> Any:
+    """Register the deployment on `schedule.work_pool`; returns its id."""
+    cfg = load_params(project / params_file).schedule
+    source = retrain.from_source(source=str(project.resolve()), entrypoint=ENTRYPOINT)
+    return source.deploy(
+        work_pool_name=cfg.work_pool,
+        print_next_steps=False,
+        **deployment_options(cfg, project, params_file),
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--project", default=".")
     parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args()
-    schedule = load_params(Path(args.project) / args.params).schedule
-    retrain.serve(
-        name=schedule.deployment,
-        cron=schedule.cron,
-        parameters={"project": str(Path(args.project).resolve()), "params_file": args.params},
-        tags=["imagen-ops", "retrain"],
+    parser.add_argument(
+        "--deploy", action="store_true", help="deploy to schedule.work_pool instead of serving"
     )
+    args = parser.parse_args()
+    project = Path(args.project)
+    if args.deploy:
+        deploy(project, args.params)
+    else:
+        cfg = load_params(project / args.params).schedule
+        retrain.serve(**deployment_options(cfg, project, args.params))
 
 
 if __name__ == "__main__":

@@ -108,6 +108,7 @@ def tiny_data(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_models(tiny_data) -> Path:
     """artifacts/models of the tiny config: both stages trained for a few steps."""
+    from imagen_ops.pipeline import train_settings
     from imagen_ops.train.trainer import Trainer, TrainPaths
 
     params, root = tiny_params(), tiny_data["root"]
@@ -119,5 +120,5 @@ def tiny_models(tiny_data) -> Path:
             root / "checkpoints" / name,
             root / f"train_{name}.csv",
         )
-        Trainer(params, name, paths, progress=False).fit()
+        Trainer(train_settings(params, name), paths, progress=False).fit()
     return root / "models"

@@ -202,3 +202,19 @@ def test_repo_recipes_apply_to_the_repo_params(tmp_path) -> None:
             )
             == 0
         )
+
+
+def test_sample_from_a_folder_imports_no_mlflow(tiny_models, params_file, tmp_path) -> None:
+    """Cascade loading lives outside the MLflow layer: a folder needs no MLflow."""
+    argv = [
+        *("sample", "a red circle", "--model", str(tiny_models), "--params", str(params_file)),
+        *("--steps", "1", "-q", "--out", str(tmp_path / "x.png")),
+    ]
+    script = (
+        "import sys\nfrom imagen_ops.cli import main\n"
+        f"assert main({argv!r}) == 0\nprint('mlflow' in sys.modules)"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "False"
+    assert Image.open(tmp_path / "x.png").size == (32, 32)

@@ -7,28 +7,61 @@ from pathlib import Path
 import pytest
 import yaml
 
+from imagen_ops.choices import Choices
 from imagen_ops.config import (
     ConfigError,
     Params,
     SampleConfig,
     apply_overrides,
+    flatten,
     load_params,
     per_stage,
 )
+from imagen_ops.diffusion.guidance import THRESHOLDING
+from imagen_ops.diffusion.objectives import LOSS_WEIGHTINGS, OBJECTIVES
+from imagen_ops.diffusion.samplers import SAMPLERS
+from imagen_ops.diffusion.schedules import SCHEDULES, SPACINGS
+from imagen_ops.text.encoders import ENCODER_KINDS
 
 from .conftest import tiny_params, tiny_raw, write_params
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_repo_params_yaml_validates() -> None:
+def test_repo_params_yaml_validates_and_every_value_is_read() -> None:
     params = load_params(REPO / "params.yaml")
-    assert isinstance(params, Params)
     sizes = [s.resolution for s in params.stages.values()]
     assert sizes == sorted(sizes) and len(sizes) >= 2
-    # every section of the file maps onto a field (nothing silently ignored)
+    # every leaf the file sets arrives in Params unchanged (none dropped or coerced away)
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    assert set(raw) <= set(Params.model_fields)
+    validated = flatten(params.model_dump(mode="json"))
+    for key, value in flatten(raw).items():
+        expected = list(value) if isinstance(value, tuple) else value
+        assert validated[key] == expected, key
+
+
+@pytest.mark.parametrize(
+    ("key", "choices"),
+    [
+        ("sample.sampler", SAMPLERS),
+        ("sample.thresholding", THRESHOLDING),
+        ("sample.spacing", SPACINGS),
+        ("stages.base.diffusion.schedule", SCHEDULES),
+        ("stages.base.diffusion.objective", OBJECTIVES),
+        ("stages.base.diffusion.loss_weighting", LOSS_WEIGHTINGS),
+        ("text.kind", ENCODER_KINDS),
+    ],
+)
+def test_choices_validate_against_their_registry(key: str, choices: Choices) -> None:
+    """A named setting is valid exactly when its implementing registry has the name, and
+    the error lists every registered name."""
+    for name in choices:
+        assert flatten(tiny_params(f"{key}={name}").model_dump())[key] == name
+    with pytest.raises(ConfigError) as err:
+        tiny_params(f"{key}=nonsense")
+    assert key in str(err.value) and all(name in str(err.value) for name in choices)
+    with pytest.raises(ValueError, match=f"unknown {choices.family} 'nonsense'"):
+        choices["nonsense"]
 
 
 def test_tiny_params_validate() -> None:

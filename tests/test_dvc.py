@@ -1,8 +1,11 @@
-"""DVC: the repo's dvc.yaml on the tiny config runs every stage, skips what did not change,
-and reruns only the stages downstream of a change."""
+"""DVC: dvc.yaml is generated from params.yaml; the stage graph runs a three-stage cascade,
+skips what did not change, reruns only the stages downstream of a change, and each stage
+command reads only the params its stage declares."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import re
@@ -10,17 +13,20 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
-from imagen_ops.config import load_params
+from imagen_ops.config import apply_overrides, load_params, parse_params
+from imagen_ops.pipeline import pipeline_stages, render_dvc_yaml, view_for
 
-from .conftest import tiny_params, write_params
+from .conftest import TINY_TRAIN, TINY_UNET, tiny_raw
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-STAGES = ["prepare", "encode_text", "train@base", "train@sr32", "evaluate"]
 # the tests check the pipeline, not FID (test_eval does): no Inception in the stage runs
 FAST = ("eval.fid=false",)
 
@@ -35,16 +41,17 @@ def project_env() -> dict[str, str]:
     }
 
 
-def tiny_dvc_yaml() -> str:
-    """The repo's dvc.yaml with its stage names mapped onto the tiny config's."""
-    text = (REPO / "dvc.yaml").read_text()
-    real, tiny = load_params(REPO / "params.yaml").stage_names(), tiny_params().stage_names()
-    assert len(real) == len(tiny), "the tiny config mirrors the real cascade's depth"
-    for a, b in zip(real, tiny, strict=True):
-        text = re.sub(rf"\b{a}\b", b, text)
-    for name in tiny:
-        assert f"artifacts/models/{name}" in text, f"evaluate must depend on stage {name}"
-    return text
+def three_stage_raw() -> dict[str, Any]:
+    """The tiny config with a third stage, 16 -> 32 -> 64 px (the paper's cascade shape)."""
+    raw = tiny_raw()
+    raw["data"]["synth"]["resolution"] = 64
+    raw["stages"]["sr64"] = {
+        "resolution": 64,
+        "unet": {**TINY_UNET, "efficient": True},
+        "train": {**TINY_TRAIN, "crop": 32},
+    }
+    raw["sample"]["guidance"] = [2.0, 1.0, 1.0]
+    return raw
 
 
 def run(cmd: list[str], cwd: Path) -> str:
@@ -60,12 +67,18 @@ def dvc(root: Path, *args: str) -> str:
     return run([sys.executable, "-m", "dvc", *args], root)
 
 
-def make_project(root: Path, *overrides: str) -> Path:
-    """A git + DVC project: tiny params.yaml, the adapted dvc.yaml, the code its stages
+def write_project_params(root: Path, raw: dict[str, Any], *overrides: str) -> None:
+    """params.yaml from `raw` + overrides, and the dvc.yaml the CLI generates from it."""
+    text = yaml.safe_dump(apply_overrides(raw, overrides), sort_keys=False)
+    (root / "params.yaml").write_text(text)
+    run(["imagen-ops", "pipeline", "write", "-q"], root)
+
+
+def make_project(root: Path, *overrides: str, raw: dict[str, Any] | None = None) -> Path:
+    """A git + DVC project: params.yaml, its generated dvc.yaml, the code its stages
     depend on (src/imagen_ops), committed."""
     root.mkdir(parents=True)
-    write_params(root / "params.yaml", *overrides)
-    (root / "dvc.yaml").write_text(tiny_dvc_yaml())
+    write_project_params(root, raw or tiny_raw(), *overrides)
     shutil.copytree(
         REPO / "src" / "imagen_ops",
         root / "src" / "imagen_ops",
@@ -83,24 +96,98 @@ def ran_stages(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
 
-def test_tiny_dvc_yaml_names_the_tiny_stages() -> None:
-    text = tiny_dvc_yaml()
-    stages = yaml.safe_load(text)["stages"]
-    assert "sr64" not in text
-    assert "artifacts/models/sr32" in stages["evaluate"]["deps"]
-    assert "stages.sr32.resolution" in stages["prepare"]["params"]
+# ------------------------------------------------------------------ the generated graph
+
+
+def test_committed_dvc_yaml_is_generated_from_params_yaml() -> None:
+    """The repo's dvc.yaml is exactly what its params.yaml generates (`pipeline write`)."""
+    expected = render_dvc_yaml(load_params(REPO / "params.yaml"))
+    assert (REPO / "dvc.yaml").read_text() == expected, "run `imagen-ops pipeline write`"
+
+
+def test_graph_follows_the_cascade_and_the_paths() -> None:
+    params = parse_params(three_stage_raw())
+    p = params.paths
+    doc = yaml.safe_load(render_dvc_yaml(params))["stages"]
+    assert list(doc) == [
+        "prepare",
+        "encode_text",
+        "train_base",
+        "train_sr32",
+        "train_sr64",
+        "evaluate",
+    ]
+    # every model is an output of its training stage and an input of evaluate
+    for name in params.stage_names():
+        assert doc[f"train_{name}"]["outs"] == [p.model(name)]
+        assert p.model(name) in doc["evaluate"]["deps"]
+        assert f"--out {p.model(name)}" in doc[f"train_{name}"]["cmd"]
+    # a stage conditions on the previous one's resolution, and reruns when it changes
+    assert doc["train_sr64"]["params"] == ["stages.sr64", "stages.sr32.resolution", "text"]
+    assert doc["train_base"]["params"] == ["stages.base", "text"]
+    # every command names its inputs and outputs; nothing relies on a CLI default
+    for name, stage in doc.items():
+        for out in stage["outs"]:
+            path = next(iter(out)) if isinstance(out, dict) else out
+            assert path in stage["cmd"], (name, path)
+    assert f"--metrics {p.metrics}" in doc["evaluate"]["cmd"]
+    # moving a path moves it everywhere
+    moved = parse_params({**three_stage_raw(), "paths": {"models": "out/nets"}})
+    moved_doc = yaml.safe_load(render_dvc_yaml(moved))["stages"]
+    assert moved_doc["train_sr64"]["outs"] == ["out/nets/sr64"]
+    assert "out/nets/sr64" in moved_doc["evaluate"]["deps"]
+
+
+def test_each_stage_reads_only_what_its_params_list_declares() -> None:
+    params = parse_params(three_stage_raw())
+    doc = yaml.safe_load(render_dvc_yaml(params))["stages"]
+    for spec in pipeline_stages(params):
+        assert doc[spec.name]["params"] == spec.params
+        view = view_for(params, spec.name)
+        for key in spec.params:
+            view[key]  # every declared key resolves to a real setting
+    assert view_for(params, "train_sr64")["stages.sr32.resolution"] == 32
+    assert view_for(params, "train_sr64").lowres_of("sr64") == 32
+    with pytest.raises(KeyError, match=r"stage prepare reads 'eval\.num_samples'"):
+        view_for(params, "prepare")["eval.num_samples"]
+    with pytest.raises(KeyError, match=r"stage train_base reads 'stages\.sr32"):
+        view_for(params, "train_base")["stages.sr32.train.lr"]
+
+
+def test_pipeline_write_check_catches_a_stale_file(tmp_path) -> None:
+    from imagen_ops.cli import main
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_raw(), sort_keys=False))
+    out = tmp_path / "dvc.yaml"
+    assert main(["pipeline", "write", "--params", str(params), "--out", str(out)]) == 0
+    argv = ["pipeline", "write", "--check", "--params", str(params), "--out", str(out)]
+    assert main(argv) == 0
+    params.write_text(yaml.safe_dump(three_stage_raw(), sort_keys=False))
+    assert main(argv) == 2  # a new stage in params.yaml: dvc.yaml is stale
+    assert "train_sr64" not in out.read_text()
+
+
+# ------------------------------------------------------------------- running the graph
 
 
 @pytest.mark.integration
-def test_repro_runs_skips_and_reruns_only_what_changed(tmp_path) -> None:
-    root = make_project(tmp_path / "project", *FAST)
+def test_three_stage_cascade_runs_skips_and_reruns_only_what_changed(tmp_path, monkeypatch) -> None:
+    from mlflow.tracking._tracking_service import utils
+
+    monkeypatch.setattr(utils, "_tracking_uri", utils._tracking_uri)  # restored afterwards
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = make_project(tmp_path / "project", *FAST, raw=three_stage_raw())
+    stages = {s.name for s in pipeline_stages(parse_params(three_stage_raw()))}
     run(["imagen-ops", "data", "synth", "-q"], root)
     dvc(root, "add", "data")
 
     first = dvc(root, "repro")
-    assert ran_stages(first) == set(STAGES)
-    assert (root / "artifacts/models/sr32/config.json").is_file()
-    assert (root / "reports/metrics.json").is_file()
+    assert ran_stages(first) == stages
+    assert (root / "artifacts/models/sr64/config.json").is_file()
+    metrics = json.loads((root / "reports/metrics.json").read_text())
+    assert metrics["resolution"] == 64 and metrics["sampling"]["guidance"] == [2.0, 1.0, 1.0]
+    assert set(metrics["sampling"]["seconds_per_image"]) == {"base", "sr32", "sr64"}
     assert (root / "artifacts/eval/grid.png").is_file()
     plots = json.loads(dvc(root, "plots", "show", "--json"))["data"]
     (sweep,) = (v for k, v in plots.items() if k.endswith("reports/guidance_sweep.csv"))
@@ -108,6 +195,16 @@ def test_repro_runs_skips_and_reruns_only_what_changed(tmp_path) -> None:
         "alignment",
         "kid_mean",
     }
+
+    # the three-stage model through the CLI and the served (pyfunc) model: the same image
+    out = root / "samples" / "red.png"
+    argv = ["sample", "a red circle", "--steps", "2", "--seed", "5", "--out", str(out), "-q"]
+    run(["imagen-ops", *argv], root)
+    cli_image = np.asarray(Image.open(out))
+    assert cli_image.shape == (64, 64, 3)
+    served = served_image(root, "a red circle", steps=2, seed=5)
+    assert np.array_equal(served, cli_image)
+
     lock = (root / "dvc.lock").read_text()
     base_weights = root / "artifacts/models/base/ema.safetensors"
     base_stamp = base_weights.stat().st_mtime_ns
@@ -115,27 +212,48 @@ def test_repro_runs_skips_and_reruns_only_what_changed(tmp_path) -> None:
     # nothing changed: every stage is skipped and dvc.lock stays as it is
     second = dvc(root, "repro")
     assert ran_stages(second) == set()
-    for stage in STAGES:
-        assert f"Stage '{stage}' didn't change, skipping" in second
     assert "Data and pipelines are up to date." in second
     assert (root / "dvc.lock").read_text() == lock
 
-    # a training param of one stage: that stage and evaluate, nothing upstream or beside
-    write_params(root / "params.yaml", *FAST, "stages.sr32.train.steps=7")
+    # a setting no stage declares (the MLflow experiment): nothing reruns
+    write_project_params(root, three_stage_raw(), *FAST, "registry.experiment=other")
+    assert ran_stages(dvc(root, "repro")) == set()
+
+    # a training param of the middle stage: it and evaluate (stages train independently)
+    write_project_params(root, three_stage_raw(), *FAST, "stages.sr32.train.steps=7")
     third = dvc(root, "repro")
-    assert ran_stages(third) == {"train@sr32", "evaluate"}
+    assert ran_stages(third) == {"train_sr32", "evaluate"}
     assert base_weights.stat().st_mtime_ns == base_stamp
-    before, after = (
-        yaml.safe_load(lock)["stages"],
-        yaml.safe_load((root / "dvc.lock").read_text())["stages"],
-    )
-    assert after["train@base"] == before["train@base"]
-    assert after["prepare"] == before["prepare"]
-    assert after["train@sr32"] != before["train@sr32"]
+    before = yaml.safe_load(lock)["stages"]
+    after = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    assert after["train_base"] == before["train_base"]
+    assert after["train_sr64"] == before["train_sr64"]
+    assert after["train_sr32"] != before["train_sr32"]
 
     # a code dependency of evaluate only: evaluate alone
     report = root / "src/imagen_ops/eval/report.py"
     report.write_text(report.read_text() + "\n# touched\n")
-    fourth = dvc(root, "repro")
-    assert ran_stages(fourth) == {"evaluate"}
+    assert ran_stages(dvc(root, "repro")) == {"evaluate"}
     assert "Data and pipelines are up to date." in dvc(root, "status")
+
+
+def served_image(root: Path, prompt: str, *, steps: int, seed: int) -> np.ndarray:
+    """The image the logged pyfunc model (what `mlflow models serve` loads) returns."""
+    import mlflow
+    import pandas as pd
+
+    from imagen_ops.config import RegistryConfig
+    from imagen_ops.registry.pyfunc import ModelSpec
+    from imagen_ops.registry.register import log_cascade_model
+    from imagen_ops.registry.tracking import configure
+
+    params = load_params(root / "params.yaml")
+    store = RegistryConfig(
+        tracking_uri=f"sqlite:///{root}/mlflow/mlflow.db",
+        artifact_root=str(root / "mlflow" / "artifacts"),
+    )
+    with mlflow.start_run(experiment_id=configure(store)):
+        info = log_cascade_model(root / params.paths.models, ModelSpec.from_params(params))
+    model = mlflow.pyfunc.load_model(info.model_uri)
+    frame = model.predict(pd.DataFrame({"prompt": [prompt], "steps": [steps], "seed": [seed]}))
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(frame["image"][0]))))

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from imagen_ops.cascade import Cascade
 from imagen_ops.config import SynthConfig
 from imagen_ops.eval import evaluate as evaluate_module
 from imagen_ops.eval.fid import (
@@ -232,17 +233,31 @@ def test_report_without_alignment_or_kid(tmp_path) -> None:
     write_report(tmp_path, metrics, sweep, Image.new("RGB", (64, 64)))
     page = (tmp_path / "report.html").read_text()
     assert "sampling.steps" in page and "data:image/png;base64," in page
-    assert Image.open(tmp_path / "sweep.png").size[0] > 0
+    assert Image.open(tmp_path / "sweep.png").size == (500, 320)  # the 5 x 3.2 in chart
 
 
 # ----------------------------------------------------------------- the evaluate stage
 
 
-def eval_paths(tiny_data, tiny_models, out: Path) -> evaluate_module.EvalPaths:
+def run_evaluate(params, tiny_data, tiny_models, paths) -> dict:
+    """The evaluate stage on the tiny models, as the CLI wires it."""
+    prompts = evaluate_module.held_out(
+        tiny_data["prepared"], tiny_data["cache"], params.text, params.eval.num_samples
+    )
+    cascade = Cascade.from_dir(tiny_models, params.stage_names(), params.text)
+    return evaluate_module.evaluate(
+        params.eval,
+        params.sample,
+        evaluate_module.cascade_sampler(cascade, progress=False),
+        prompts,
+        paths,
+        stage_count=len(params.stages),
+        device="cpu",
+    )
+
+
+def eval_paths(out: Path) -> evaluate_module.EvalPaths:
     return evaluate_module.EvalPaths(
-        prepared=tiny_data["prepared"],
-        cache=tiny_data["cache"],
-        models=tiny_models,
         out=out / "eval",
         metrics=out / "reports" / "metrics.json",
         sweep=out / "reports" / "guidance_sweep.csv",
@@ -265,8 +280,8 @@ def test_evaluate_stage_end_to_end(tiny_data, tiny_models, tmp_path, monkeypatch
 
     monkeypatch.setattr(evaluate_module, "cached_features", counting)
     first_dir, second_dir = tmp_path / "first", tmp_path / "second"
-    paths = eval_paths(tiny_data, tiny_models, first_dir)
-    result = evaluate_module.evaluate(params, paths, device="cpu", progress=False)
+    paths = eval_paths(first_dir)
+    result = run_evaluate(params, tiny_data, tiny_models, paths)
 
     # metrics.json: what was returned, with the documented schema
     metrics = json.loads(paths.metrics.read_text())
@@ -297,8 +312,12 @@ def test_evaluate_stage_end_to_end(tiny_data, tiny_models, tmp_path, monkeypatch
     samples = sorted((paths.out / "samples").glob("*.png"))
     assert len(samples) == n
     assert all(Image.open(p).size == (32, 32) for p in samples)
-    assert Image.open(paths.out / "grid.png").size[0] > 0
-    assert Image.open(paths.out / "sweep.png").size[0] > 0
+    # the grid: eval.grid_size (4) samples in 2 x 2 cells of 128 px + a caption strip
+    grid = np.asarray(Image.open(paths.out / "grid.png").convert("RGB"))
+    assert grid.shape == (2 * (128 + 28), 2 * 128, 3)
+    first = Image.open(samples[0]).convert("RGB").resize((128, 128), Image.Resampling.NEAREST)
+    assert np.array_equal(grid[:128, :128], np.asarray(first))
+    assert Image.open(paths.out / "sweep.png").size == (500, 320)
     page = (paths.out / "report.html").read_text()
     assert "alignment.overall" in page and "data:image/png;base64," in page
 
@@ -315,7 +334,7 @@ def test_evaluate_stage_end_to_end(tiny_data, tiny_models, tmp_path, monkeypatch
             "sweep": second_dir / "sweep.csv",
         }
     )
-    again = evaluate_module.evaluate(params, second, device="cpu", progress=False)
+    again = run_evaluate(params, tiny_data, tiny_models, second)
     assert len(loads) == 1 and cache_files[0].stat().st_mtime_ns == stamp
 
     # deterministic: same seeds, same images, same metrics (timings aside)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,8 @@ import yaml
 
 from imagen_ops.files import LockedError, exclusive_lock
 
-from .test_dvc import BIN, FAST, make_project
+from .conftest import tiny_raw
+from .test_dvc import BIN, FAST, REPO, make_project
 
 # ---------------------------------------------------------------------------- the lock
 
@@ -148,3 +150,36 @@ def test_retrain_flow_end_to_end(tmp_path, prefect_harness, flow_env) -> None:
     failed = client.search_runs([run.info.experiment_id], "attributes.status = 'FAILED'")
     assert [r.info.run_name for r in failed] == ["retrain"]
     assert aliases(client) == {"champion": "1", "challenger": "2"}
+
+
+@pytest.mark.integration
+def test_deploy_uses_the_schedule_section(tmp_path, prefect_harness) -> None:
+    """`python -m flows.serve --deploy`: cron, time zone, name and pool from params.yaml."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    from flows.serve import deploy
+
+    project = tmp_path / "project"
+    shutil.copytree(REPO / "flows", project / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    raw = {
+        **tiny_raw(),
+        "schedule": {
+            "deployment": "nightly",
+            "cron": "30 2 * * *",
+            "timezone": "Europe/Paris",
+            "work_pool": "gpu-pool",
+        },
+    }
+    (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name="gpu-pool", type="process"))
+        deployment = client.read_deployment(deploy(project, "params.yaml"))
+    assert deployment.name == "nightly" and deployment.work_pool_name == "gpu-pool"
+    (schedule,) = deployment.schedules
+    assert schedule.schedule.cron == "30 2 * * *"
+    assert schedule.schedule.timezone == "Europe/Paris"
+    assert deployment.parameters == {
+        "project": str(project.resolve()),
+        "params_file": "params.yaml",
+    }

@@ -27,6 +27,20 @@ from imagen_ops.registry.pyfunc import MAX_GUIDANCE, MAX_PROMPTS, MAX_STEPS, val
 
 from .conftest import tiny_params
 
+
+def register_params(params, paths):
+    """`register` as the CLI calls it: the registry settings, the model spec, all params."""
+    from imagen_ops.registry.pyfunc import ModelSpec
+    from imagen_ops.registry.register import register
+
+    return register(
+        params.registry,
+        ModelSpec.from_params(params),
+        paths,
+        run_params=params.model_dump(mode="json"),
+    )
+
+
 # ------------------------------------------------------------------------ the gate
 
 
@@ -177,12 +191,15 @@ def test_pyfunc_log_load_predict(tiny_models, store) -> None:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from imagen_ops.registry.pyfunc import ARTIFACT, package_cascade
+    from imagen_ops.registry.loading import ARTIFACT
+    from imagen_ops.registry.pyfunc import ModelSpec, package_cascade
     from imagen_ops.registry.register import log_cascade_model
     from imagen_ops.registry.tracking import configure
 
     params = tiny_params()
-    cascade_dir = package_cascade(tiny_models, params, store / "packaged" / ARTIFACT)
+    cascade_dir = package_cascade(
+        tiny_models, ModelSpec.from_params(params), store / "packaged" / ARTIFACT
+    )
     assert sorted(p.name for p in cascade_dir.iterdir()) == ["base", "cascade.json", "sr32"]
     assert sorted(p.name for p in (cascade_dir / "sr32").iterdir()) == [
         "config.json",
@@ -191,7 +208,7 @@ def test_pyfunc_log_load_predict(tiny_models, store) -> None:
     shutil.rmtree(store / "packaged")
     configure(params.registry)
     with mlflow.start_run():
-        info = log_cascade_model(tiny_models, params)
+        info = log_cascade_model(tiny_models, ModelSpec.from_params(params))
     model = mlflow.pyfunc.load_model(info.model_uri)
     frame = pd.DataFrame(
         {
@@ -237,7 +254,7 @@ def test_register_gates_the_champion(tiny_models, store, monkeypatch) -> None:
     from mlflow import MlflowClient
 
     from imagen_ops.registry import register as register_module
-    from imagen_ops.registry.register import RegisterPaths, promote, register
+    from imagen_ops.registry.register import RegisterPaths, promote
 
     params = tiny_params()
     (store / "eval").mkdir()
@@ -247,7 +264,7 @@ def test_register_gates_the_champion(tiny_models, store, monkeypatch) -> None:
 
     def run(overall: float | None, **kw) -> dict:
         metrics = write_metrics(store / "metrics.json", overall, **kw)
-        return register(params, RegisterPaths(store, tiny_models, metrics, store / "eval"))
+        return register_params(params, RegisterPaths(store, tiny_models, metrics, store / "eval"))
 
     first = run(0.5)
     assert first["decision"]["promote"] and first["decision"]["metric"] == "alignment.overall"
@@ -274,17 +291,19 @@ def test_register_gates_the_champion(tiny_models, store, monkeypatch) -> None:
     # failures before the decision change nothing: no primary metric, or no trained model
     (store / "metrics.json").write_text(json.dumps({"fid": None, "alignment": None}))
     with pytest.raises(KeyError, match="'fid'"):
-        register(params, RegisterPaths(store, tiny_models, store / "metrics.json", store))
+        register_params(params, RegisterPaths(store, tiny_models, store / "metrics.json", store))
     write_metrics(store / "metrics.json", 0.9)
     with pytest.raises(FileNotFoundError, match="not a trained stage"):
-        register(params, RegisterPaths(store, store / "nothing", store / "metrics.json", store))
+        register_params(
+            params, RegisterPaths(store, store / "nothing", store / "metrics.json", store)
+        )
 
     def unreachable(*args):
         raise ConnectionError("registry unreachable")
 
     with monkeypatch.context() as m, pytest.raises(ConnectionError):
         m.setattr(register_module, "champion_metric", unreachable)
-        register(params, RegisterPaths(store, tiny_models, store / "metrics.json", store))
+        register_params(params, RegisterPaths(store, tiny_models, store / "metrics.json", store))
     assert aliases() == {"champion": better["version"], "challenger": better["version"]}
     assert versions() == ["1", "2", "3"]
 
@@ -335,10 +354,10 @@ def wait_until_up(url: str, proc: subprocess.Popen, log: Path, timeout: float = 
 
 @pytest.mark.integration
 def test_mlflow_models_serve_champion(tiny_models, store) -> None:
-    from imagen_ops.registry.register import RegisterPaths, register
+    from imagen_ops.registry.register import RegisterPaths
 
     metrics = write_metrics(store / "metrics.json", 0.5)
-    register(tiny_params(), RegisterPaths(store, tiny_models, metrics, store / "eval"))
+    register_params(tiny_params(), RegisterPaths(store, tiny_models, metrics, store / "eval"))
     bin_dir = Path(sys.executable).parent
     path = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
     env = {**os.environ, "PATH": path, "OMP_NUM_THREADS": "1"}

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from imagen_ops.cascade import load_stage
+from imagen_ops.pipeline import train_settings
 from imagen_ops.train import trainer as trainer_module
 from imagen_ops.train.trainer import Trainer, TrainingDivergedError, TrainPaths, lr_at
 
@@ -41,7 +42,9 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 
 def train_base(tiny_data, out: Path, *overrides: str) -> dict[str, torch.Tensor]:
     """Train the tiny base stage with `overrides` into `out`; its exported weights."""
-    Trainer(tiny_params(*overrides), "base", paths_for(tiny_data, out), progress=False).fit()
+    Trainer(
+        train_settings(tiny_params(*overrides), "base"), paths_for(tiny_data, out), progress=False
+    ).fit()
     return weights(out / "model" / "base")
 
 
@@ -75,14 +78,16 @@ def test_loss_falls_when_overfitting(tiny_data, tmp_path):
         "stages.base.train.log_every=10",
         "stages.base.train.checkpoint_every=1000",
     )
-    Trainer(params, "base", paths_for(tiny_data, tmp_path), progress=False).fit()
+    Trainer(train_settings(params, "base"), paths_for(tiny_data, tmp_path), progress=False).fit()
     losses = logged_losses(tmp_path / "train_base.csv")
     assert losses[-1] < 0.5 * losses[0], f"loss did not fall: {losses}"
 
 
 def test_sr_stage_trains_on_crops_and_rebuilds_from_config(tiny_data, tmp_path):
     params = tiny_params("stages.sr32.train.crop=16")
-    result = Trainer(params, "sr32", paths_for(tiny_data, tmp_path, "sr32"), progress=False).fit()
+    result = Trainer(
+        train_settings(params, "sr32"), paths_for(tiny_data, tmp_path, "sr32"), progress=False
+    ).fit()
     assert result.steps == 6 and result.skipped_steps == 0
     stage = load_stage(tmp_path / "model" / "sr32", weights="model")
     assert stage.lowres == 16 and stage.net.super_resolution
@@ -141,9 +146,11 @@ def test_sigkill_and_resume_equals_uninterrupted(tiny_data, tmp_path):
 
 
 def test_checkpoint_of_other_settings_is_not_resumed(tiny_data, tmp_path, caplog):
-    Trainer(tiny_params(), "base", paths_for(tiny_data, tmp_path), progress=False).fit()
+    Trainer(
+        train_settings(tiny_params(), "base"), paths_for(tiny_data, tmp_path), progress=False
+    ).fit()
     other = tiny_params("stages.base.train.lr=0.0005")
-    trainer = Trainer(other, "base", paths_for(tiny_data, tmp_path), progress=False)
+    trainer = Trainer(train_settings(other, "base"), paths_for(tiny_data, tmp_path), progress=False)
     assert trainer._resume() == 0
     assert "afresh" in caplog.text
 
@@ -165,7 +172,7 @@ def test_non_finite_steps_are_skipped_then_training_stops(tiny_data, tmp_path, m
     )
     paths = paths_for(tiny_data, tmp_path)
     with pytest.raises(TrainingDivergedError, match="3 consecutive non-finite"):
-        Trainer(params, "base", paths, progress=False).fit()
+        Trainer(train_settings(params, "base"), paths, progress=False).fit()
     # one isolated NaN (call 2) was skipped and training went on to the step-4 checkpoint
     state = torch.load(paths.checkpoints / "step_00000004" / "state.pt", weights_only=True)
     assert state["skipped"] == 1
@@ -178,13 +185,14 @@ DDP_SCRIPT = """
 import json, sys, torch, torch.distributed as dist
 from pathlib import Path
 from imagen_ops.config import load_params
+from imagen_ops.pipeline import train_settings
 from imagen_ops.train.trainer import Trainer, TrainPaths
 torch.set_num_threads(1)
 params = load_params(sys.argv[1])
 root = Path(sys.argv[2])
 prepared, cache = Path(sys.argv[3]), Path(sys.argv[4])
 paths = TrainPaths(prepared, cache, root / "model", root / "ck", root / "m.csv")
-trainer = Trainer(params, "base", paths, progress=False)
+trainer = Trainer(train_settings(params, "base"), paths, progress=False)
 trainer.fit()
 flat = torch.cat([p.detach().flatten() for p in trainer.net.parameters()])
 gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
@@ -266,7 +274,9 @@ def test_adafactor_option_trains(tiny_data, tmp_path):
         "stages.base.train.log_every=10",
         "stages.base.train.checkpoint_every=1000",
     )
-    trainer = Trainer(params, "base", paths_for(tiny_data, tmp_path), progress=False)
+    trainer = Trainer(
+        train_settings(params, "base"), paths_for(tiny_data, tmp_path), progress=False
+    )
     assert isinstance(trainer.optimizer, torch.optim.Adafactor)
     trainer.fit()
     losses = logged_losses(tmp_path / "train_base.csv")
@@ -294,7 +304,10 @@ def test_tracker_gets_params_metrics_and_sample_grids(tiny_data, tmp_path):
     params = tiny_params("stages.sr32.train.sample_every=3")
     tracker = RecordingTracker()
     Trainer(
-        params, "sr32", paths_for(tiny_data, tmp_path, "sr32"), tracker=tracker, progress=False
+        train_settings(params, "sr32"),
+        paths_for(tiny_data, tmp_path, "sr32"),
+        tracker=tracker,
+        progress=False,
     ).fit()
     assert tracker.params["stage"] == "sr32" and tracker.params["train.steps"] == 6
     assert [s for s, _ in tracker.metrics] == [2, 4, 6]
@@ -307,8 +320,7 @@ def test_init_from_warm_starts_and_checks_the_architecture(tiny_data, tmp_path):
     train_base(tiny_data, tmp_path / "src")
     source = tmp_path / "src" / "model" / "base"
     trainer = Trainer(
-        tiny_params("stages.base.train.seed=3"),
-        "base",
+        train_settings(tiny_params("stages.base.train.seed=3"), "base"),
         paths_for(tiny_data, tmp_path / "ft"),
         init_from=source,
         progress=False,
@@ -317,8 +329,7 @@ def test_init_from_warm_starts_and_checks_the_architecture(tiny_data, tmp_path):
     assert all(torch.equal(v, ema[k]) for k, v in trainer.net.state_dict().items())
     with pytest.raises(ValueError, match="architecture"):
         Trainer(
-            tiny_params("stages.base.unet.embedding_dim=64"),
-            "base",
+            train_settings(tiny_params("stages.base.unet.embedding_dim=64"), "base"),
             paths_for(tiny_data, tmp_path / "bad"),
             init_from=source,
             progress=False,

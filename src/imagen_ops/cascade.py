@@ -53,7 +53,7 @@ def augment_lowres(
     """
     up = F.interpolate(lowres, size=(size, size), mode="bilinear", align_corners=False)
     logsnr = schedule(t_aug)
-    alpha, sigma = (v.view(-1, 1, 1, 1) for v in alpha_sigma(logsnr))
+    alpha, sigma = alpha_sigma(logsnr, like=up)
     return alpha * up + sigma * noise, logsnr
 
 
@@ -88,7 +88,7 @@ class Stage:
 
         def denoise(x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
             logsnr = schedule(t).expand(x.shape[0]).to(x.device)
-            alpha, sigma = (v.view(-1, 1, 1, 1) for v in alpha_sigma(logsnr))
+            alpha, sigma = alpha_sigma(logsnr, like=x)
             with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
                 out = self.net(x, logsnr, cond.text, cond.mask, cond.lowres, cond.aug_logsnr)
             return to_x0(out.float(), x, alpha, sigma, objective)

@@ -1,7 +1,8 @@
 """`imagen-ops`: thin commands that parse, load params.yaml, call the library, report.
 
 Every command takes `--params PATH` and `-S KEY=VALUE` overrides (dotted keys, YAML values,
-e.g. `-S stages.base.train.steps=200`). Default paths match dvc.yaml.
+e.g. `-S stages.base.train.steps=200`). Path options default to the `paths` section of
+params.yaml, from which dvc.yaml is generated (`imagen-ops pipeline write`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, get_args
 
-from imagen_ops.config import ConfigError, Params, SampleConfig, load_params
+from imagen_ops.config import ConfigError, IngestConfig, Params, load_params
+from imagen_ops.diffusion.samplers import SAMPLERS
+from imagen_ops.pipeline import view_for
 
 log = logging.getLogger("imagen_ops")
 
@@ -36,6 +39,11 @@ def _out(text: str) -> None:
     sys.stdout.write(text + "\n")
 
 
+def _path(value: str | None, default: str) -> Path:
+    """A path option, or its default from params.yaml's `paths` section."""
+    return Path(value if value is not None else default)
+
+
 # ---------------------------------------------------------------------------- data
 
 
@@ -49,7 +57,11 @@ def cmd_synth(args: argparse.Namespace) -> None:
     params = _params(args, *extra)
     records = synth_source(params.data.synth, workers=args.workers)
     report = ingest(
-        records, Path(args.out), params.data.ingest, Path(args.report), progress=not args.quiet
+        records,
+        _path(args.out, params.paths.data),
+        params.data.ingest,
+        _path(args.report, params.paths.ingest_report),
+        progress=not args.quiet,
     )
     _out(json.dumps(report.to_dict(), indent=2))
 
@@ -61,9 +73,9 @@ def cmd_ingest(args: argparse.Namespace) -> None:
     params = _params(args, *([f"data.ingest.format={args.format}"] if args.format else []))
     report = ingest(
         open_source(args.source, params.data.ingest),
-        Path(args.out),
+        _path(args.out, params.paths.data),
         params.data.ingest,
-        Path(args.report),
+        _path(args.report, params.paths.ingest_report),
         progress=not args.quiet,
     )
     _out(json.dumps(report.to_dict(), indent=2))
@@ -73,9 +85,14 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     from imagen_ops.data.prepare import prepare
 
     params = _params(args)
-    sizes = sorted({s.resolution for s in params.stages.values()})
+    view = view_for(params, "prepare")
+    sizes = sorted({view[f"stages.{name}.resolution"] for name in view.stage_names})
     manifest = prepare(
-        Path(args.data), Path(args.out), sizes, params.data.prepare, progress=not args.quiet
+        _path(args.data, params.paths.data),
+        _path(args.out, params.paths.prepared),
+        sizes,
+        view["data.prepare"],
+        progress=not args.quiet,
     )
     _out(json.dumps(manifest, indent=2))
 
@@ -86,13 +103,14 @@ def cmd_encode_text(args: argparse.Namespace) -> None:
     from imagen_ops.text.encoders import load_text_encoder
 
     params = _params(args)
-    captions = PreparedData.open(Path(args.prepared)).table["caption"].tolist()
-    encoder = load_text_encoder(params.text)
+    text = view_for(params, "encode_text")["text"]
+    prepared = _path(args.prepared, params.paths.prepared)
+    captions = PreparedData.open(prepared).table["caption"].tolist()
     manifest = build_cache(
         captions,
-        encoder,
-        Path(args.out),
-        batch_size=params.text.batch_size,
+        load_text_encoder(text),
+        _path(args.out, params.paths.text_cache),
+        batch_size=text.batch_size,
         progress=not args.quiet,
     )
     _out(json.dumps(manifest, indent=2))
@@ -105,7 +123,7 @@ def cmd_summary(args: argparse.Namespace) -> None:
     from imagen_ops.models.summary import summarize
 
     params = _params(args)
-    rows = summarize(params, text_dim=args.text_dim, text_length=args.text_length)
+    rows = summarize(params.stages, text_dim=args.text_dim, text_length=args.text_length)
     header = f"{'stage':<10}{'size':>6}{'params (M)':>12}{'GFLOP/fwd':>12}{'GFLOP/step':>12}"
     _out(header)
     for r in rows:
@@ -116,25 +134,30 @@ def cmd_summary(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from imagen_ops.pipeline import train_settings
+    from imagen_ops.registry.loading import resolve_stage_dir
     from imagen_ops.train.trainer import Trainer, TrainPaths
 
     params = _params(args)
-    name = args.stage
+    name, p = args.stage, params.paths
+    if name not in params.stages:
+        raise KeyError(f"no stage {name!r} in params (stages: {params.stage_names()})")
+    settings = train_settings(params, name)
     paths = TrainPaths(
-        prepared=Path(args.prepared),
-        cache=Path(args.cache),
-        out=Path(args.out or f"artifacts/models/{name}"),
-        checkpoints=Path(args.checkpoints or f"artifacts/checkpoints/{name}"),
-        metrics=Path(args.metrics or f"reports/train_{name}.csv"),
+        prepared=_path(args.prepared, p.prepared),
+        cache=_path(args.cache, p.text_cache),
+        out=_path(args.out, p.model(name)),
+        checkpoints=_path(args.checkpoints, p.checkpoint_dir(name)),
+        metrics=_path(args.metrics, p.train_metrics(name)),
     )
-    init_from = _resolve_init(args.init_from, name) if args.init_from else None
+    init_from = resolve_stage_dir(args.init_from, name, params.registry) if args.init_from else None
     tracker = None
     if params.registry.track_training and not args.no_track and _rank() == 0:
         from imagen_ops.registry.tracking import training_tracker
 
         tracker = training_tracker(params.registry, name)
     trainer = Trainer(
-        params, name, paths, init_from=init_from, tracker=tracker, progress=not args.quiet
+        settings, paths, init_from=init_from, tracker=tracker, progress=not args.quiet
     )
     status = "FAILED"
     try:
@@ -152,27 +175,14 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def _resolve_init(source: str, stage: str) -> Path:
-    """A stage directory, a cascade directory holding the stage, or a models:/ URI."""
-    if source.startswith(("models:/", "runs:/")):
-        from imagen_ops.registry.pyfunc import download_cascade
-
-        source = str(download_cascade(source))
-    path = Path(source)
-    if (path / stage / "config.json").is_file():
-        return path / stage
-    if (path / "config.json").is_file():
-        return path
-    raise FileNotFoundError(f"--init-from {source}: no stage {stage!r} there (no config.json)")
-
-
 def cmd_sample(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
     from PIL import Image
 
+    from imagen_ops.device import resolve_device
     from imagen_ops.images import make_grid, to_uint8
-    from imagen_ops.registry.pyfunc import load_cascade
+    from imagen_ops.registry.loading import load_cascade
 
     params = _params(args)
     overrides = {
@@ -181,7 +191,13 @@ def cmd_sample(args: argparse.Namespace) -> None:
         if v is not None
     }
     settings = params.sample.model_copy(update=overrides)
-    cascade = load_cascade(args.model, params)
+    cascade = load_cascade(
+        args.model or params.paths.models,
+        params.stage_names(),
+        params.text,
+        params.registry,
+        resolve_device("auto"),
+    )
     prompts = [p for p in args.prompts for _ in range(args.num_images)]
     seeds = [args.seed + k for k in range(len(prompts))]
     with torch.inference_mode():
@@ -251,30 +267,74 @@ def _merge_in_place(document: Any, patch: dict[str, Any]) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from imagen_ops.eval.evaluate import EvalPaths, evaluate
+    from imagen_ops.cascade import Cascade
+    from imagen_ops.device import resolve_device
+    from imagen_ops.eval.evaluate import EvalPaths, cascade_sampler, evaluate, held_out
 
     params = _params(args)
-    paths = EvalPaths(
-        Path(args.prepared),
-        Path(args.cache),
-        Path(args.models),
-        Path(args.out),
-        Path(args.metrics),
-        Path(args.sweep),
-        Path(args.feature_cache),
+    p, view = params.paths, view_for(params, "evaluate")
+    cfg, text = view["eval"], view["text"]
+    prompts = held_out(
+        _path(args.prepared, p.prepared), _path(args.cache, p.text_cache), text, cfg.num_samples
     )
-    result = evaluate(params, paths, device=args.device, progress=not args.quiet)
+    cascade = Cascade.from_dir(
+        _path(args.models, p.models), view.stage_names, text, resolve_device(args.device)
+    )
+    paths = EvalPaths(
+        out=_path(args.out, p.eval),
+        metrics=_path(args.metrics, p.metrics),
+        sweep=_path(args.sweep, p.guidance_sweep),
+        feature_cache=_path(args.feature_cache, p.fid_cache),
+    )
+    result = evaluate(
+        cfg,
+        view["sample"],
+        cascade_sampler(cascade, progress=not args.quiet),
+        prompts,
+        paths,
+        stage_count=len(cascade.stages),
+        device=args.device,
+    )
     _out(json.dumps(result, indent=2))
 
 
 def cmd_register(args: argparse.Namespace) -> None:
+    from imagen_ops.registry.pyfunc import ModelSpec
     from imagen_ops.registry.register import RegisterPaths, register
 
     params = _params(args)
+    p, root = params.paths, Path(args.root)
     paths = RegisterPaths(
-        Path(args.root), Path(args.models), Path(args.metrics), Path(args.eval_dir)
+        root,
+        root / _path(args.models, p.models),
+        root / _path(args.metrics, p.metrics),
+        root / _path(args.eval_dir, p.eval),
     )
-    _out(json.dumps(register(params, paths, run_id=args.run_id), indent=2))
+    result = register(
+        params.registry,
+        ModelSpec.from_params(params),
+        paths,
+        run_params=params.model_dump(mode="json"),
+        run_id=args.run_id,
+    )
+    _out(json.dumps(result, indent=2))
+
+
+def cmd_pipeline_write(args: argparse.Namespace) -> None:
+    from imagen_ops.files import write_text_atomic
+    from imagen_ops.pipeline import render_dvc_yaml
+
+    text = render_dvc_yaml(_params(args))
+    out = Path(args.out)
+    if args.check:
+        if not out.is_file() or out.read_text() != text:
+            raise RuntimeError(
+                f"{out} is not what params.yaml generates; run `imagen-ops pipeline write`"
+            )
+        _out(f"{out} is up to date")
+        return
+    write_text_atomic(out, text)
+    _out(f"wrote {out}")
 
 
 def cmd_promote(args: argparse.Namespace) -> None:
@@ -313,19 +373,22 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
         return p
 
+    def path(p: argparse.ArgumentParser, flag: str, key: str, what: str) -> None:
+        p.add_argument(flag, metavar="PATH", help=f"{what} (default: params.yaml {key})")
+
     data = sub.add_parser("data", help="create or import the raw data set (data/)")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     p = add("synth", cmd_synth, "render the synthetic shapes data into data/", data_sub)
     p.add_argument("--n", type=int, help="number of scenes (data.synth.n)")
     p.add_argument("--seed", type=int, help="generator seed (data.synth.seed)")
-    p.add_argument("--out", default="data")
+    path(p, "--out", "paths.data", "the data set")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--report", default="reports/ingest.json")
+    path(p, "--report", "paths.reports/ingest.json", "the ingest report")
     p = add("ingest", cmd_ingest, "validate and import images with captions into data/", data_sub)
     p.add_argument("source", help="image folder, .jsonl/.csv manifest, .tar shard(s) or .parquet")
-    p.add_argument("--out", default="data")
-    p.add_argument("--format", choices=["auto", "folder", "jsonl", "csv", "webdataset", "parquet"])
-    p.add_argument("--report", default="reports/ingest.json")
+    path(p, "--out", "paths.data", "the data set")
+    p.add_argument("--format", choices=get_args(IngestConfig.model_fields["format"].annotation))
+    path(p, "--report", "paths.reports/ingest.json", "the ingest report")
 
     params_p = sub.add_parser("params", help="manage params.yaml")
     params_sub = params_p.add_subparsers(dest="params_command", required=True)
@@ -338,12 +401,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="partial params file, e.g. configs/quality.yaml")
     p.add_argument("--out", help="where to write (default: the --params file itself)")
 
+    pipeline = sub.add_parser("pipeline", help="the DVC stage graph generated from params.yaml")
+    pipeline_sub = pipeline.add_subparsers(dest="pipeline_command", required=True)
+    p = add("write", cmd_pipeline_write, "write dvc.yaml from params.yaml", pipeline_sub)
+    p.add_argument("--out", default="dvc.yaml", help="where to write (default: dvc.yaml)")
+    p.add_argument("--check", action="store_true", help="fail if the file is not current")
+
     p = add("prepare", cmd_prepare, "pack data/ into per-resolution arrays (DVC stage prepare)")
-    p.add_argument("--data", default="data")
-    p.add_argument("--out", default="artifacts/prepared")
+    path(p, "--data", "paths.data", "the data set")
+    path(p, "--out", "paths.prepared", "the packed arrays")
     p = add("encode-text", cmd_encode_text, "embed every caption once (DVC stage encode_text)")
-    p.add_argument("--prepared", default="artifacts/prepared")
-    p.add_argument("--out", default="artifacts/text_cache")
+    path(p, "--prepared", "paths.prepared", "the packed arrays")
+    path(p, "--out", "paths.text_cache", "the embedding cache")
 
     model = sub.add_parser("model", help="inspect the cascade's networks")
     model_sub = model.add_subparsers(dest="model_command", required=True)
@@ -351,46 +420,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-dim", type=int, default=384, help="text embedding width")
     p.add_argument("--text-length", type=int, default=16, help="text tokens for FLOPs")
 
-    p = add("train", cmd_train, "train one cascade stage (DVC stage train@NAME)")
+    p = add("train", cmd_train, "train one cascade stage (DVC stage train_NAME)")
     p.add_argument("--stage", required=True)
-    p.add_argument("--prepared", default="artifacts/prepared")
-    p.add_argument("--cache", default="artifacts/text_cache")
-    p.add_argument("--out", help="default: artifacts/models/STAGE")
-    p.add_argument("--checkpoints", help="default: artifacts/checkpoints/STAGE")
-    p.add_argument("--metrics", help="default: reports/train_STAGE.csv")
+    path(p, "--prepared", "paths.prepared", "the packed arrays")
+    path(p, "--cache", "paths.text_cache", "the embedding cache")
+    path(p, "--out", "paths.models/STAGE", "the trained stage")
+    path(p, "--checkpoints", "paths.checkpoints/STAGE", "resumable checkpoints")
+    path(p, "--metrics", "paths.reports/train_STAGE.csv", "the training curve")
     p.add_argument("--init-from", help="stage or cascade directory, or models:/NAME@ALIAS")
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
 
     p = add("sample", cmd_sample, "generate images for prompts")
     p.add_argument("prompts", nargs="+")
     p.add_argument(
-        "--model",
-        default="artifacts/models",
-        help="cascade directory or models:/NAME@ALIAS (default: artifacts/models)",
+        "--model", help="cascade directory or models:/NAME@ALIAS (default: paths.models)"
     )
     p.add_argument("--out", default="samples/sample.png")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sampler", choices=get_args(SampleConfig.model_fields["sampler"].annotation))
+    p.add_argument("--sampler", choices=list(SAMPLERS))
     p.add_argument("--steps", type=int)
     p.add_argument("--guidance", type=float)
     p.add_argument("--grid", action="store_true", help="one labelled grid instead of files")
 
     p = add("evaluate", cmd_evaluate, "sample held-out prompts, FID/KID/CLIP/alignment, sweep")
-    p.add_argument("--prepared", default="artifacts/prepared")
-    p.add_argument("--cache", default="artifacts/text_cache")
-    p.add_argument("--models", default="artifacts/models")
-    p.add_argument("--out", default="artifacts/eval")
-    p.add_argument("--metrics", default="reports/metrics.json")
-    p.add_argument("--sweep", default="reports/guidance_sweep.csv")
-    p.add_argument("--feature-cache", default="artifacts/fid_cache")
+    path(p, "--prepared", "paths.prepared", "the packed arrays")
+    path(p, "--cache", "paths.text_cache", "the embedding cache")
+    path(p, "--models", "paths.models", "the trained stages")
+    path(p, "--out", "paths.eval", "samples, grid and report")
+    path(p, "--metrics", "paths.reports/metrics.json", "the metrics file")
+    path(p, "--sweep", "paths.reports/guidance_sweep.csv", "the guidance sweep")
+    path(p, "--feature-cache", "paths.fid_cache", "real-image Inception features")
     p.add_argument("--device", default="auto")
 
     p = add("register", cmd_register, "log the run and model to MLflow; gate the champion")
     p.add_argument("--root", default=".", help="project root (git + DVC)")
-    p.add_argument("--models", default="artifacts/models")
-    p.add_argument("--metrics", default="reports/metrics.json")
-    p.add_argument("--eval-dir", default="artifacts/eval")
+    path(p, "--models", "paths.models", "the trained stages")
+    path(p, "--metrics", "paths.reports/metrics.json", "the metrics file")
+    path(p, "--eval-dir", "paths.eval", "grid and report")
     p.add_argument("--run-id", help="log into this MLflow run (the retraining flow's)")
 
     p = add("promote", cmd_promote, "move alias champion to a version if it passes the gate")

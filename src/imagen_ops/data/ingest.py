@@ -101,7 +101,7 @@ class RawRecord:
 
     key: str  # where it came from (file path, tar member, row number), for reports
     data: bytes | None  # encoded image bytes as found (None: image missing)
-    caption: str | bytes | None  # bytes must decode as UTF-8
+    caption: Any  # as found: check_caption accepts text or UTF-8 bytes, rejects the rest
     source: str  # label stored in the table (the source file, or "synth")
     scene: dict[str, Any] | None = None  # synthetic scene spec (JSON-serialisable)
     reject: str | None = None  # a reason the source already knows (e.g. "unsafe_path")
@@ -151,8 +151,9 @@ class IngestReport:
 # ----------------------------------------------------------------------------- checks
 
 
-def check_caption(caption: str | bytes | None, max_chars: int) -> str:
-    """The stripped caption, or `Rejected` (missing / empty / invalid)."""
+def check_caption(caption: Any, max_chars: int) -> str:
+    """The stripped caption, or `Rejected` (missing / empty / invalid): the one caption
+    check, for every source (sources pass captions through as they find them)."""
     if caption is None:
         raise Rejected("missing_caption", "no caption")
     if isinstance(caption, bytes):

@@ -156,15 +156,6 @@ def _missing_columns(path: Path, present: list[str], cfg: IngestConfig) -> None:
 def _manifest_record(manifest: Path, key: str, image: Any, caption: Any) -> RawRecord:
     """One manifest row: the image path is relative to the manifest's folder or absolute."""
     source = str(manifest)
-    if not isinstance(caption, str | None):
-        return RawRecord(
-            key,
-            None,
-            None,
-            source,
-            reject="invalid_caption",
-            reject_detail=f"caption is a {type(caption).__name__}, not text",
-        )
     if not isinstance(image, str) or not image:
         return RawRecord(key, None, caption, source, reject_detail=f"no image path ({image!r})")
     path = Path(image) if Path(image).is_absolute() else manifest.parent / image
@@ -325,8 +316,6 @@ def _sample(
             if meta.get(name) is not None:
                 caption = meta[name]
                 break
-    if not isinstance(caption, str | None):
-        return invalid(f"{key}.json caption is a {type(caption).__name__}")
     return RawRecord(where, image, caption, str(shard), reject_detail=detail)
 
 
@@ -368,15 +357,5 @@ def _parquet_records(file: Path, cfg: IngestConfig) -> Iterator[RawRecord]:
         for image, caption in zip(images, captions, strict=True):
             key = f"{file}:{row}"
             row += 1
-            if not isinstance(caption, str | bytes | None):
-                yield RawRecord(
-                    key,
-                    None,
-                    None,
-                    str(file),
-                    reject="invalid_caption",
-                    reject_detail=f"caption is a {type(caption).__name__}",
-                )
-                continue
             data, detail = _parquet_image(file, image)
             yield RawRecord(key, data, caption, str(file), reject_detail=detail)

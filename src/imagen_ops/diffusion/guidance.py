@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Literal
 
 import torch
 from torch import Tensor
 
+from imagen_ops.choices import Choices
+
 __all__ = [
+    "THRESHOLDING",
     "CondDenoiser",
     "Conditioning",
     "Denoiser",
@@ -86,14 +88,19 @@ def dynamic_threshold(x0: Tensor, quantile: float = 0.995) -> Tensor:
     return torch.maximum(torch.minimum(x0, s), -s) / s
 
 
-def thresholded(
-    denoise: Denoiser, mode: Literal["none", "static", "dynamic"], quantile: float = 0.995
-) -> Denoiser:
+THRESHOLDING: Choices[Callable[[Denoiser, float], Denoiser]] = Choices(
+    "thresholding",
+    {
+        "none": lambda denoise, quantile: denoise,
+        "static": lambda denoise, quantile: lambda x, t: denoise(x, t).clamp(-1.0, 1.0),
+        "dynamic": lambda denoise, quantile: (
+            lambda x, t: dynamic_threshold(denoise(x, t), quantile)
+        ),
+    },
+)
+"""Thresholding name -> (denoiser, quantile) -> the denoiser with its x0 thresholded."""
+
+
+def thresholded(denoise: Denoiser, mode: str, quantile: float = 0.995) -> Denoiser:
     """Apply none, static ([-1, 1] clipping) or dynamic thresholding to every x0 prediction."""
-    if mode == "none":
-        return denoise
-    if mode == "static":
-        return lambda x, t: denoise(x, t).clamp(-1.0, 1.0)
-    if mode == "dynamic":
-        return lambda x, t: dynamic_threshold(denoise(x, t), quantile)
-    raise ValueError(f"unknown thresholding {mode!r}; choose none, static or dynamic")
+    return THRESHOLDING[mode](denoise, quantile)

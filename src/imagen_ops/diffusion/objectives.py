@@ -16,25 +16,52 @@ the x0 error by min(snr, gamma).
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["Objective", "loss_weight", "target", "to_eps", "to_x0"]
+from imagen_ops.choices import Choices
 
-Objective = Literal["eps", "x0", "v"]
+__all__ = ["LOSS_WEIGHTINGS", "OBJECTIVES", "Objective", "loss_weight", "target", "to_eps", "to_x0"]
 
 
-def to_x0(out: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor, objective: Objective) -> Tensor:
+@dataclass(frozen=True)
+class Objective:
+    """What a network predicts: how its output maps to x0, what it is trained towards, and
+    the weight on the x0 error that an unweighted loss on it implies."""
+
+    to_x0: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]  # (out, x_t, alpha, sigma)
+    target: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]  # (x0, eps, alpha, sigma)
+    x0_weight: Callable[[Tensor], Tensor]  # snr -> weight
+
+
+OBJECTIVES: Choices[Objective] = Choices(
+    "objective",
+    {
+        "v": Objective(
+            to_x0=lambda out, x_t, alpha, sigma: alpha * x_t - sigma * out,
+            target=lambda x0, eps, alpha, sigma: alpha * eps - sigma * x0,
+            x0_weight=lambda snr: snr + 1,
+        ),
+        "eps": Objective(
+            to_x0=lambda out, x_t, alpha, sigma: (x_t - sigma * out) / alpha,
+            target=lambda x0, eps, alpha, sigma: eps,
+            x0_weight=lambda snr: snr,
+        ),
+        "x0": Objective(
+            to_x0=lambda out, x_t, alpha, sigma: out,
+            target=lambda x0, eps, alpha, sigma: x0,
+            x0_weight=torch.ones_like,
+        ),
+    },
+)
+
+
+def to_x0(out: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor, objective: str) -> Tensor:
     """Network output -> prediction of the clean image."""
-    if objective == "v":
-        return alpha * x_t - sigma * out
-    if objective == "eps":
-        return (x_t - sigma * out) / alpha
-    if objective == "x0":
-        return out
-    raise ValueError(f"unknown objective {objective!r}; choose eps, x0 or v")
+    return OBJECTIVES[objective].to_x0(out, x_t, alpha, sigma)
 
 
 def to_eps(x0: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
@@ -42,27 +69,22 @@ def to_eps(x0: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
     return (x_t - alpha * x0) / sigma
 
 
-def target(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, objective: Objective) -> Tensor:
+def target(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, objective: str) -> Tensor:
     """What the network should output for (x0, eps) at this noise level."""
-    if objective == "v":
-        return alpha * eps - sigma * x0
-    if objective == "eps":
-        return eps
-    if objective == "x0":
-        return x0
-    raise ValueError(f"unknown objective {objective!r}; choose eps, x0 or v")
+    return OBJECTIVES[objective].target(x0, eps, alpha, sigma)
 
 
-def _native_x0_weight(snr: Tensor, objective: Objective) -> Tensor:
-    """The x0-space weight an unweighted loss on `objective` implies."""
-    return {"eps": snr, "x0": torch.ones_like(snr), "v": snr + 1}[objective]
+LOSS_WEIGHTINGS: Choices[Callable[[Tensor, float, Objective], Tensor]] = Choices(
+    "loss weighting",
+    {
+        "none": lambda snr, gamma, objective: torch.ones_like(snr),
+        "min_snr": lambda snr, gamma, objective: snr.clamp(max=gamma) / objective.x0_weight(snr),
+    },
+)
+"""Loss weighting name -> (snr, gamma, objective) -> weight on the objective's squared error:
+"none" leaves the objective's own weighting, "min_snr" makes the x0 weight min(snr, gamma)."""
 
 
-def loss_weight(logsnr: Tensor, objective: Objective, weighting: str, gamma: float = 5.0) -> Tensor:
+def loss_weight(logsnr: Tensor, objective: str, weighting: str, gamma: float = 5.0) -> Tensor:
     """Weight on the objective's squared error so the implied x0 weight is the chosen one."""
-    if weighting == "none":
-        return torch.ones_like(logsnr)
-    if weighting == "min_snr":
-        snr = logsnr.exp()
-        return snr.clamp(max=gamma) / _native_x0_weight(snr, objective)
-    raise ValueError(f"unknown loss weighting {weighting!r}; choose none or min_snr")
+    return LOSS_WEIGHTINGS[weighting](logsnr.exp(), gamma, OBJECTIVES[objective])

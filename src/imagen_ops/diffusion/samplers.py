@@ -20,11 +20,12 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from imagen_ops.choices import Choices
 from imagen_ops.diffusion.guidance import Denoiser
-from imagen_ops.diffusion.schedules import Schedule
+from imagen_ops.diffusion.schedules import Schedule, alpha_sigma
 
 __all__ = [
-    "SAMPLER_NAMES",
+    "SAMPLERS",
     "NoiseSource",
     "sample",
     "sample_ancestral",
@@ -51,8 +52,9 @@ class NoiseSource:
 
 def _coeffs(schedule: Schedule, t: float) -> tuple[float, float, float]:
     """(alpha, sigma, lambda) at time t, in float64."""
-    logsnr = float(schedule(torch.tensor(t, dtype=torch.float64)))
-    return math.sqrt(1 / (1 + math.exp(-logsnr))), math.sqrt(1 / (1 + math.exp(logsnr))), logsnr / 2
+    logsnr = schedule(torch.tensor(t, dtype=torch.float64))
+    alpha, sigma = alpha_sigma(logsnr)
+    return float(alpha), float(sigma), float(logsnr) / 2
 
 
 def _t(x: Tensor, t: float) -> Tensor:
@@ -152,7 +154,17 @@ def sample_dpmpp_2m(
     return x
 
 
-SAMPLER_NAMES = ("ancestral", "ddim", "dpmpp_2m", "dpmpp_2m_sde")
+SAMPLERS: Choices[tuple[Callable[..., Tensor], float | None]] = Choices(
+    "sampler",
+    {
+        "ancestral": (sample_ddim, 1.0),
+        "ddim": (sample_ddim, None),
+        "dpmpp_2m": (sample_dpmpp_2m, 0.0),
+        "dpmpp_2m_sde": (sample_dpmpp_2m, 1.0),
+    },
+)
+"""Sampler name -> (solver, eta): a number fixes the solver's stochasticity, None takes the
+caller's `eta` (DDIM's). Ancestral sampling is DDIM at eta = 1; "2M SDE" is 2M at eta = 1."""
 
 
 def sample(
@@ -166,13 +178,7 @@ def sample(
     eta: float = 0.0,
     callback: Callback | None = None,
 ) -> Tensor:
-    """Run the sampler called `name` with the options it takes."""
-    if name == "ancestral":
-        return sample_ancestral(denoise, x, ts, schedule, noise=noise, callback=callback)
-    if name == "ddim":
-        return sample_ddim(denoise, x, ts, schedule, eta=eta, noise=noise, callback=callback)
-    if name == "dpmpp_2m":
-        return sample_dpmpp_2m(denoise, x, ts, schedule, callback=callback)
-    if name == "dpmpp_2m_sde":
-        return sample_dpmpp_2m(denoise, x, ts, schedule, eta=1.0, noise=noise, callback=callback)
-    raise ValueError(f"unknown sampler {name!r}; choose one of {SAMPLER_NAMES}")
+    """Run the sampler called `name` (a key of SAMPLERS)."""
+    solver, fixed_eta = SAMPLERS[name]
+    eta = eta if fixed_eta is None else fixed_eta
+    return solver(denoise, x, ts, schedule, eta=eta, noise=noise, callback=callback)

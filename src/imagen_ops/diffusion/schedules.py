@@ -14,13 +14,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from imagen_ops.config import DiffusionConfig
+from imagen_ops.choices import Choices
+
+if TYPE_CHECKING:
+    from imagen_ops.config import DiffusionConfig
 
 __all__ = [
+    "SCHEDULES",
+    "SPACINGS",
     "Schedule",
     "alpha_sigma",
     "cosine_schedule",
@@ -34,9 +40,16 @@ Schedule = Callable[[Tensor], Tensor]
 """t in [0, 1] -> log-SNR, elementwise."""
 
 
-def alpha_sigma(logsnr: Tensor) -> tuple[Tensor, Tensor]:
-    """Signal and noise scales of a log-SNR (alpha^2 + sigma^2 = 1 by construction)."""
-    return torch.sigmoid(logsnr).sqrt(), torch.sigmoid(-logsnr).sqrt()
+def alpha_sigma(logsnr: Tensor, like: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Signal and noise scales of a log-SNR (alpha^2 + sigma^2 = 1 by construction).
+
+    With `like` (a batch of images), per-example scales are shaped (B, 1, ..., 1) to
+    broadcast against it."""
+    alpha, sigma = torch.sigmoid(logsnr).sqrt(), torch.sigmoid(-logsnr).sqrt()
+    if like is not None:
+        shape = (-1,) + (1,) * (like.ndim - 1)
+        alpha, sigma = alpha.view(shape), sigma.view(shape)
+    return alpha, sigma
 
 
 def cosine_schedule(
@@ -93,16 +106,24 @@ def resolution_shift(resolution: int, reference: int) -> float:
     return 2.0 * math.log(reference / resolution)
 
 
+SCHEDULES: Choices[Callable[[DiffusionConfig, int], Schedule]] = Choices(
+    "schedule",
+    {
+        "cosine": lambda cfg, size: cosine_schedule(cfg.logsnr_min, cfg.logsnr_max),
+        "shifted_cosine": lambda cfg, size: cosine_schedule(
+            cfg.logsnr_min, cfg.logsnr_max, resolution_shift(size, cfg.shift_reference)
+        ),
+        "linear": lambda cfg, size: linear_schedule(
+            logsnr_min=cfg.logsnr_min, logsnr_max=cfg.logsnr_max
+        ),
+    },
+)
+"""Schedule name -> builder from a stage's diffusion settings and its resolution."""
+
+
 def make_schedule(cfg: DiffusionConfig, resolution: int) -> Schedule:
     """The schedule a stage trains and samples with."""
-    if cfg.schedule == "linear":
-        return linear_schedule(logsnr_min=cfg.logsnr_min, logsnr_max=cfg.logsnr_max)
-    shift = (
-        resolution_shift(resolution, cfg.shift_reference)
-        if cfg.schedule == "shifted_cosine"
-        else 0.0
-    )
-    return cosine_schedule(cfg.logsnr_min, cfg.logsnr_max, shift)
+    return SCHEDULES[cfg.schedule](cfg, resolution)
 
 
 def _time_of_logsnr(schedule: Schedule, target: Tensor, iters: int = 64) -> Tensor:
@@ -115,22 +136,26 @@ def _time_of_logsnr(schedule: Schedule, target: Tensor, iters: int = 64) -> Tens
     return 0.5 * (lo + hi)
 
 
-def time_grid(steps: int, schedule: Schedule, spacing: str = "time") -> list[float]:
-    """`steps + 1` descending times from 1 to 0 for a sampler taking `steps` steps.
+def _uniform_time(steps: int, schedule: Schedule) -> Tensor:
+    return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
 
-    spacing "time": uniform in t; "logsnr": uniform in log-SNR between the endpoints (the
-    DPM-Solver authors' choice for low-resolution pixel models).
-    """
+
+def _uniform_logsnr(steps: int, schedule: Schedule) -> Tensor:
+    ends = schedule(torch.tensor([1.0, 0.0], dtype=torch.float64))
+    ts = _time_of_logsnr(schedule, torch.linspace(ends[0], ends[1], steps + 1, dtype=torch.float64))
+    ts[0], ts[-1] = 1.0, 0.0
+    return ts
+
+
+SPACINGS: Choices[Callable[[int, Schedule], Tensor]] = Choices(
+    "spacing", {"time": _uniform_time, "logsnr": _uniform_logsnr}
+)
+"""Time-grid spacing: "time" is uniform in t; "logsnr" uniform in log-SNR between the
+endpoints (the DPM-Solver authors' choice for low-resolution pixel models)."""
+
+
+def time_grid(steps: int, schedule: Schedule, spacing: str = "time") -> list[float]:
+    """`steps + 1` descending times from 1 to 0 for a sampler taking `steps` steps."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    if spacing == "time":
-        ts = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    elif spacing == "logsnr":
-        ends = schedule(torch.tensor([1.0, 0.0], dtype=torch.float64))
-        ts = _time_of_logsnr(
-            schedule, torch.linspace(ends[0], ends[1], steps + 1, dtype=torch.float64)
-        )
-        ts[0], ts[-1] = 1.0, 0.0
-    else:
-        raise ValueError(f"unknown spacing {spacing!r}; choose 'time' or 'logsnr'")
-    return ts.tolist()
+    return SPACINGS[spacing](steps, schedule).tolist()

@@ -17,7 +17,7 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,17 +28,27 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from imagen_ops.cascade import Cascade
-from imagen_ops.config import EvalConfig, Params, SampleConfig, per_stage
+from imagen_ops.config import EvalConfig, SampleConfig, TextConfig, per_stage
 from imagen_ops.data.prepare import PreparedData
+from imagen_ops.device import resolve_device
 from imagen_ops.eval.alignment import alignment_report
 from imagen_ops.eval.fid import InceptionFeatures, cached_features, fid_kid
 from imagen_ops.eval.report import write_report
 from imagen_ops.files import atomic_dir, write_json_atomic, write_text_atomic
 from imagen_ops.images import make_grid, to_uint8
 from imagen_ops.text.cache import EmbeddingCache
-from imagen_ops.text.encoders import TextEmbeddings, resolve_device
+from imagen_ops.text.encoders import TextEmbeddings
 
-__all__ = ["EvalPaths", "evaluate", "sample_images", "score_images"]
+__all__ = [
+    "EvalPaths",
+    "HeldOut",
+    "SampleFn",
+    "cascade_sampler",
+    "evaluate",
+    "held_out",
+    "sample_images",
+    "score_images",
+]
 
 log = logging.getLogger(__name__)
 METRICS_VERSION = 1
@@ -46,13 +56,53 @@ METRICS_VERSION = 1
 
 @dataclass(frozen=True)
 class EvalPaths:
-    prepared: Path
-    cache: Path
-    models: Path  # folder of stage directories (artifacts/models)
     out: Path  # artifacts/eval: images, grid, chart, report.html
     metrics: Path  # reports/metrics.json
     sweep: Path  # reports/guidance_sweep.csv
     feature_cache: Path  # real-image Inception features, keyed by data version
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """The held-out prompts evaluation samples for, with what scoring them needs."""
+
+    records: np.ndarray  # indices into the prepared table
+    captions: list[str]
+    scenes: list[str | None]  # JSON scene specs (synthetic data), else None
+    text: TextEmbeddings  # cached encoder embeddings of the captions
+    prepared: PreparedData  # their real images, and the data version
+
+    def real_images(self, resolution: int) -> np.ndarray:
+        return self.prepared.images(resolution)[self.records]
+
+
+SampleFn = Callable[[TextEmbeddings, SampleConfig, Sequence[int]], tuple[np.ndarray, dict]]
+"""(embeddings, settings, seeds) -> (uint8 images, seconds per image in each stage)."""
+
+
+def held_out(prepared_dir: Path, cache_dir: Path, text: TextConfig, num: int) -> HeldOut:
+    """The first `num` validation records, with their cached embeddings."""
+    prepared = PreparedData.open(prepared_dir)
+    table = prepared.table
+    cache = EmbeddingCache.open(cache_dir, text, table["caption"].tolist())
+    val = prepared.indices("val")
+    if len(val) == 0:
+        raise ValueError("the validation split is empty; raise data.prepare.val_fraction")
+    records = val[:num]
+    if len(records) < num:
+        log.warning("only %d validation prompts (eval.num_samples=%d)", len(records), num)
+    return HeldOut(
+        records,
+        table["caption"].iloc[records].tolist(),
+        [s if isinstance(s, str) else None for s in table["scene"].iloc[records]],
+        cache.lookup(records),
+        prepared,
+    )
+
+
+def cascade_sampler(cascade: Cascade, progress: bool = True) -> SampleFn:
+    """The SampleFn of a cascade (batched by `settings.batch_size`)."""
+    return lambda text, settings, seeds: sample_images(cascade, text, settings, seeds, progress)
 
 
 def sample_images(
@@ -119,45 +169,42 @@ def score_images(
 
 
 def evaluate(
-    params: Params, paths: EvalPaths, *, device: str = "auto", progress: bool = True
+    cfg: EvalConfig,
+    settings: SampleConfig,
+    sample_fn: SampleFn,
+    prompts: HeldOut,
+    paths: EvalPaths,
+    *,
+    stage_count: int,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Run the evaluate stage; returns the metrics written to `paths.metrics`."""
-    cfg, dev = params.eval, resolve_device(device)
-    prepared = PreparedData.open(paths.prepared)
-    table = prepared.table
-    cache = EmbeddingCache.open(paths.cache, params.text, table["caption"].tolist())
-    val = prepared.indices("val")
-    if len(val) == 0:
-        raise ValueError("the validation split is empty; raise data.prepare.val_fraction")
-    records = val[: cfg.num_samples]
-    if len(records) < cfg.num_samples:
-        log.warning(
-            "only %d validation prompts (eval.num_samples=%d)", len(records), cfg.num_samples
-        )
-    captions = table["caption"].iloc[records].tolist()
-    scenes = [s if isinstance(s, str) else None for s in table["scene"].iloc[records]]
-    cascade = Cascade.from_dir(paths.models, params.stage_names(), params.text, dev)
-    text, seeds = cache.lookup(records), [params.sample.seed + k for k in range(len(records))]
-
-    images, seconds = sample_images(cascade, text, params.sample, seeds, progress)
+    dev = resolve_device(device)
+    n = len(prompts.records)
+    seeds = [settings.seed + k for k in range(n)]
+    images, seconds = sample_fn(prompts.text, settings, seeds)
     resolution = images.shape[1]
     extractor = InceptionFeatures(device=dev, batch_size=cfg.fid_batch_size) if cfg.fid else None
     real = None
     if extractor is not None:
-        key = json.dumps([prepared.manifest["source_table_sha256"], resolution, records.tolist()])
+        data_version = prompts.prepared.manifest["source_table_sha256"]
+        key = json.dumps([data_version, resolution, prompts.records.tolist()])
         real = cached_features(
-            paths.feature_cache, key, lambda: prepared.images(resolution)[records], extractor
+            paths.feature_cache, key, lambda: prompts.real_images(resolution), extractor
         )
+    captions, scenes = prompts.captions, prompts.scenes
     metrics = score_images(
         images, captions, scenes, real, extractor, cfg, with_fid=True, device=dev
     )
 
     sweep = []
-    count = len(params.stages)
-    n_sweep = min(cfg.sweep_samples, len(records))
+    n_sweep = min(cfg.sweep_samples, n)
     for weight in cfg.guidance_sweep:
-        settings = params.sample.with_base_guidance(weight, count)
-        swept, _ = sample_images(cascade, text[:n_sweep], settings, seeds[:n_sweep], progress)
+        swept, _ = sample_fn(
+            prompts.text[:n_sweep],
+            settings.with_base_guidance(weight, stage_count),
+            seeds[:n_sweep],
+        )
         point = score_images(
             swept,
             captions[:n_sweep],
@@ -176,10 +223,10 @@ def evaluate(
         **metrics,
         "sampling": {
             "seconds_per_image": seconds,
-            "sampler": params.sample.sampler,
-            "steps": per_stage(params.sample.steps, count),
-            "guidance": per_stage(params.sample.guidance, count),
-            "thresholding": params.sample.thresholding,
+            "sampler": settings.sampler,
+            "steps": per_stage(settings.steps, stage_count),
+            "guidance": per_stage(settings.guidance, stage_count),
+            "thresholding": settings.thresholding,
             "device": str(dev),
         },
     }

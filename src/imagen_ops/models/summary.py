@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from imagen_ops.config import Params
+from imagen_ops.config import StageConfig
 from imagen_ops.models.unet import UNet
 
 __all__ = ["count_flops", "summarize"]
@@ -31,13 +32,14 @@ def count_flops(
     return counter.get_total_flops()
 
 
-def summarize(params: Params, text_dim: int = 384, text_length: int = 16) -> list[dict[str, Any]]:
-    """One row per stage: resolution, parameters, GFLOPs per image forward and train step."""
+def summarize(
+    stages: Mapping[str, StageConfig], text_dim: int = 384, text_length: int = 16
+) -> list[dict[str, Any]]:
+    """One row per stage of a cascade (in order; all but the first are super-resolution):
+    resolution, parameters, GFLOPs per image forward and train step."""
     rows = []
-    for name, stage in params.stages.items():
-        net = UNet(
-            stage.unet, text_dim=text_dim, super_resolution=params.lowres_of(name) is not None
-        )
+    for i, (name, stage) in enumerate(stages.items()):
+        net = UNet(stage.unet, text_dim=text_dim, super_resolution=i > 0)
         size = stage.train.crop or stage.resolution
         rows.append(
             {

@@ -1,4 +1,4 @@
-"""The cascade as an MLflow pyfunc model, and loading cascades from anywhere.
+"""The cascade as an MLflow pyfunc model (loading cascades lives in loading.py).
 
 The logged model carries the cascade (every stage's config.json + EMA weights, and
 cascade.json naming the stage order and the text encoder) as an artifact and this package
@@ -14,59 +14,50 @@ import base64
 import io
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from imagen_ops.cascade import Cascade
-from imagen_ops.config import Params, RegistryConfig, SampleConfig
-from imagen_ops.text.encoders import resolve_device
+from imagen_ops.config import Params, SampleConfig, TextConfig
+from imagen_ops.device import resolve_device
+from imagen_ops.registry.loading import ARTIFACT
 
-__all__ = ["ImagenModel", "download_cascade", "load_cascade", "package_cascade", "validate_request"]
+__all__ = ["ImagenModel", "ModelSpec", "package_cascade", "validate_request"]
 
 log = logging.getLogger(__name__)
 
-ARTIFACT = "cascade"
 MAX_STEPS = 1000
 MAX_GUIDANCE = 30.0
 MAX_PROMPTS = 64
 
 
-def package_cascade(models_dir: Path, params: Params, out: Path) -> Path:
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the packaged model takes from params.yaml: the stage order, the text encoder
+    and the sampling defaults the served model starts from."""
+
+    stage_names: tuple[str, ...]
+    text: TextConfig
+    sample: SampleConfig
+
+    @classmethod
+    def from_params(cls, params: Params) -> ModelSpec:
+        return cls(tuple(params.stage_names()), params.text, params.sample)
+
+
+def package_cascade(models_dir: Path, spec: ModelSpec, out: Path) -> Path:
     """Copy each stage's config and EMA weights into `out` and write cascade.json."""
     out.mkdir(parents=True, exist_ok=True)
-    for name in params.stage_names():
+    for name in spec.stage_names:
         src = models_dir / name
         if not (src / "config.json").is_file():
-            raise FileNotFoundError(f"{src} is not a trained stage (run `dvc repro train@{name}`)")
+            raise FileNotFoundError(f"{src} is not a trained stage (run `dvc repro train_{name}`)")
         (out / name).mkdir(exist_ok=True)
         for fname in ("config.json", "ema.safetensors"):
             shutil.copy2(src / fname, out / name / fname)
-    Cascade.from_dir(out, params.stage_names(), params.text).write_manifest(out)
+    Cascade.from_dir(out, spec.stage_names, spec.text).write_manifest(out)
     return out
-
-
-def download_cascade(uri: str, registry: RegistryConfig | None = None) -> Path:
-    """Local copy of a logged model's cascade (models:/NAME@ALIAS, models:/NAME/3, runs:/...)."""
-    import mlflow
-
-    from imagen_ops.registry.tracking import configure
-
-    configure(registry or RegistryConfig())
-    root = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-    for candidate in (root / "artifacts" / ARTIFACT, root / ARTIFACT):
-        if candidate.is_dir():
-            return candidate
-    raise FileNotFoundError(f"{uri} holds no imagen-ops cascade (no artifacts/{ARTIFACT})")
-
-
-def load_cascade(model: str, params: Params, device: str = "auto") -> Cascade:
-    """A cascade from a models:/ or runs:/ URI, a packaged cascade directory, or a folder of
-    stage directories ordered by params.yaml (artifacts/models)."""
-    if model.startswith(("models:/", "runs:/")):
-        root = download_cascade(model, params.registry)
-    else:
-        root = Path(model)
-    return Cascade.from_dir(root, params.stage_names(), params.text, resolve_device(device))
 
 
 def _bad_request(message: str) -> Exception:

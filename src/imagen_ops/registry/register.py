@@ -14,6 +14,7 @@ import json
 import logging
 import subprocess
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,10 @@ from typing import Any
 import yaml
 
 import imagen_ops
-from imagen_ops.config import Params, RegistryConfig, flatten
+from imagen_ops.config import RegistryConfig, flatten
+from imagen_ops.registry.loading import ARTIFACT
 from imagen_ops.registry.promotion import Decision, decide, primary_metric
-from imagen_ops.registry.pyfunc import ARTIFACT, ImagenModel, package_cascade
+from imagen_ops.registry.pyfunc import ImagenModel, ModelSpec, package_cascade
 from imagen_ops.registry.tracking import configure
 
 __all__ = ["RegisterPaths", "champion_metric", "promote", "register", "signature"]
@@ -108,16 +110,16 @@ def signature():
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
-def log_cascade_model(models: Path, params: Params, registered_model_name: str | None = None):
+def log_cascade_model(models: Path, spec: ModelSpec, registered_model_name: str | None = None):
     """Log the cascade in `models` as a pyfunc model into the active MLflow run: every
     stage (EMA weights + config), the text encoder reference and the sampling defaults."""
     import mlflow
 
     with tempfile.TemporaryDirectory() as tmp:  # MLflow copies the artifacts it logs
-        cascade_dir = package_cascade(models, params, Path(tmp) / ARTIFACT)
+        cascade_dir = package_cascade(models, spec, Path(tmp) / ARTIFACT)
         return mlflow.pyfunc.log_model(
             name="model",
-            python_model=ImagenModel(params.sample.model_dump(mode="json")),
+            python_model=ImagenModel(spec.sample.model_dump(mode="json")),
             artifacts={ARTIFACT: str(cascade_dir)},
             code_paths=[str(Path(imagen_ops.__file__).parent)],
             signature=signature(),
@@ -143,12 +145,19 @@ def champion_metric(cfg: RegistryConfig, metric: str) -> tuple[str | None, float
     return str(version), metrics.get(metric)
 
 
-def register(params: Params, paths: RegisterPaths, run_id: str | None = None) -> dict[str, Any]:
-    """Log the run and its pyfunc model, register a version as challenger, gate champion."""
+def register(
+    cfg: RegistryConfig,
+    spec: ModelSpec,
+    paths: RegisterPaths,
+    *,
+    run_params: Mapping[str, Any],
+    run_id: str | None = None,
+) -> dict[str, Any]:
+    """Log the run (its `run_params`, e.g. all of params.yaml) and its pyfunc model,
+    register a version as challenger, gate the champion."""
     import mlflow
     from mlflow import MlflowClient
 
-    cfg = params.registry
     metrics = json.loads(paths.metrics.read_text())
     metric, value, greater = primary_metric(metrics, cfg.primary_metric)  # fail before logging
     experiment_id = configure(cfg)
@@ -168,7 +177,7 @@ def register(params: Params, paths: RegisterPaths, run_id: str | None = None) ->
         run_name=None if run_id else "retrain",
     ) as run:
         mlflow.set_tags({k: v for k, v in tags.items() if v is not None})
-        items = [(k, str(v)) for k, v in flatten(params.model_dump(mode="json")).items()]
+        items = [(k, str(v)) for k, v in flatten(run_params).items()]
         for i in range(0, len(items), 100):
             mlflow.log_params(dict(items[i : i + 100]))
         mlflow.log_metrics(_flat_numbers(metrics))
@@ -176,7 +185,7 @@ def register(params: Params, paths: RegisterPaths, run_id: str | None = None) ->
             if (paths.eval_dir / name).is_file():
                 mlflow.log_artifact(str(paths.eval_dir / name), artifact_path="eval")
         mlflow.log_artifact(str(paths.metrics), artifact_path="eval")
-        info = log_cascade_model(paths.models, params, registered_model_name=cfg.model_name)
+        info = log_cascade_model(paths.models, spec, registered_model_name=cfg.model_name)
         version = str(info.registered_model_version)
         client.set_registered_model_alias(cfg.model_name, CHALLENGER, version)
         if decision.promote:

@@ -19,20 +19,25 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from imagen_ops.config import TextConfig
+from imagen_ops.choices import Choices
+from imagen_ops.device import resolve_device
 from imagen_ops.files import sha256_file
 
+if TYPE_CHECKING:
+    from imagen_ops.config import TextConfig
+
 __all__ = [
+    "ENCODER_KINDS",
     "PACKAGED_ENCODERS",
     "TextEmbeddings",
     "TextEncoder",
     "TextEncoderUnavailableError",
     "load_text_encoder",
-    "resolve_device",
     "resolve_encoder_dir",
 ]
 
@@ -47,6 +52,14 @@ PACKAGED_ENCODERS = {
     ),
 }
 _HUB_PATTERNS = ["*.json", "*.model", "*.txt", "*.safetensors", "pytorch_model*.bin"]
+
+
+ENCODER_KINDS: Choices[str] = Choices(
+    "text encoder kind",
+    {"t5": "T5EncoderModel", "bert": "AutoModel", "clip": "CLIPTextModel"},
+)
+"""Encoder kind -> the transformers class that loads it (imported on use, not here);
+`text.kind: auto` picks the kind from the checkpoint's model_type."""
 
 
 class TextEncoderUnavailableError(RuntimeError):
@@ -68,13 +81,6 @@ class TextEmbeddings:
 
     def __getitem__(self, idx: slice | Tensor) -> TextEmbeddings:
         return TextEmbeddings(self.tokens[idx], self.mask[idx])
-
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' is CUDA when present, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 # ------------------------------------------------------------------------- resolution
@@ -154,14 +160,14 @@ class TextEncoder:
     """
 
     def __init__(self, cfg: TextConfig, model_dir: Path, weights_id: str):
-        from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, T5EncoderModel
+        import transformers
 
-        model_type = AutoConfig.from_pretrained(model_dir).model_type
+        model_type = transformers.AutoConfig.from_pretrained(model_dir).model_type
         self.kind = cfg.kind if cfg.kind != "auto" else _kind_of(model_type)
-        model_cls = {"t5": T5EncoderModel, "clip": CLIPTextModel, "bert": AutoModel}[self.kind]
+        model_cls = getattr(transformers, ENCODER_KINDS[self.kind])
         self.cfg, self.model_dir = cfg, model_dir
         self.device = resolve_device(cfg.device)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
         self.model = model_cls.from_pretrained(model_dir, dtype=getattr(torch, cfg.dtype))
         self.model.eval().requires_grad_(False).to(self.device)
         self.dim = int(self.model.config.hidden_size)  # T5 maps hidden_size to d_model

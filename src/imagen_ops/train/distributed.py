@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from imagen_ops.text.encoders import resolve_device
+from imagen_ops.device import resolve_device
 
 __all__ = ["DistInfo", "cleanup", "setup"]
 

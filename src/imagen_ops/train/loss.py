@@ -75,7 +75,7 @@ def diffusion_loss(stage: Stage, net: nn.Module, batch: Batch, noise: TrainingNo
     schedule = stage.schedule
     x0 = batch.images
     logsnr = schedule(noise.t)
-    alpha, sigma = (v.view(-1, 1, 1, 1) for v in alpha_sigma(logsnr))
+    alpha, sigma = alpha_sigma(logsnr, like=x0)
     x_t = alpha * x0 + sigma * noise.eps
     mask = batch.text.mask & noise.keep_text[:, None]
     lowres = aug_logsnr = None

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from imagen_ops.cascade import Cascade, Stage, load_stage
-from imagen_ops.config import Params, TrainConfig, flatten
+from imagen_ops.config import TrainConfig, TrainSettings, flatten
 from imagen_ops.data.dataset import Batch, StageData, prefetch, step_generator
 from imagen_ops.data.prepare import PreparedData
 from imagen_ops.images import make_grid, to_uint8
@@ -88,22 +88,19 @@ def _optimizer(
 
 
 class Trainer:
-    """Trains stage `stage_name` of `params` from prepared data and the embedding cache."""
+    """Trains one stage (`settings`) from prepared data and the embedding cache."""
 
     def __init__(
         self,
-        params: Params,
-        stage_name: str,
+        settings: TrainSettings,
         paths: TrainPaths,
         *,
         init_from: Path | None = None,
         tracker: Tracker | None = None,
         progress: bool = True,
     ):
-        if stage_name not in params.stages:
-            raise KeyError(f"no stage {stage_name!r} in params (stages: {params.stage_names()})")
-        self.params, self.paths, self.progress = params, paths, progress
-        self.cfg = params.stages[stage_name]
+        self.settings, self.paths, self.progress = settings, paths, progress
+        self.cfg = settings.stage
         self.tcfg = self.cfg.train
         self.dist = distributed.setup(self.tcfg.device)
         self.device = self.dist.device
@@ -115,8 +112,8 @@ class Trainer:
             )
 
         prepared = PreparedData.open(paths.prepared)
-        cache = EmbeddingCache.open(paths.cache, params.text, prepared.table["caption"].tolist())
-        lowres = params.lowres_of(stage_name)
+        cache = EmbeddingCache.open(paths.cache, settings.text, prepared.table["caption"].tolist())
+        lowres = settings.lowres
         self.data = StageData(prepared, cache, self.cfg.resolution, lowres, crop=self.tcfg.crop)
         self.captions = prepared.table["caption"].tolist()
         self.val = (
@@ -126,7 +123,7 @@ class Trainer:
         )
         with torch.random.fork_rng(devices=[]):  # the initial weights depend on the seed only
             torch.manual_seed(self.tcfg.seed)
-            self.stage = Stage.build(stage_name, self.cfg, cache.dim, lowres)
+            self.stage = Stage.build(settings.name, self.cfg, cache.dim, lowres)
         if init_from is not None:
             self._warm_start(init_from)
         self.net = self.stage.net.to(self.device)
@@ -177,7 +174,7 @@ class Trainer:
                     }
                 },
             ),
-            "text": self.params.text.model_dump(mode="json"),
+            "text": self.settings.text.model_dump(mode="json"),
             "data": prepared.manifest["source_table_sha256"],
             "cache": cache.manifest["captions_sha256"],
             "init_from": str(init_from) if init_from else None,
@@ -388,10 +385,8 @@ class Trainer:
         stage = Stage(self.stage.name, self.cfg, net, self.stage.lowres)
         idx = self.val.records[:8]
         batch = self.val.load(idx)
-        index = self.params.stage_names().index(self.stage.name)
-        settings = self.params.sample.for_stages([index], len(self.params.stages))
-        images = Cascade([stage], self.params.text).sample(
-            batch.text, settings, lowres=batch.lowres
+        images = Cascade([stage], self.settings.text).sample(
+            batch.text, self.settings.preview, lowres=batch.lowres
         )
         grid = make_grid(to_uint8(images), [self.captions[i] for i in idx])
         self.tracker.log_image(grid, f"samples/{self.stage.name}_step_{step:08d}.png")

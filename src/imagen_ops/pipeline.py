@@ -1,0 +1,204 @@
+"""The DVC stage graph, derived from params.yaml: one owner for stage names, paths and reads.
+
+`dvc.yaml` is generated from here (`imagen-ops pipeline write`; a test and `--check` keep
+the committed file current), so a cascade of any depth gets one `train_<stage>` per stage
+of `params.yaml` and an `evaluate` that depends on all of them. Every command names its
+inputs and outputs on its command line, from `params.paths`.
+
+Each stage declares the params.yaml keys its command reads: `params` change its outputs
+(DVC's `params:` list, so a change reruns it), `untracked` only change what it logs (MLflow
+tracking, preview samples). The command reads its settings through a `ParamsView` of
+exactly those keys, so a read that the declaration does not cover fails loudly instead of
+leaving dvc.yaml silently incomplete.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from imagen_ops.config import Params, TrainSettings
+
+__all__ = [
+    "ParamsView",
+    "PipelineStage",
+    "pipeline_stages",
+    "render_dvc_yaml",
+    "train_settings",
+    "view_for",
+]
+
+HEADER = """\
+# Generated from params.yaml by `imagen-ops pipeline write`: edit params.yaml (stages,
+# paths), then regenerate; tests fail while this file is stale. `dvc repro` rebuilds the
+# cascade from data/ (data.dvc) and params.yaml; stage commands run the `imagen-ops` on
+# PATH (the Makefile puts .venv/bin first).
+"""
+
+# Code each kind of stage runs, relative to the project root (DVC code dependencies).
+PREPARE_CODE = ("src/imagen_ops/data/prepare.py",)
+ENCODE_CODE = ("src/imagen_ops/text",)
+TRAIN_CODE = (
+    "src/imagen_ops/data/dataset.py",
+    "src/imagen_ops/models",
+    "src/imagen_ops/diffusion",
+    "src/imagen_ops/train",
+    "src/imagen_ops/cascade.py",
+)
+EVAL_CODE = ("src/imagen_ops/eval", "src/imagen_ops/diffusion", "src/imagen_ops/cascade.py")
+
+
+@dataclass(frozen=True)
+class PipelineStage:
+    """One DVC stage: its command, what it reads and what it writes."""
+
+    name: str
+    cmd: list[str]
+    deps: list[str]
+    params: list[str]  # params.yaml keys that change the outputs (DVC params)
+    outs: list[Any]
+    untracked: list[str] = field(default_factory=list)  # keys read only for logging
+    plots: list[dict[str, Any]] = field(default_factory=list)
+    metrics: list[str] = field(default_factory=list)
+
+    def to_dvc(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "cmd": " ".join(self.cmd),
+            "deps": self.deps,
+            "params": self.params,
+            "outs": self.outs,
+        }
+        if self.plots:
+            entry["plots"] = self.plots
+        if self.metrics:
+            entry["metrics"] = [{m: {"cache": False}} for m in self.metrics]
+        return entry
+
+
+def train_stage_name(stage: str) -> str:
+    return f"train_{stage}"
+
+
+def pipeline_stages(params: Params) -> list[PipelineStage]:
+    """prepare -> encode_text -> train_<stage> for each cascade stage -> evaluate."""
+    p, names = params.paths, params.stage_names()
+    stages = [
+        PipelineStage(
+            "prepare",
+            ["imagen-ops", "prepare", "--data", p.data, "--out", p.prepared],
+            [p.data, *PREPARE_CODE],
+            ["data.prepare", *(f"stages.{n}.resolution" for n in names)],
+            [p.prepared],
+        ),
+        PipelineStage(
+            "encode_text",
+            ["imagen-ops", "encode-text", "--prepared", p.prepared, "--out", p.text_cache],
+            [p.prepared, *ENCODE_CODE],
+            ["text"],
+            [p.text_cache],
+        ),
+    ]
+    for i, name in enumerate(names):
+        lowres = [f"stages.{names[i - 1]}.resolution"] if i else []
+        stages.append(
+            PipelineStage(
+                train_stage_name(name),
+                [
+                    *("imagen-ops", "train", "--stage", name, "--prepared", p.prepared),
+                    *("--cache", p.text_cache, "--out", p.model(name)),
+                    *("--checkpoints", p.checkpoint_dir(name)),
+                    *("--metrics", p.train_metrics(name)),
+                ],
+                [p.prepared, p.text_cache, *TRAIN_CODE],
+                [f"stages.{name}", *lowres, "text"],
+                [p.model(name)],
+                untracked=["registry", "sample"],
+                plots=[{p.train_metrics(name): {"cache": False, "x": "step", "y": "loss"}}],
+            )
+        )
+    stages.append(
+        PipelineStage(
+            "evaluate",
+            [
+                *("imagen-ops", "evaluate", "--prepared", p.prepared, "--cache", p.text_cache),
+                *("--models", p.models, "--out", p.eval, "--metrics", p.metrics),
+                *("--sweep", p.guidance_sweep, "--feature-cache", p.fid_cache),
+            ],
+            [p.prepared, p.text_cache, *(p.model(n) for n in names), *EVAL_CODE],
+            ["sample", "eval", "text"],
+            [p.eval, {p.guidance_sweep: {"cache": False}}],
+            metrics=[p.metrics],
+        )
+    )
+    return stages
+
+
+def render_dvc_yaml(params: Params) -> str:
+    """The text of dvc.yaml for `params` (stable: same params, same bytes)."""
+    doc = {
+        "stages": {s.name: s.to_dvc() for s in pipeline_stages(params)},
+        # stage-level plots take one y column; the sweep's trade-off curve shows two
+        "plots": [{params.paths.guidance_sweep: {"x": "guidance", "y": ["alignment", "kid_mean"]}}],
+    }
+    return HEADER + "\n" + yaml.safe_dump(doc, sort_keys=False, width=100)
+
+
+def stage_by_name(params: Params, name: str) -> PipelineStage:
+    stages = {s.name: s for s in pipeline_stages(params)}
+    if name not in stages:
+        raise KeyError(f"no pipeline stage {name!r} (stages: {', '.join(stages)})")
+    return stages[name]
+
+
+class ParamsView:
+    """The settings one command may read: values under its declared keys, nothing else.
+
+    Stage names (the cascade's structure) are always readable: dvc.yaml itself is built
+    from them.
+    """
+
+    def __init__(self, params: Params, keys: Sequence[str], owner: str):
+        self._params, self.keys, self.owner = params, tuple(keys), owner
+
+    @property
+    def stage_names(self) -> list[str]:
+        return self._params.stage_names()
+
+    def __getitem__(self, key: str) -> Any:
+        if not any(key == k or key.startswith(k + ".") for k in self.keys):
+            raise KeyError(
+                f"{self.owner} reads {key!r}, which its declaration in imagen_ops/pipeline.py "
+                f"does not list ({', '.join(self.keys)}); add it there so dvc.yaml tracks it"
+            )
+        node: Any = self._params
+        for part in key.split("."):
+            node = node[part] if isinstance(node, dict) else getattr(node, part)
+        return node
+
+    def lowres_of(self, stage: str) -> int | None:
+        """Resolution `stage` conditions on (the previous stage's), None for the base."""
+        names = self.stage_names
+        i = names.index(stage)
+        return None if i == 0 else self[f"stages.{names[i - 1]}.resolution"]
+
+
+def view_for(params: Params, stage: str) -> ParamsView:
+    """The view of `params` that pipeline stage `stage` (e.g. "train_base") may read."""
+    spec = stage_by_name(params, stage)
+    return ParamsView(params, [*spec.params, *spec.untracked], f"stage {stage}")
+
+
+def train_settings(params: Params, name: str) -> TrainSettings:
+    """What stage `name`'s training reads, through its declared view."""
+    view = view_for(params, train_stage_name(name))
+    names = view.stage_names
+    return TrainSettings(
+        name=name,
+        stage=view[f"stages.{name}"],
+        text=view["text"],
+        lowres=view.lowres_of(name),
+        preview=view["sample"].for_stages([names.index(name)], len(names)),
+    )

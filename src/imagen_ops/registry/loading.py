@@ -1,0 +1,64 @@
+"""Cascades from anywhere: a folder of stage directories, a packaged cascade, or a logged
+model (models:/NAME@ALIAS, models:/NAME/3, runs:/...).
+
+Only a registry URI imports MLflow, and only when it is resolved: sampling from a folder
+runs where MLflow is not installed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from imagen_ops.cascade import Cascade
+from imagen_ops.config import RegistryConfig, TextConfig
+
+__all__ = ["ARTIFACT", "download_cascade", "is_registry_uri", "load_cascade", "resolve_stage_dir"]
+
+ARTIFACT = "cascade"  # the artifact key under which a logged model holds its cascade
+URI_SCHEMES = ("models:/", "runs:/")
+
+
+def is_registry_uri(model: str) -> bool:
+    return model.startswith(URI_SCHEMES)
+
+
+def download_cascade(uri: str, registry: RegistryConfig | None = None) -> Path:
+    """Local copy of a logged model's cascade."""
+    import mlflow
+
+    from imagen_ops.registry.tracking import configure
+
+    configure(registry or RegistryConfig())
+    root = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    for candidate in (root / "artifacts" / ARTIFACT, root / ARTIFACT):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"{uri} holds no imagen-ops cascade (no artifacts/{ARTIFACT})")
+
+
+def load_cascade(
+    model: str,
+    stage_names: Sequence[str] | None = None,
+    text: TextConfig | None = None,
+    registry: RegistryConfig | None = None,
+    device: str | torch.device = "cpu",
+) -> Cascade:
+    """A cascade from a registry URI, a packaged cascade directory (it names its stages and
+    encoder), or a folder of stage directories ordered by `stage_names` (artifacts/models)."""
+    root = download_cascade(model, registry) if is_registry_uri(model) else Path(model)
+    return Cascade.from_dir(root, stage_names, text, device)
+
+
+def resolve_stage_dir(source: str, stage: str, registry: RegistryConfig | None = None) -> Path:
+    """A trained stage's directory: itself, a cascade directory holding it, or a URI."""
+    if is_registry_uri(source):
+        source = str(download_cascade(source, registry))
+    path = Path(source)
+    if (path / stage / "config.json").is_file():
+        return path / stage
+    if (path / "config.json").is_file():
+        return path
+    raise FileNotFoundError(f"--init-from {source}: no stage {stage!r} there (no config.json)")
