@@ -22,8 +22,10 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.states import Completed, State
 
 from imagen_ops.config import load_params
+from imagen_ops.eval.golden import GOLDEN_FILE
 from imagen_ops.files import exclusive_lock
 from imagen_ops.pipeline import pipeline_stages
 
@@ -52,7 +54,8 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
 
 @task(retries=1, retry_delay_seconds=5)
 def ingest(project: str, params_file: str, source: str | None, push: bool) -> dict[str, Any]:
-    """New data into data/ (a source, or the synthetic default), then `dvc add data`."""
+    """New data into data/ (a source, or the synthetic default), then `dvc add data`.
+    Only records whose content data/ does not hold yet are added."""
     root = Path(project)
     cli = [sys.executable, "-m", "imagen_ops.cli"]
     if source:
@@ -76,6 +79,38 @@ def write_pipeline(project: str, params_file: str) -> list[str]:
     return [s.name for s in pipeline_stages(load_params(root / params_file))]
 
 
+@task
+def ensure_golden(project: str, params_file: str) -> None:
+    """The golden prompt set for the paired gate: made once (deterministic from params) and
+    versioned with `dvc add`; an existing set is never regenerated."""
+    root = Path(project)
+    golden = load_params(root / params_file).paths.golden
+    if not (root / golden / GOLDEN_FILE).is_file():
+        _run(
+            [sys.executable, "-m", "imagen_ops.cli", "golden", "make", "--params", params_file],
+            root,
+        )
+    _run([sys.executable, "-m", "dvc", "add", golden], root)
+
+
+@task
+def why_train(project: str, params_file: str, report: dict[str, Any]) -> str | None:
+    """Why this run must reproduce and register, or None: no new data, every DVC stage up
+    to date (params, code and data unchanged) and the current model already registered."""
+    root = Path(project)
+    if report.get("kept"):
+        return f"{report['kept']} new records"
+    status = json.loads(_run([sys.executable, "-m", "dvc", "status", "--json"], root) or "{}")
+    if status:
+        return f"stages out of date: {', '.join(sorted(status))}"
+    from imagen_ops.registry.register import registered_version
+
+    params = load_params(root / params_file)
+    if registered_version(params.registry, root / params.paths.models, params.stage_names()):
+        return None
+    return "the current model has no registered version yet"
+
+
 @task(retries=1, retry_delay_seconds=5)
 def repro(project: str, target: str, parent_run_id: str | None) -> str:
     """`dvc repro` one stage; an unchanged stage is skipped."""
@@ -90,6 +125,7 @@ def repro(project: str, target: str, parent_run_id: str | None) -> str:
 @task
 def register(project: str, params_file: str, run_id: str | None) -> dict[str, Any]:
     """Log the run and the model; challenger alias; champion only if the gate passes."""
+    from imagen_ops.eval.golden import read_golden
     from imagen_ops.registry.pyfunc import ModelSpec
     from imagen_ops.registry.register import RegisterPaths
     from imagen_ops.registry.register import register as register_model
@@ -98,19 +134,23 @@ def register(project: str, params_file: str, run_id: str | None) -> dict[str, An
     params = load_params(root / params_file)
     p = params.paths
     paths = RegisterPaths(root, root / p.models, root / p.metrics, root / p.eval)
+    golden = root / p.golden
     return register_model(
         params.registry,
         ModelSpec.from_params(params),
         paths,
         run_params=params.model_dump(mode="json"),
         run_id=run_id,
+        golden=read_golden(golden) if (golden / GOLDEN_FILE).is_file() else None,
     )
 
 
 def _start_mlflow_run(project: Path, params_file: str) -> str | None:
-    from imagen_ops.registry.tracking import start_run
+    from imagen_ops.registry.tracking import end_stale_runs, start_run
 
     params = load_params(project / params_file)
+    for run_id in end_stale_runs(params.registry, "retrain"):  # under the lock: none is live
+        get_run_logger().warning("MLflow run %s of a killed flow run marked KILLED", run_id)
     return start_run(params.registry, "retrain", {"imagen_ops.kind": "retrain"})
 
 
@@ -129,19 +169,32 @@ def retrain(
     params_file: str = "params.yaml",
     source: str | None = None,
     push: bool = False,
-) -> dict[str, Any]:
-    """Ingest new data, reproduce the DVC stages, register the model, gate the champion."""
+) -> dict[str, Any] | State:
+    """Ingest new data, reproduce the DVC stages, register the model, gate the champion.
+
+    `source` defaults to `data.ingest.source` (None: the synthetic shapes). With nothing
+    new and nothing changed the run ends early in state Completed("no change"), with no
+    training and no new model version."""
     logger = get_run_logger()
     root = Path(project).resolve()
-    paths = load_params(root / params_file).paths
-    with exclusive_lock(root / paths.lock):
+    params = load_params(root / params_file)
+    source = source or params.data.ingest.source
+    with exclusive_lock(root / params.paths.lock):
         cwd = Path.cwd()
         os.chdir(root)  # MLflow's sqlite URI and artifact root are relative to the project
         run_id = None
         try:
-            run_id = _start_mlflow_run(root, params_file)
             report = ingest(str(root), params_file, source, push)
-            for stage in write_pipeline(str(root), params_file):
+            if source is None:  # the shapes oracle can judge the golden prompts
+                ensure_golden(str(root), params_file)
+            stages = write_pipeline(str(root), params_file)
+            reason = why_train(str(root), params_file, report)
+            if reason is None:
+                logger.info("no change: no new data, every stage up to date, model registered")
+                return Completed(message="no change", data={"state": "no change", "ingest": report})
+            logger.info("training: %s", reason)
+            run_id = _start_mlflow_run(root, params_file)
+            for stage in stages:
                 repro(str(root), stage, run_id)
             result = register(str(root), params_file, run_id)
         except BaseException:
@@ -151,7 +204,7 @@ def retrain(
         finally:
             os.chdir(cwd)
     decision = result["decision"]
-    metrics = json.loads((root / paths.metrics).read_text())
+    metrics = json.loads((root / params.paths.metrics).read_text())
     _publish(result, metrics, report)
     logger.info(decision["reason"])
     return {**result, "ingest": report}
@@ -165,7 +218,13 @@ def _publish(result: dict[str, Any], metrics: dict[str, Any], report: dict[str, 
         markdown=(
             f"## imagen-ops retraining\n\n"
             f"* model **{result['model']}** version **{result['version']}** (alias challenger)\n"
-            f"* {d['metric']}: challenger **{d['challenger']:.4g}**, champion {champion}\n"
+            f"* {d['metric']}: challenger **{d['challenger']:.4g}**, champion {champion}"
+            + (
+                f" (paired, N={d['n']}, p={d['p_value']:.3g})"
+                if d.get("p_value") is not None
+                else ""
+            )
+            + "\n"
             f"* decision: **{'promoted to champion' if d['promote'] else 'champion kept'}**"
             f" ({d['reason']})\n"
             f"* data: {report.get('kept', 0)} records added, {report.get('rows', '?')} in total\n"
@@ -197,6 +256,9 @@ def main() -> None:
     parser.add_argument("--push", action="store_true", help="dvc push the data afterwards")
     args = parser.parse_args()
     result = retrain(args.project, args.params, args.source, args.push)
+    if result.get("state") == "no change":
+        sys.stdout.write("\nimagen-ops retraining: no change (nothing new, nothing to train)\n")
+        return
     root = Path(args.project).resolve()
     params = load_params(root / args.params)
     paths = params.paths

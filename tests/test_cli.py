@@ -155,11 +155,21 @@ def test_data_synth_writes_data_and_report(params_file, tmp_path, capsys) -> Non
     assert len(table) == 6 and table["source"].eq("synth").all()
     assert all((data / p).is_file() for p in table["path"])
 
-    # the same scenes again are duplicates: counted, rejected, the table unchanged
+    # a second run renders nothing new: the table and the tracked report stay as they were
+    report_bytes, table_bytes = report.read_bytes(), (data / "captions.parquet").read_bytes()
     assert main(argv) == 0
     again = json.loads(capsys.readouterr().out)
-    assert (again["seen"], again["kept"], again["rows"]) == (6, 0, 6)
-    assert again["rejected"] == {"duplicate": 6}
+    assert (again["seen"], again["kept"], again["rows"]) == (0, 0, 6)
+    assert report.read_bytes() == report_bytes
+    assert (data / "captions.parquet").read_bytes() == table_bytes
+
+    # a growing source: each run adds data.synth.new_per_run scenes after the ones it has
+    assert main([*argv, "-S", "data.synth.new_per_run=2"]) == 0
+    grown = json.loads(capsys.readouterr().out)
+    assert (grown["seen"], grown["kept"], grown["rows"]) == (2, 2, 8)
+    assert json.loads(report.read_text()) == grown
+    ids = read_table(data)["id"].tolist()
+    assert len(set(ids)) == 8 and ids[:6] == table["id"].tolist()
 
 
 def test_params_apply_merges_a_recipe_and_validates(tmp_path) -> None:

@@ -17,6 +17,7 @@ from imagen_ops.config import (
     load_params,
     per_stage,
 )
+from imagen_ops.device import PRECISIONS
 from imagen_ops.diffusion.guidance import THRESHOLDING
 from imagen_ops.diffusion.objectives import LOSS_WEIGHTINGS, OBJECTIVES
 from imagen_ops.diffusion.samplers import SAMPLERS
@@ -50,6 +51,8 @@ def test_repo_params_yaml_validates_and_every_value_is_read() -> None:
         ("stages.base.diffusion.objective", OBJECTIVES),
         ("stages.base.diffusion.loss_weighting", LOSS_WEIGHTINGS),
         ("text.kind", ENCODER_KINDS),
+        ("sample.precision", PRECISIONS),
+        ("stages.base.train.precision", PRECISIONS),
     ],
 )
 def test_choices_validate_against_their_registry(key: str, choices: Choices) -> None:

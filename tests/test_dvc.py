@@ -86,6 +86,7 @@ def make_project(root: Path, *overrides: str, raw: dict[str, Any] | None = None)
     )
     run(["git", "init", "-q"], root)
     dvc(root, "init", "-q")
+    shutil.copy(REPO / ".dvcignore", root / ".dvcignore")  # the project's, not dvc init's
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
     run(["git", "add", "-A"], root)
     run([*git, "commit", "-q", "-m", "tiny project"], root)

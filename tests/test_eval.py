@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from imagen_ops.cascade import Cascade
+from imagen_ops.cascade import Cascade, cascade_digest
 from imagen_ops.config import SynthConfig
 from imagen_ops.eval import evaluate as evaluate_module
 from imagen_ops.eval.fid import (
@@ -245,6 +245,7 @@ def run_evaluate(params, tiny_data, tiny_models, paths) -> dict:
         tiny_data["prepared"], tiny_data["cache"], params.text, params.eval.num_samples
     )
     cascade = Cascade.from_dir(tiny_models, params.stage_names(), params.text)
+    digest = cascade_digest(tiny_models, params.stage_names())
     return evaluate_module.evaluate(
         params.eval,
         params.sample,
@@ -252,6 +253,7 @@ def run_evaluate(params, tiny_data, tiny_models, paths) -> dict:
         prompts,
         paths,
         stage_count=len(params.stages),
+        model_sha256=digest,
         device="cpu",
     )
 

@@ -15,8 +15,23 @@ import yaml
 
 from imagen_ops.files import LockedError, exclusive_lock
 
-from .conftest import tiny_raw
+from .conftest import tiny_raw, write_params
 from .test_dvc import BIN, FAST, REPO, make_project
+
+
+def run_cli(args: list[str], root: Path) -> str:
+    """`imagen-ops ARGS` in the project; its stdout (results; logs go to stderr)."""
+    proc = subprocess.run(
+        ["imagen-ops", *args],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"},
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout
+
 
 # ---------------------------------------------------------------------------- the lock
 
@@ -92,12 +107,16 @@ def aliases(client) -> dict[str, str]:
 
 
 @pytest.mark.integration
-def test_retrain_flow_end_to_end(tmp_path, prefect_harness, flow_env) -> None:
+def test_retrain_flow_second_and_third_runs(tmp_path, prefect_harness, flow_env, monkeypatch):
+    """Run 1 trains and registers; run 2 with nothing new ends "no change"; run 3, after
+    new scenes arrive, ingests only those, retrains, registers and gates; a killed run's
+    MLflow run is marked KILLED; a failed run ends FAILED and moves no alias."""
     from mlflow import MlflowClient
 
     from flows.retrain import retrain
 
-    root = make_project(tmp_path / "project", *FAST, "registry.track_training=true")
+    settings = (*FAST, "registry.track_training=true", "registry.golden_per_category=3")
+    root = make_project(tmp_path / "project", *settings)
     cwd = Path.cwd()
 
     first = retrain(project=str(root), params_file="params.yaml")
@@ -108,9 +127,10 @@ def test_retrain_flow_end_to_end(tmp_path, prefect_harness, flow_env) -> None:
     assert metrics["num_images"] == 4 and metrics["alignment"] is not None
     decision = first["decision"]
     assert decision["promote"] and decision["reason"] == "no champion yet"
-    assert decision["metric"] == "alignment.overall"
-    assert decision["challenger"] == metrics["alignment"]["overall"]
+    assert decision["metric"] == "golden.accuracy" and decision["n"] == 12
     assert first["version"] == first["champion_version"] == "1"
+    # the golden set is versioned with DVC beside the data
+    assert (root / "golden.dvc").is_file() and (root / "golden/prompts.jsonl").is_file()
 
     # the store lives in the project (params' relative sqlite URI, resolved there)
     client = MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow/mlflow.db")
@@ -120,6 +140,13 @@ def test_retrain_flow_end_to_end(tmp_path, prefect_harness, flow_env) -> None:
     assert run.data.tags["imagen_ops.git_commit"]
     data_md5 = yaml.safe_load((root / "data.dvc").read_text())["outs"][0]["md5"]
     assert run.data.tags["imagen_ops.data_version"] == data_md5
+    version = client.get_model_version("imagen-ops", "1")
+    assert version.tags["imagen_ops.model_sha256"] == metrics["model_sha256"]
+    assert "lineage/dvc.lock" in {a.path for a in client.list_artifacts(first["run_id"], "lineage")}
+    assert "commit" in version.description and "gate" in version.description
+    # version 1 rebuilds bit for bit from what it stored (a temporary git work tree)
+    rebuilt = json.loads(run_cli(["reproduce", "models:/imagen-ops/1", "-q"], root))
+    assert rebuilt["identical"] and rebuilt["expected_sha256"] == metrics["model_sha256"]
     # the training runs nest under the flow's run
     children = client.search_runs(
         [run.info.experiment_id], f"tags.mlflow.parentRunId = '{first['run_id']}'"
@@ -128,28 +155,58 @@ def test_retrain_flow_end_to_end(tmp_path, prefect_harness, flow_env) -> None:
 
     weights = root / "artifacts/models/base/ema.safetensors"
     stamp, lock = weights.stat().st_mtime_ns, (root / "dvc.lock").read_text()
+    tracked = {
+        p: p.read_bytes() for p in [root / "dvc.yaml", root / "data.dvc", *root.glob("reports/*")]
+    }
 
-    # the same data again: DVC skips every stage; the gate compares with run 1's champion
+    # run 2, nothing new: "no change", no training, no version, every tracked file as it was
     second = retrain(project=str(root), params_file="params.yaml")
-    assert second["ingest"]["kept"] == 0 and second["ingest"]["rejected"] == {"duplicate": 48}
+    assert second["state"] == "no change" and second["ingest"]["seen"] == 0
     assert weights.stat().st_mtime_ns == stamp and (root / "dvc.lock").read_text() == lock
-    decision = second["decision"]
-    assert decision["champion"] == first["decision"]["challenger"]
-    assert not decision["promote"] and "champion kept" in decision["reason"]
-    assert second["version"] == "2" and second["champion_version"] == "1"
-    assert aliases(client) == {"champion": "1", "challenger": "2"}
+    assert {p: p.read_bytes() for p in tracked} == tracked
+    assert versions(client) == ["1"] and aliases(client) == {"champion": "1", "challenger": "1"}
+
+    # a flow run killed earlier left its MLflow run RUNNING: the next training run ends it
+    stale = client.create_run(
+        run.info.experiment_id, run_name="retrain", tags={"imagen_ops.kind": "retrain"}
+    ).info.run_id
+
+    # run 3, new scenes arrive (the synthetic source grows by 8): only they are ingested
+    write_params(
+        root / "params.yaml", *FAST, "registry.track_training=true", "data.synth.new_per_run=8"
+    )
+    third = retrain(project=str(root), params_file="params.yaml")
+    assert third["ingest"]["seen"] == third["ingest"]["kept"] == 8
+    assert third["ingest"]["rows"] == 56
+    assert weights.stat().st_mtime_ns != stamp, "new data: the base stage retrained"
+    assert third["version"] == "2" and versions(client) == ["1", "2"]
+    assert client.get_run(stale).info.status == "KILLED"
+    assert aliases(client)["challenger"] == "2"
+    assert aliases(client)["champion"] == third["champion_version"]
+    gate = third["decision"]  # paired: both versions sampled on the same 12 golden prompts
+    assert gate["test"] == "mcnemar" and gate["n"] == 12 and gate["p_value"] is not None
 
     # a run already in progress: the flow stops at once, naming the lock
     with exclusive_lock(root / "artifacts" / ".retrain.lock"), pytest.raises(LockedError):
         retrain(project=str(root), params_file="params.yaml")
-    assert len(client.search_model_versions("name='imagen-ops'")) == 2
 
-    # a failing run (its new data cannot be read) ends its MLflow run FAILED, moves no alias
-    with pytest.raises(RuntimeError, match="no-such-source"):
-        retrain(project=str(root), params_file="params.yaml", source=str(root / "no-such-source"))
+    # a run that fails after its MLflow run started ends it FAILED and moves no alias
+    from imagen_ops.registry import register as register_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("registry unreachable")
+
+    monkeypatch.setattr(register_module, "register", broken)
+    before = aliases(client)
+    with pytest.raises(RuntimeError, match="registry unreachable"):
+        retrain(project=str(root), params_file="params.yaml")
     failed = client.search_runs([run.info.experiment_id], "attributes.status = 'FAILED'")
     assert [r.info.run_name for r in failed] == ["retrain"]
-    assert aliases(client) == {"champion": "1", "challenger": "2"}
+    assert aliases(client) == before and versions(client) == ["1", "2"]
+
+
+def versions(client) -> list[str]:
+    return sorted(str(v.version) for v in client.search_model_versions("name='imagen-ops'"))
 
 
 @pytest.mark.integration

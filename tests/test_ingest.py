@@ -5,6 +5,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import shutil
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -263,16 +266,19 @@ def test_record_level_reasons(tmp_path: Path) -> None:
 
 
 def manifest_fixture(tmp_path: Path) -> tuple[Path, list[tuple[str | None, str | None]]]:
-    """Images under m/img, one outside m/ (reached by '..'), one absolute; rows to list."""
+    """Images under m/img (one listed by its absolute path), one outside m/ reached by
+    '..' and one absolute outside m/ (both must be refused); the rows to list."""
     (tmp_path / "m" / "img").mkdir(parents=True)
     (tmp_path / "outside").mkdir()
     (tmp_path / "m" / "img" / "a.png").write_bytes(encode(noise(1), "PNG"))
+    (tmp_path / "m" / "img" / "c.png").write_bytes(encode(noise(4), "PNG"))
     (tmp_path / "outside" / "b.jpg").write_bytes(encode(noise(2), "JPEG"))
     (tmp_path / "abs.png").write_bytes(encode(noise(3), "PNG"))
     rows = [
         ("img/a.png", 'a "quoted", comma caption'),
+        (str(tmp_path / "m" / "img" / "c.png"), "absolute, inside"),
         ("../outside/b.jpg", "through dot-dot"),
-        (str(tmp_path / "abs.png"), "absolute"),
+        (str(tmp_path / "abs.png"), "absolute, outside"),
         ("img/missing.png", "missing file"),
         ("img/a.png", None),  # missing caption
         ("", "no image path"),
@@ -280,7 +286,7 @@ def manifest_fixture(tmp_path: Path) -> tuple[Path, list[tuple[str | None, str |
     return tmp_path / "m", rows
 
 
-EXPECTED_MANIFEST = {"missing_image": 2, "missing_caption": 1}
+EXPECTED_MANIFEST = {"missing_image": 2, "missing_caption": 1, "unsafe_path": 2}
 
 
 def test_jsonl_manifest(tmp_path: Path) -> None:
@@ -290,9 +296,10 @@ def test_jsonl_manifest(tmp_path: Path) -> None:
     text = "\n".join(lines[:3]) + "\n\n" + "\n".join(lines[3:]) + "\n"
     path.write_bytes(text.encode() + b'{"image": "img/a.png", "caption": "caf\xe9"}\n')
     report = ingest(open_source(path, CFG), tmp_path / "out", CFG, progress=False)
-    assert report.kept == 3
+    assert report.kept == 2
     assert report.rejected == {**EXPECTED_MANIFEST, "invalid_caption": 1}
-    assert read_table(tmp_path / "out")["caption"].tolist() == [c for _, c in rows[:3]]
+    assert read_table(tmp_path / "out")["caption"].tolist() == [c for _, c in rows[:2]]
+    assert "outside the manifest's folder" in report.examples["unsafe_path"][0]["detail"]
     assert (read_table(tmp_path / "out")["source"] == str(path)).all()
 
 
@@ -308,9 +315,14 @@ def test_csv_manifest(tmp_path: Path) -> None:
     cfg = CFG.model_copy(update={"image_column": "file", "caption_column": "text"})
     report = ingest(open_source(path, cfg), tmp_path / "out", cfg, progress=False)
     # csv has no null: the missing caption is an empty cell
-    assert report.kept == 3
-    assert report.rejected == {"missing_image": 2, "empty_caption": 1, "invalid_caption": 1}
-    assert read_table(tmp_path / "out")["caption"].tolist() == [c for _, c in rows[:3]]
+    assert report.kept == 2
+    assert report.rejected == {
+        "missing_image": 2,
+        "empty_caption": 1,
+        "invalid_caption": 1,
+        "unsafe_path": 2,
+    }
+    assert read_table(tmp_path / "out")["caption"].tolist() == [c for _, c in rows[:2]]
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
@@ -379,6 +391,58 @@ def test_webdataset_unsafe_members_are_never_extracted(tmp_path: Path) -> None:
     assert all(p.is_relative_to(out) for p in all_files(tmp_path) - before)
     assert not list(tmp_path.parent.rglob("*evil*"))
     assert not Path("/tmp/abs_evil.png").exists()
+
+
+def test_webdataset_sparse_member_is_rejected_unread(tmp_path: Path) -> None:
+    """A ~10 KiB tar whose member claims 1 GiB (a sparse file): rejected by its header size,
+    never read into memory; the other samples still come through."""
+    if shutil.which("tar") is None:
+        pytest.skip("needs the tar program to write a GNU sparse member")
+    work = tmp_path / "w"
+    work.mkdir()
+    with (work / "big.png").open("wb") as f:
+        f.truncate(2**30)  # 1 GiB of holes
+    (work / "big.txt").write_text("huge")
+    (work / "ok.png").write_bytes(encode(noise(1), "PNG"))
+    (work / "ok.txt").write_text("fine")
+    shard = tmp_path / "sparse.tar"
+    names = ["big.png", "big.txt", "ok.png", "ok.txt"]
+    subprocess.run(["tar", "--sparse", "-cf", str(shard), *names], cwd=work, check=True)
+    assert shard.stat().st_size < 2**20
+    report = ingest(open_source(shard, CFG), tmp_path / "out", CFG, progress=False)
+    assert report.kept == 1 and report.rejected == {"too_large": 1}
+    assert "max_file_bytes" in report.examples["too_large"][0]["detail"]
+
+
+def test_source_byte_budget_rejects_the_rest_with_a_reason(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    sizes = []
+    for i in range(4):
+        data = encode(noise(i), "PNG")
+        (src / f"{i}.png").write_bytes(data)
+        (src / f"{i}.txt").write_text(f"image {i}")
+        sizes.append(len(data) + len(f"image {i}"))
+    cfg = CFG.model_copy(update={"max_source_bytes": sizes[0] + sizes[1]})
+    report = ingest(open_source(src, cfg), tmp_path / "out", cfg, progress=False)
+    assert report.kept == 2 and report.rejected == {"source_limit": 2}
+    small = CFG.model_copy(update={"max_file_bytes": min(sizes) // 2})
+    report = ingest(open_source(src, small), tmp_path / "out2", small, progress=False)
+    assert report.rejected == {"too_large": 4}
+
+
+def test_folder_fifo_and_device_link_are_rejected_never_opened(tmp_path: Path) -> None:
+    """Opening either would block or read forever: the ingest finishing is the proof."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "ok.png").write_bytes(encode(noise(1), "PNG"))
+    (src / "ok.txt").write_text("fine")
+    os.mkfifo(src / "pipe.png")
+    (src / "pipe.txt").write_text("a fifo")
+    (src / "zero.png").symlink_to("/dev/zero")
+    (src / "zero.txt").write_text("a device")
+    report = ingest(open_source(src, CFG), tmp_path / "out", CFG, progress=False)
+    assert report.kept == 1 and report.rejected == {"not_regular_file": 2}
 
 
 def test_webdataset_shard_directory_and_json_caption_column(tmp_path: Path) -> None:

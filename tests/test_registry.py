@@ -25,7 +25,7 @@ from imagen_ops.config import SampleConfig
 from imagen_ops.registry.promotion import decide, lookup_metric, primary_metric
 from imagen_ops.registry.pyfunc import MAX_GUIDANCE, MAX_PROMPTS, MAX_STEPS, validate_request
 
-from .conftest import tiny_params
+from .conftest import tiny_params, tiny_raw
 
 
 def register_params(params, paths):
@@ -230,9 +230,14 @@ def test_pyfunc_log_load_predict(tiny_models, store) -> None:
         model.predict(pd.DataFrame({"prompt": ["  "]}))
 
 
-def write_metrics(path: Path, overall: float | None, fid: float = 50.0) -> Path:
+def write_metrics(path: Path, models: Path, overall: float | None, fid: float = 50.0) -> Path:
+    """metrics.json as evaluate writes it for the cascade in `models`."""
+    from imagen_ops.cascade import cascade_digest
+
     alignment = None if overall is None else {"overall": overall, "single": overall}
-    path.write_text(json.dumps({"version": 1, "fid": fid, "kid_mean": 0.1, "alignment": alignment}))
+    metrics = {"version": 1, "fid": fid, "kid_mean": 0.1, "alignment": alignment}
+    metrics["model_sha256"] = cascade_digest(models, tiny_params().stage_names())
+    path.write_text(json.dumps(metrics))
     return path
 
 
@@ -263,7 +268,7 @@ def test_register_gates_the_champion(tiny_models, store, monkeypatch) -> None:
     (store / "data.dvc").write_text("outs:\n- md5: abc123.dir\n  path: data\n")
 
     def run(overall: float | None, **kw) -> dict:
-        metrics = write_metrics(store / "metrics.json", overall, **kw)
+        metrics = write_metrics(store / "metrics.json", tiny_models, overall, **kw)
         return register_params(params, RegisterPaths(store, tiny_models, metrics, store / "eval"))
 
     first = run(0.5)
@@ -292,8 +297,8 @@ def test_register_gates_the_champion(tiny_models, store, monkeypatch) -> None:
     (store / "metrics.json").write_text(json.dumps({"fid": None, "alignment": None}))
     with pytest.raises(KeyError, match="'fid'"):
         register_params(params, RegisterPaths(store, tiny_models, store / "metrics.json", store))
-    write_metrics(store / "metrics.json", 0.9)
-    with pytest.raises(FileNotFoundError, match="not a trained stage"):
+    write_metrics(store / "metrics.json", tiny_models, 0.9)
+    with pytest.raises(FileNotFoundError, match="is missing"):
         register_params(
             params, RegisterPaths(store, store / "nothing", store / "metrics.json", store)
         )
@@ -316,6 +321,122 @@ def test_register_gates_the_champion(tiny_models, store, monkeypatch) -> None:
     # default: the challenger (version 3) against the champion (now version 2)
     back = promote(params.registry)
     assert back.promote and aliases()["champion"] == better["version"]
+
+
+# ------------------------------------------------------------------- the paired gate
+
+
+def test_mcnemar_p_is_the_exact_binomial_tail() -> None:
+    from imagen_ops.registry.promotion import mcnemar_p
+
+    assert mcnemar_p(0, 0) == 1.0
+    assert mcnemar_p(5, 0) == 1 / 32
+    assert mcnemar_p(0, 5) == 1.0
+    # 8 wins of 10 discordant pairs: (C(10,8) + C(10,9) + C(10,10)) / 2^10
+    assert mcnemar_p(8, 2) == pytest.approx((45 + 10 + 1) / 1024)
+
+
+def test_paired_decide_needs_significance_and_the_margin() -> None:
+    from imagen_ops.registry.promotion import paired_decide
+
+    rng = np.random.default_rng(0)
+    champion = rng.random(128) < 0.5
+    same = paired_decide(champion, champion.copy(), confidence=0.95)
+    assert not same.promote and same.p_value == 1.0 and same.n == 128
+    assert "champion kept" in same.reason and "N=128" in same.reason
+
+    better = champion | (rng.random(128) < 0.5)  # wins only, about 32 of them
+    clear = paired_decide(champion, better, confidence=0.95)
+    assert clear.promote and clear.p_value < 1e-6 and clear.test == "mcnemar"
+    assert clear.challenger == better.mean() and clear.champion == champion.mean()
+    # the same evidence, but a margin larger than the gain: kept
+    assert not paired_decide(champion, better, 0.95, margin=0.5).promote
+
+    slightly = champion.copy()
+    slightly[np.flatnonzero(~champion)[:2]] = True  # two wins: p = 1/4, not significant
+    noisy = paired_decide(champion, slightly, confidence=0.95)
+    assert not noisy.promote and noisy.p_value == 0.25
+    with pytest.raises(ValueError, match="equal, non-empty"):
+        paired_decide(champion, champion[:5], 0.95)
+
+
+def test_golden_set_is_stratified_seeded_and_frozen(tmp_path, capsys) -> None:
+    from imagen_ops.cli import main
+    from imagen_ops.eval.alignment import CATEGORIES
+    from imagen_ops.eval.golden import make_golden, read_golden
+
+    rows = make_golden(3, seed=11)
+    assert [r["category"] for r in rows] == [c for c in CATEGORIES for _ in range(3)]
+    assert [r["seed"] for r in rows] == list(range(11, 11 + len(rows)))
+    assert make_golden(3, seed=11) == rows and make_golden(3, seed=12) != rows
+    assert all(r["scene"]["category"] == r["category"] for r in rows)
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml_dump({**tiny_raw(), "registry": {"golden_per_category": 2}}))
+    out = tmp_path / "golden"
+    argv = ["golden", "make", "--params", str(params), "--out", str(out)]
+    assert main(argv) == 0
+    first = (out / "prompts.jsonl").read_bytes()
+    assert len(read_golden(out)) == 8
+    assert main(argv) == 2  # frozen: an existing set is not replaced
+    assert (out / "prompts.jsonl").read_bytes() == first
+    assert main([*argv, "--force"]) == 0 and (out / "prompts.jsonl").read_bytes() == first
+    (out / "prompts.jsonl").write_text('{"prompt": "a red circle"}\n')
+    with pytest.raises(ValueError, match="missing"):
+        read_golden(out)
+    with pytest.raises(FileNotFoundError, match="golden make"):
+        read_golden(tmp_path / "none")
+
+
+@pytest.mark.integration
+def test_register_with_the_paired_gate(tiny_models, store) -> None:
+    """First version: promoted (no champion); the same weights again: sampled side by side
+    on the golden set, identical verdicts, kept; decision and p-value in version tags."""
+    from mlflow import MlflowClient
+
+    from imagen_ops.eval.golden import make_golden
+    from imagen_ops.registry.pyfunc import ModelSpec
+    from imagen_ops.registry.register import RegisterPaths, move_champion, register
+
+    params = tiny_params()
+    golden = make_golden(2, seed=5)
+    metrics = write_metrics(store / "metrics.json", tiny_models, 0.5)
+    paths = RegisterPaths(store, tiny_models, metrics, store / "eval")
+
+    def run() -> dict:
+        return register(
+            params.registry,
+            ModelSpec.from_params(params),
+            paths,
+            run_params={},
+            golden=golden,
+            device="cpu",
+        )
+
+    first = run()
+    assert first["decision"]["promote"] and first["decision"]["reason"] == "no champion yet"
+    assert first["decision"]["n"] == 8 and first["decision"]["metric"] == "golden.accuracy"
+    second = run()
+    decision = second["decision"]
+    assert not decision["promote"] and decision["p_value"] == 1.0
+    assert decision["champion"] == decision["challenger"] == first["decision"]["challenger"]
+    tags = MlflowClient().get_model_version("imagen-ops", second["version"]).tags
+    assert tags["imagen_ops.gate.test"] == "mcnemar" and tags["imagen_ops.gate.n"] == "8"
+    assert tags["imagen_ops.gate.p_value"] == "1" and tags["imagen_ops.gate.promoted"] == "False"
+    run_data = MlflowClient().get_run(second["run_id"]).data
+    assert run_data.metrics["golden.accuracy"] == decision["challenger"]
+
+    # compare-and-set: a move based on a stale view of the champion is refused
+    assert move_champion(params.registry, second["version"], expected="7") == first["version"]
+    assert aliases()["champion"] == first["version"]
+    assert move_champion(params.registry, second["version"], expected=first["version"]) is None
+    assert aliases()["champion"] == second["version"]
+
+
+def yaml_dump(raw: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(raw, sort_keys=False)
 
 
 # --------------------------------------------------------------- the scoring server
@@ -356,7 +477,7 @@ def wait_until_up(url: str, proc: subprocess.Popen, log: Path, timeout: float = 
 def test_mlflow_models_serve_champion(tiny_models, store) -> None:
     from imagen_ops.registry.register import RegisterPaths
 
-    metrics = write_metrics(store / "metrics.json", 0.5)
+    metrics = write_metrics(store / "metrics.json", tiny_models, 0.5)
     register_params(tiny_params(), RegisterPaths(store, tiny_models, metrics, store / "eval"))
     bin_dir = Path(sys.executable).parent
     path = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -423,3 +544,33 @@ def test_mlflow_models_serve_champion(tiny_models, store) -> None:
 def test_champion_without_the_metric_is_replaced_with_a_reason() -> None:
     d = decide("alignment.overall", 0.3, None, True, 0.0, champion_version="4")
     assert d.promote and "champion version 4 has no alignment.overall" in d.reason
+
+
+def test_register_refuses_metrics_of_other_weights_and_non_finite_weights(
+    tiny_models, tmp_path
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from imagen_ops.registry.register import NotRegistrableError, check_registrable
+
+    names = tuple(tiny_params().stage_names())
+    models = tmp_path / "models"
+    shutil.copytree(tiny_models, models)
+    metrics_path = write_metrics(tmp_path / "metrics.json", models, 0.5)
+    metrics = json.loads(metrics_path.read_text())
+    check_registrable(models, names, metrics, metrics_path)  # its own weights: accepted
+
+    # retrained weights, stale metrics: refused, naming both digests and the fix
+    weights = models / "sr32" / "ema.safetensors"
+    state = load_file(str(weights))
+    first = next(iter(state))
+    save_file({**state, first: state[first] + 1e-3}, str(weights))
+    with pytest.raises(NotRegistrableError, match="measured on other weights") as err:
+        check_registrable(models, names, metrics, metrics_path)
+    assert metrics["model_sha256"] in str(err.value) and "dvc repro evaluate" in str(err.value)
+
+    # non-finite weights: refused even with matching metrics
+    save_file({**state, first: state[first] * float("nan")}, str(weights))
+    metrics = json.loads(write_metrics(metrics_path, models, 0.5).read_text())
+    with pytest.raises(NotRegistrableError, match=f"non-finite values \\({first}"):
+        check_registrable(models, names, metrics, metrics_path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -131,7 +132,7 @@ def test_sigkill_and_resume_equals_uninterrupted(tiny_data, tmp_path):
     run = tmp_path / "killed"
     proc = _cli_train(params_file, tiny_data, run)
     deadline = time.time() + 120
-    while not (run / "checkpoints" / "base" / "step_00000004").exists():
+    while not list((run / "checkpoints" / "base").glob("*/step_00000004")):
         assert proc.poll() is None, proc.stdout.read().decode()
         assert time.time() < deadline, "no checkpoint within 120 s"
         time.sleep(0.02)
@@ -155,6 +156,107 @@ def test_checkpoint_of_other_settings_is_not_resumed(tiny_data, tmp_path, caplog
     assert "afresh" in caplog.text
 
 
+def run_dirs(paths: TrainPaths) -> list[Path]:
+    return sorted(p for p in paths.checkpoints.iterdir() if p.is_dir())
+
+
+def steps_of(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in run_dir.iterdir() if p.name.startswith("step_"))
+
+
+@pytest.mark.integration
+def test_second_run_resumes_its_own_checkpoints_whatever_earlier_runs_left(
+    tiny_data, tmp_path, monkeypatch
+):
+    """Run 1 (12 steps) leaves step_12 checkpoints; run 2 (other settings, 8 steps) is
+    killed after step 4: resuming it picks run 2's step 4, never run 1's later steps, its
+    own checkpoints survive pruning, and it ends equal to an uninterrupted run 2."""
+    paths = paths_for(tiny_data, tmp_path / "runs")
+    long = ("stages.base.train.steps=12", "stages.base.train.checkpoint_every=4")
+    Trainer(train_settings(tiny_params(*long), "base"), paths, progress=False).fit()
+    (first,) = run_dirs(paths)
+    assert steps_of(first) == ["step_00000008", "step_00000012"]
+
+    second = ("stages.base.train.steps=8", "stages.base.train.checkpoint_every=4")
+    ref = train_base(tiny_data, tmp_path / "ref", *second, "stages.base.train.lr=0.0005")
+    settings = train_settings(tiny_params(*second, "stages.base.train.lr=0.0005"), "base")
+    real_optimize = Trainer._optimize
+
+    def killed_after_step_4(self, step, micro):
+        if step == 4:
+            raise KeyboardInterrupt  # the process dies after the step-4 checkpoint
+        return real_optimize(self, step, micro)
+
+    monkeypatch.setattr(Trainer, "_optimize", killed_after_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(settings, paths, progress=False).fit()
+    monkeypatch.undo()
+    own = next(p for p in run_dirs(paths) if p != first)
+    assert steps_of(own) == ["step_00000004"]
+    assert steps_of(first) == ["step_00000008", "step_00000012"], "run 1 left as it was"
+
+    resumed = Trainer(settings, paths, progress=False)
+    assert resumed._resume() == 4
+    resumed.fit()
+    assert steps_of(own) == ["step_00000004", "step_00000008"]
+    assert _same(weights(paths.out), ref)
+
+    # a third run with the first run's settings resumes the first run's folder (kept: 2 runs)
+    third = Trainer(train_settings(tiny_params(*long), "base"), paths, progress=False)
+    assert third._resume() == 12
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def damage(path: Path, how: str) -> None:
+    if how == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "flipped":
+        data = bytearray(path.read_bytes())
+        data[-7] ^= 0xFF  # inside the last tensor's bytes: the header still parses
+        path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["truncated", "flipped", "empty"])
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(tiny_data, tmp_path, how, caplog):
+    paths = paths_for(tiny_data, tmp_path)
+    params = tiny_params("stages.base.train.steps=8", "stages.base.train.checkpoint_every=4")
+    Trainer(train_settings(params, "base"), paths, progress=False).fit()
+    (run,) = run_dirs(paths)
+    newest = run / "step_00000008"
+    if how == "empty":
+        shutil.rmtree(newest)
+        newest.mkdir()
+    else:
+        damage(newest / "ema.safetensors", how)
+    trainer = Trainer(train_settings(params, "base"), paths, progress=False)
+    caplog.clear()
+    assert trainer._resume() == 4
+    (line,) = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+    assert str(newest) in line and "\n" not in line
+    expected = {"truncated": "checksum", "flipped": "checksum", "empty": "no checksums.json"}
+    assert expected[how] in line
+
+
+def test_non_finite_weights_are_never_exported(tiny_data, tmp_path, monkeypatch):
+    paths = paths_for(tiny_data, tmp_path)
+    params = tiny_params("stages.base.train.steps=4", "stages.base.train.checkpoint_every=4")
+    trainer = Trainer(train_settings(params, "base"), paths, progress=False)
+    real_update = trainer.ema.update
+
+    def poisoned(net, step):
+        real_update(net, step)
+        next(iter(trainer.ema.params.values())).fill_(float("nan"))
+
+    monkeypatch.setattr(trainer.ema, "update", poisoned)
+    with pytest.raises(TrainingDivergedError, match="non-finite weights"):
+        trainer.fit()
+    assert not paths.out.exists()
+
+
 def test_non_finite_steps_are_skipped_then_training_stops(tiny_data, tmp_path, monkeypatch):
     real_loss = trainer_module.diffusion_loss
     calls = {"n": 0}
@@ -174,9 +276,10 @@ def test_non_finite_steps_are_skipped_then_training_stops(tiny_data, tmp_path, m
     with pytest.raises(TrainingDivergedError, match="3 consecutive non-finite"):
         Trainer(train_settings(params, "base"), paths, progress=False).fit()
     # one isolated NaN (call 2) was skipped and training went on to the step-4 checkpoint
-    state = torch.load(paths.checkpoints / "step_00000004" / "state.pt", weights_only=True)
+    (step4,) = paths.checkpoints.glob("*/step_00000004")
+    state = torch.load(step4 / "state.pt", weights_only=True)
     assert state["skipped"] == 1
-    good = load_file(str(paths.checkpoints / "step_00000004" / "model.safetensors"))
+    good = load_file(str(step4 / "model.safetensors"))
     assert all(torch.isfinite(v).all() for v in good.values())
     assert not paths.out.exists()
 

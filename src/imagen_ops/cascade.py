@@ -8,6 +8,7 @@ stage's output, return the final images.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -22,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from imagen_ops.config import SampleConfig, StageConfig, TextConfig, per_stage
+from imagen_ops.device import use_bf16
 from imagen_ops.diffusion.guidance import (
     CondDenoiser,
     Conditioning,
@@ -31,11 +33,11 @@ from imagen_ops.diffusion.guidance import (
 from imagen_ops.diffusion.objectives import to_x0
 from imagen_ops.diffusion.samplers import NoiseSource, sample
 from imagen_ops.diffusion.schedules import Schedule, alpha_sigma, make_schedule, time_grid
-from imagen_ops.files import atomic_dir
+from imagen_ops.files import atomic_dir, sha256_file
 from imagen_ops.models.unet import UNet
 from imagen_ops.text.encoders import TextEmbeddings, TextEncoder
 
-__all__ = ["Cascade", "Stage", "augment_lowres", "load_stage"]
+__all__ = ["Cascade", "Stage", "augment_lowres", "cascade_digest", "load_stage"]
 
 log = logging.getLogger(__name__)
 STAGE_FORMAT = 1
@@ -152,6 +154,19 @@ def load_stage(path: str | Path, weights: str = "ema", device: str | torch.devic
     return stage
 
 
+def cascade_digest(root: str | Path, stage_names: Sequence[str], weights: str = "ema") -> str:
+    """sha256 over each stage's config.json and weights, in cascade order: the identity of
+    a trained cascade, which metrics carry so they cannot be attached to other weights."""
+    h = hashlib.sha256()
+    for name in stage_names:
+        for fname in ("config.json", f"{weights}.safetensors"):
+            path = Path(root) / name / fname
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is missing (stage {name!r} not trained?)")
+            h.update(f"{name}/{fname}:{sha256_file(path)}\n".encode())
+    return h.hexdigest()
+
+
 class Cascade:
     """Stages in order of resolution, and the text encoder that conditions them all."""
 
@@ -251,7 +266,7 @@ class Cascade:
                 cond = Conditioning(text.tokens, text.mask, up, aug_logsnr)
             denoise = thresholded(
                 classifier_free_guidance(
-                    stage.denoiser(settings.precision == "bf16"), cond, guidance[i]
+                    stage.denoiser(use_bf16(settings.precision, self.device)), cond, guidance[i]
                 ),
                 settings.thresholding,
                 settings.quantile,

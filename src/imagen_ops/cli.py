@@ -25,6 +25,7 @@ log = logging.getLogger("imagen_ops")
 ERRORS: tuple[type[BaseException], ...] = (
     ConfigError,
     FileNotFoundError,
+    FileExistsError,
     ValueError,
     KeyError,
     RuntimeError,
@@ -49,16 +50,17 @@ def _path(value: str | None, default: str) -> Path:
 
 def cmd_synth(args: argparse.Namespace) -> None:
     from imagen_ops.data.ingest import ingest
-    from imagen_ops.data.sources import synth_source
+    from imagen_ops.data.sources import synth_count, synth_source
 
     extra = [
         f"data.synth.{k}={v}" for k, v in (("n", args.n), ("seed", args.seed)) if v is not None
     ]
     params = _params(args, *extra)
-    records = synth_source(params.data.synth, workers=args.workers)
+    out = _path(args.out, params.paths.data)
+    records = synth_source(params.data.synth, workers=args.workers, have=synth_count(out))
     report = ingest(
         records,
-        _path(args.out, params.paths.data),
+        out,
         params.data.ingest,
         _path(args.report, params.paths.ingest_report),
         progress=not args.quiet,
@@ -267,7 +269,7 @@ def _merge_in_place(document: Any, patch: dict[str, Any]) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from imagen_ops.cascade import Cascade
+    from imagen_ops.cascade import Cascade, cascade_digest
     from imagen_ops.device import resolve_device
     from imagen_ops.eval.evaluate import EvalPaths, cascade_sampler, evaluate, held_out
 
@@ -277,9 +279,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     prompts = held_out(
         _path(args.prepared, p.prepared), _path(args.cache, p.text_cache), text, cfg.num_samples
     )
-    cascade = Cascade.from_dir(
-        _path(args.models, p.models), view.stage_names, text, resolve_device(args.device)
-    )
+    models = _path(args.models, p.models)
+    cascade = Cascade.from_dir(models, view.stage_names, text, resolve_device(args.device))
     paths = EvalPaths(
         out=_path(args.out, p.eval),
         metrics=_path(args.metrics, p.metrics),
@@ -293,6 +294,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         prompts,
         paths,
         stage_count=len(cascade.stages),
+        model_sha256=cascade_digest(models, view.stage_names),
         device=args.device,
     )
     _out(json.dumps(result, indent=2))
@@ -316,8 +318,47 @@ def cmd_register(args: argparse.Namespace) -> None:
         paths,
         run_params=params.model_dump(mode="json"),
         run_id=args.run_id,
+        golden=_golden(root / p.golden),
     )
     _out(json.dumps(result, indent=2))
+
+
+def _golden(directory: Path) -> list[dict[str, Any]] | None:
+    """The golden prompt set if there is one (then the paired gate decides promotions)."""
+    from imagen_ops.eval.golden import GOLDEN_FILE, read_golden
+
+    if not (directory / GOLDEN_FILE).is_file():
+        log.warning("no golden prompt set in %s: the metric gate decides", directory)
+        return None
+    return read_golden(directory)
+
+
+def cmd_golden_make(args: argparse.Namespace) -> None:
+    from imagen_ops.eval.golden import GOLDEN_FILE, make_golden, write_golden
+
+    params = _params(args)
+    out = _path(args.out, params.paths.golden)
+    if (out / GOLDEN_FILE).is_file() and not args.force:
+        raise FileExistsError(
+            f"{out / GOLDEN_FILE} exists: the golden set is frozen (pass --force to replace it, "
+            "then `dvc add` it: later gates compare on the new set)"
+        )
+    cfg = params.registry
+    path = write_golden(out, make_golden(cfg.golden_per_category, cfg.golden_seed))
+    _out(f"wrote {path}; version it with `dvc add {out}`")
+
+
+def cmd_reproduce(args: argparse.Namespace) -> None:
+    from imagen_ops.registry.reproduce import reproduce
+
+    params = _params(args)
+    result = reproduce(args.model, Path(args.root), params.registry, keep=args.keep)
+    _out(json.dumps({**result.__dict__, "identical": result.identical}, indent=2))
+    if not result.identical:
+        raise RuntimeError(
+            f"{result.uri}: the rebuilt weights differ (sha256 {result.rebuilt_sha256}, "
+            f"registered {result.expected_sha256}); same thread count and CPU type?"
+        )
 
 
 def cmd_pipeline_write(args: argparse.Namespace) -> None:
@@ -340,7 +381,14 @@ def cmd_pipeline_write(args: argparse.Namespace) -> None:
 def cmd_promote(args: argparse.Namespace) -> None:
     from imagen_ops.registry.register import promote
 
-    decision = promote(_params(args).registry, version=args.version, force=args.force)
+    params = _params(args)
+    decision = promote(
+        params.registry,
+        version=args.version,
+        force=args.force,
+        golden=_golden(Path(params.paths.golden)),
+        settings=params.sample,
+    )
     _out(json.dumps(decision.to_dict(), indent=2))
 
 
@@ -459,6 +507,17 @@ def build_parser() -> argparse.ArgumentParser:
     path(p, "--metrics", "paths.reports/metrics.json", "the metrics file")
     path(p, "--eval-dir", "paths.eval", "grid and report")
     p.add_argument("--run-id", help="log into this MLflow run (the retraining flow's)")
+
+    p = add("reproduce", cmd_reproduce, "rebuild a registered version and check it bit for bit")
+    p.add_argument("model", help="models:/NAME/VERSION or models:/NAME@ALIAS")
+    p.add_argument("--root", default=".", help="project root (git + DVC)")
+    p.add_argument("--keep", action="store_true", help="keep the temporary work tree")
+
+    golden = sub.add_parser("golden", help="the golden prompt set that decides promotions")
+    golden_sub = golden.add_subparsers(dest="golden_command", required=True)
+    p = add("make", cmd_golden_make, "write the golden prompt set (then dvc add it)", golden_sub)
+    path(p, "--out", "paths.golden", "the golden set folder")
+    p.add_argument("--force", action="store_true", help="replace an existing set")
 
     p = add("promote", cmd_promote, "move alias champion to a version if it passes the gate")
     p.add_argument("--version", help="model version (default: the challenger)")

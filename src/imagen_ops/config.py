@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from imagen_ops.choices import choice_of
+from imagen_ops.device import PRECISIONS
 from imagen_ops.diffusion.guidance import THRESHOLDING
 from imagen_ops.diffusion.objectives import LOSS_WEIGHTINGS, OBJECTIVES
 from imagen_ops.diffusion.samplers import SAMPLERS
@@ -64,7 +65,13 @@ class Section(BaseModel):
 class SynthConfig(Section):
     """The embedded default data set: scenes of colored shapes with exact scene specs."""
 
-    n: int = Field(6000, ge=1, description="number of scenes to render")
+    n: int = Field(6000, ge=1, description="number of scenes of the first run")
+    new_per_run: int = Field(
+        0,
+        ge=0,
+        description="scenes each later run adds (0: a fixed data set; a scheduled run "
+        "with nothing new then ends with 'no change')",
+    )
     seed: int = Field(0, description="generator seed; same seed + version gives the same bytes")
     resolution: int = Field(64, ge=32, description="stored image size (largest cascade size)")
     categories: dict[Literal["single", "binding", "counting", "position"], float] = Field(
@@ -84,13 +91,23 @@ class SynthConfig(Section):
 class IngestConfig(Section):
     """Validation limits and column names for importing real image-text data."""
 
-    source: str | None = Field(None, description="new data for the retrain flow (None: synth)")
+    source: str | None = Field(
+        None,
+        description="what each retrain flow run ingests (folder, shards, manifest); "
+        "None: the synthetic shapes (data.synth)",
+    )
     format: Literal["auto", "folder", "jsonl", "csv", "webdataset", "parquet"] = "auto"
     image_column: str = "image"
     caption_column: str = "caption"
     min_side: int = Field(32, ge=1, description="reject images whose shorter side is smaller")
     max_pixels: int = Field(40_000_000, ge=1, description="reject larger images (bombs)")
     max_caption_chars: int = Field(2000, ge=1, description="reject longer captions")
+    max_file_bytes: int = Field(
+        64 * 2**20, ge=1, description="reject larger files / tar members, before reading them"
+    )
+    max_source_bytes: int = Field(
+        64 * 2**30, ge=1, description="stop reading a source after this many image bytes"
+    )
     examples_per_reason: int = Field(5, ge=0, description="rejected examples kept in the report")
 
 
@@ -203,14 +220,19 @@ class TrainConfig(Section):
     betas: tuple[float, float] = (0.9, 0.99)
     grad_clip: float = Field(1.0, gt=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
-    precision: Literal["fp32", "bf16"] = "bf16"
+    precision: choice_of(PRECISIONS) = Field(
+        "auto", description="bf16 autocast or fp32; auto: bf16 where the hardware has it"
+    )
     compile: bool = False
     channels_last: bool = Field(False, description="NHWC (faster on CUDA, slower on CPU)")
     crop: int | None = Field(None, ge=8, description="SR stages: random crop size")
     device: str = "auto"
     seed: int = 0
     checkpoint_every: int = Field(500, ge=1)
-    keep_last: int = Field(2, ge=1)
+    keep_last: int = Field(2, ge=1, description="checkpoints kept of the current run")
+    keep_runs: int = Field(
+        2, ge=1, description="checkpoint folders kept of recent runs (fingerprints), this one too"
+    )
     log_every: int = Field(25, ge=1)
     sample_every: int = Field(0, ge=0, description="sample grid to the tracker (0: never)")
     max_nonfinite: int = Field(5, ge=1, description="consecutive skipped steps before stopping")
@@ -252,7 +274,9 @@ class SampleConfig(Section):
     spacing: choice_of(SPACINGS) = "time"
     eta: float = Field(0.0, ge=0, description="DDIM stochasticity (1 = ancestral)")
     aug_level: float | tuple[float, ...] = Field(0.2, description="SR noise-aug level (t)")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="network precision")
+    precision: choice_of(PRECISIONS) = Field(
+        "auto", description="network precision; auto: bf16 where the hardware has it"
+    )
     batch_size: int = Field(32, ge=1)
     seed: int = 0
 
@@ -305,6 +329,13 @@ class RegistryConfig(Section):
         "auto", description="metric in reports/metrics.json; auto: alignment, else fid"
     )
     margin: float = Field(0.0, ge=0, description="how much better the challenger must be")
+    confidence: float = Field(
+        0.95, ge=0.5, lt=1, description="paired gate: 1 - the McNemar test's significance level"
+    )
+    golden_per_category: int = Field(
+        32, ge=1, description="golden prompt set: prompts per category (imagen-ops golden make)"
+    )
+    golden_seed: int = Field(20220523, description="golden prompt set: generator seed")
     track_training: bool = Field(True, description="log training runs to MLflow")
 
 
@@ -334,6 +365,7 @@ class PathsConfig(Section):
     fid_cache: str = Field("artifacts/fid_cache", description="real-image Inception features")
     reports: str = Field("reports", description="small git-tracked metrics and plots files")
     lock: str = Field("artifacts/.retrain.lock", description="one retraining run at a time")
+    golden: str = Field("golden", description="the golden prompt set (dvc add golden)")
 
     def model(self, stage: str) -> str:
         return f"{self.models}/{stage}"

@@ -93,8 +93,9 @@ class LockedError(RuntimeError):
 
 
 @contextmanager
-def exclusive_lock(path: str | Path) -> Iterator[None]:
-    """Hold an exclusive lock on `path` for the block, or fail at once naming the holder.
+def exclusive_lock(path: str | Path, wait: float = 0.0) -> Iterator[None]:
+    """Hold an exclusive lock on `path` for the block; fail naming the holder if it is not
+    free within `wait` seconds (0: at once).
 
     Two retraining runs must never write the same data and model directories; the second
     one stops with a message instead of waiting or corrupting the first. The lock is an
@@ -102,15 +103,21 @@ def exclusive_lock(path: str | Path) -> Iterator[None]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + wait
     with path.open("a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "unknown"
-            raise LockedError(
-                f"{path} is held by another run ({holder}); wait for it to finish"
-            ) from None
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                f.seek(0)
+                holder = f.read().strip() or "unknown"
+                raise LockedError(
+                    f"{path} is held by another run ({holder}); wait for it to finish"
+                ) from None
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")

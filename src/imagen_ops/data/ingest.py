@@ -54,6 +54,9 @@ ID_CHARS = 16
 
 REASONS = (
     "unsafe_path",
+    "not_regular_file",
+    "too_large",
+    "source_limit",
     "missing_image",
     "zero_size",
     "missing_caption",
@@ -326,7 +329,10 @@ def ingest(
     report_path: Path | None = None,
     progress: bool = True,
 ) -> IngestReport:
-    """Validate `records` and append the kept ones to `out_dir` (images + captions.parquet)."""
+    """Validate `records` and append the kept ones to `out_dir` (images + captions.parquet).
+
+    The report is returned always; `report_path` (a tracked file) describes the ingest that
+    last changed `out_dir`, so a run that adds nothing leaves it byte for byte as it was."""
     out_dir = Path(out_dir)
     old = read_table(out_dir)
     known = dict(zip(old["id"], old["source_sha256"], strict=True))
@@ -357,6 +363,6 @@ def ingest(
         dict(sorted(report.rejected.items())),
         report.rows,
     )
-    if report_path is not None:
+    if report_path is not None and (report.kept or not Path(report_path).exists()):
         write_json_atomic(report_path, report.to_dict())
     return report

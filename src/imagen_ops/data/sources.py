@@ -16,6 +16,7 @@ import csv
 import json
 import logging
 import os
+import stat
 import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
@@ -25,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imagen_ops.config import IngestConfig, SynthConfig
-from imagen_ops.data.ingest import RawRecord
+from imagen_ops.data.ingest import RawRecord, read_table
 from imagen_ops.data.shapes import synth_scenes
 
 __all__ = ["detect_format", "open_source", "synth_source"]
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 CAPTION_SUFFIXES = (".txt", ".json")
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # preference order within one sample
+SYNTH = "synth"  # the source label of synthetic records
 WDS_CAPTION_KEYS = ("caption", "text")  # json fallbacks after cfg.caption_column
 PARQUET_BATCH_ROWS = 64
 
@@ -55,14 +57,24 @@ def open_source(source: str | Path, cfg: IngestConfig) -> Iterator[RawRecord]:
     return readers[fmt](path, cfg)
 
 
-def synth_source(cfg: SynthConfig, workers: int = 0) -> Iterator[RawRecord]:
-    """The synthetic shapes as records (source "synth", the scene spec attached)."""
-    for rec in synth_scenes(cfg, workers):
+def synth_count(data_dir: Path) -> int:
+    """How many synthetic scenes `data_dir` already holds."""
+    return int((read_table(data_dir)["source"] == SYNTH).sum())
+
+
+def synth_source(cfg: SynthConfig, workers: int = 0, have: int = 0) -> Iterator[RawRecord]:
+    """The synthetic shapes as records (source "synth", the scene spec attached).
+
+    With `have` scenes already ingested, only the new ones are rendered: scenes 0..n-1 on
+    the first run, then `new_per_run` more per run (scene i depends on (seed, i) only, so
+    the growing data set is the same whatever the run it was rendered in)."""
+    target = max(cfg.n, have + cfg.new_per_run) if have else cfg.n
+    for rec in synth_scenes(cfg.model_copy(update={"n": target}), workers, start=have):
         yield RawRecord(
             key=f"synth:{cfg.seed}:{rec.index}",
             data=rec.png,
             caption=rec.caption,
-            source="synth",
+            source=SYNTH,
             scene=rec.scene,
         )
 
@@ -99,8 +111,43 @@ def _expect_kind(path: Path, is_dir: bool, fmt: str) -> None:
         raise ValueError(f"{path}: format {fmt!r} expects {kind}")
 
 
-def _read_optional(path: Path) -> bytes | None:
-    return path.read_bytes() if path.is_file() else None
+class Budget:
+    """The bytes a source may hand to ingest, per file and in all, checked before reading."""
+
+    def __init__(self, cfg: IngestConfig):
+        self.per_file, self.left = cfg.max_file_bytes, cfg.max_source_bytes
+
+    def take(self, size: int) -> tuple[str, str] | None:
+        """None if `size` bytes may be read (and counts them), else (reason, detail)."""
+        if size > self.per_file:
+            return "too_large", f"{size} bytes > data.ingest.max_file_bytes={self.per_file}"
+        if size > self.left:
+            return "source_limit", "the source passed data.ingest.max_source_bytes"
+        self.left -= size
+        return None
+
+
+def _read_file(path: Path, budget: Budget) -> tuple[bytes | None, str | None, str]:
+    """(data, reject reason, detail) of one file: only regular files are opened (a link is
+    followed, to a regular file only), within the budget; a missing file is (None, None, ...)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None, None, f"{path}: no such file"
+    except OSError as err:
+        return None, "not_regular_file", f"{path}: {err.strerror}"
+    if not stat.S_ISREG(st.st_mode):
+        return None, "not_regular_file", f"{path}: a fifo, device, socket or directory"
+    over = budget.take(st.st_size)
+    if over is not None:
+        return None, *over
+    return path.read_bytes(), None, ""
+
+
+def _caption_file(path: Path, budget: Budget) -> bytes | None:
+    """The same-stem .txt caption beside an image (None when absent or not readable)."""
+    data, reason, _ = _read_file(path, budget)
+    return data if reason is None else None
 
 
 def _files(path: Path, suffix: str) -> list[Path]:
@@ -120,10 +167,10 @@ def _folder(root: Path, cfg: IngestConfig) -> Iterator[RawRecord]:
     """Every non-caption file under `root` (recursive, sorted; dot-files and symlinked
     directories are skipped), captioned by the same-stem `.txt` beside it."""
     _expect_kind(root, True, "folder")
-    return _folder_records(root)
+    return _folder_records(root, Budget(cfg))
 
 
-def _folder_records(root: Path) -> Iterator[RawRecord]:
+def _folder_records(root: Path, budget: Budget) -> Iterator[RawRecord]:
     for dirpath, dirnames, filenames in os.walk(root):
         for d in dirnames:
             if Path(dirpath, d).is_symlink():
@@ -133,11 +180,14 @@ def _folder_records(root: Path) -> Iterator[RawRecord]:
             path = Path(dirpath) / name
             if name.startswith(".") or path.suffix.lower() in CAPTION_SUFFIXES:
                 continue
+            data, reason, detail = _read_file(path, budget)
             yield RawRecord(
                 key=str(path),
-                data=path.read_bytes(),
-                caption=_read_optional(path.with_suffix(".txt")),
+                data=data,
+                caption=_caption_file(path.with_suffix(".txt"), budget),
                 source=str(root),
+                reject=reason,
+                reject_detail=detail,
             )
 
 
@@ -153,15 +203,22 @@ def _missing_columns(path: Path, present: list[str], cfg: IngestConfig) -> None:
             )
 
 
-def _manifest_record(manifest: Path, key: str, image: Any, caption: Any) -> RawRecord:
-    """One manifest row: the image path is relative to the manifest's folder or absolute."""
+def _manifest_record(
+    manifest: Path, key: str, image: Any, caption: Any, budget: Budget
+) -> RawRecord:
+    """One manifest row: the image path, relative or absolute, must lie inside the
+    manifest's folder (a manifest cannot make ingest read files elsewhere)."""
     source = str(manifest)
     if not isinstance(image, str) or not image:
         return RawRecord(key, None, caption, source, reject_detail=f"no image path ({image!r})")
-    path = Path(image) if Path(image).is_absolute() else manifest.parent / image
-    data = _read_optional(path)
-    detail = "" if data is not None else f"{path}: no such file"
-    return RawRecord(f"{key} ({image})", data, caption, source, reject_detail=detail)
+    where = f"{key} ({image})"
+    folder = manifest.parent.resolve()
+    path = (manifest.parent / image).resolve()  # an absolute `image` replaces the folder
+    if not path.is_relative_to(folder):
+        detail = f"{image} is outside the manifest's folder {folder}"
+        return RawRecord(where, None, caption, source, reject="unsafe_path", reject_detail=detail)
+    data, reason, detail = _read_file(path, budget)
+    return RawRecord(where, data, caption, source, reject=reason, reject_detail=detail)
 
 
 def _jsonl(path: Path, cfg: IngestConfig) -> Iterator[RawRecord]:
@@ -176,10 +233,10 @@ def _jsonl(path: Path, cfg: IngestConfig) -> Iterator[RawRecord]:
 
 
 def _jsonl_records(path: Path, cfg: IngestConfig) -> Iterator[RawRecord]:
+    budget = Budget(cfg)
     for line_no, row in _jsonl_rows(path):
-        yield _manifest_record(
-            path, f"{path}:{line_no}", row.get(cfg.image_column), row.get(cfg.caption_column)
-        )
+        image, caption = row.get(cfg.image_column), row.get(cfg.caption_column)
+        yield _manifest_record(path, f"{path}:{line_no}", image, caption, budget)
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -206,6 +263,7 @@ def _csv(path: Path, cfg: IngestConfig) -> Iterator[RawRecord]:
 
 
 def _csv_records(path: Path, cfg: IngestConfig) -> Iterator[RawRecord]:
+    budget = Budget(cfg)
     with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         reader = csv.DictReader(f)
         for row in reader:
@@ -214,6 +272,7 @@ def _csv_records(path: Path, cfg: IngestConfig) -> Iterator[RawRecord]:
                 f"{path}:{reader.line_num}",
                 row.get(cfg.image_column),
                 row.get(cfg.caption_column),
+                budget,
             )
 
 
@@ -257,7 +316,8 @@ def _tar_records(shard: Path, cfg: IngestConfig) -> Iterator[RawRecord]:
     """Samples of one shard: consecutive members sharing a key, as WebDataset groups them."""
     key: str | None = None
     group: dict[str, bytes] = {}
-    unsafe: str | None = None
+    unsafe: tuple[str, str] | None = None  # (reason, detail) that rejects the whole sample
+    budget = Budget(cfg)
     try:
         with tarfile.open(shard, mode="r|*") as tar:
             for member in tar:
@@ -277,7 +337,11 @@ def _tar_records(shard: Path, cfg: IngestConfig) -> Iterator[RawRecord]:
                     key, group, unsafe = member_key, {}, None
                 bad_type = _unsafe_type(member)
                 if bad_type is not None:
-                    unsafe = unsafe or f"{member.name}: {bad_type}"
+                    unsafe = unsafe or ("unsafe_path", f"{member.name}: {bad_type}")
+                    continue
+                over = budget.take(member.size)  # the header's size: nothing read yet
+                if over is not None:
+                    unsafe = unsafe or (over[0], f"{member.name}: {over[1]}")
                     continue
                 f = tar.extractfile(member)
                 if f is not None:
@@ -289,11 +353,15 @@ def _tar_records(shard: Path, cfg: IngestConfig) -> Iterator[RawRecord]:
 
 
 def _sample(
-    shard: Path, key: str, group: dict[str, bytes], unsafe: str | None, cfg: IngestConfig
+    shard: Path,
+    key: str,
+    group: dict[str, bytes],
+    unsafe: tuple[str, str] | None,
+    cfg: IngestConfig,
 ) -> RawRecord:
     where = f"{shard}:{key}"
     if unsafe is not None:
-        return RawRecord(where, None, None, str(shard), reject="unsafe_path", reject_detail=unsafe)
+        return RawRecord(where, None, None, str(shard), reject=unsafe[0], reject_detail=unsafe[1])
     image = next((group[e] for e in WDS_IMAGE_EXTS if e in group), None)
     detail = "" if image is not None else f"no {'/'.join(WDS_IMAGE_EXTS)} member"
     if "txt" in group:
@@ -333,29 +401,31 @@ def _parquet(path: Path, cfg: IngestConfig) -> Iterator[RawRecord]:
     return (rec for file in files for rec in _parquet_records(file, cfg))
 
 
-def _parquet_image(file: Path, value: Any) -> tuple[bytes | None, str]:
-    """Image bytes of a cell: raw bytes, a {"bytes", "path"} struct, or a path string."""
+def _parquet_image(value: Any) -> bytes | str | None:
+    """A cell's image: raw bytes, a {"bytes", "path"} struct, or a path string."""
     if isinstance(value, dict):
-        if value.get("bytes") is not None:
-            return value["bytes"], ""
-        value = value.get("path")
-    if isinstance(value, bytes):
-        return value, ""
-    if isinstance(value, str) and value:
-        path = Path(value) if Path(value).is_absolute() else file.parent / value
-        data = _read_optional(path)
-        return data, "" if data is not None else f"{path}: no such file"
-    return None, "no image bytes or path"
+        value = value.get("bytes") if value.get("bytes") is not None else value.get("path")
+    return value if isinstance(value, bytes | str) and value else None
 
 
 def _parquet_records(file: Path, cfg: IngestConfig) -> Iterator[RawRecord]:
     columns = [cfg.image_column, cfg.caption_column]
-    row = 0
+    budget, row = Budget(cfg), 0
     for batch in pq.ParquetFile(file).iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
         images = batch.column(cfg.image_column).to_pylist()
         captions = batch.column(cfg.caption_column).to_pylist()
-        for image, caption in zip(images, captions, strict=True):
+        for value, caption in zip(images, captions, strict=True):
             key = f"{file}:{row}"
             row += 1
-            data, detail = _parquet_image(file, image)
-            yield RawRecord(key, data, caption, str(file), reject_detail=detail)
+            image = _parquet_image(value)
+            if isinstance(image, str):  # a path: the manifest rules (inside the folder)
+                yield _manifest_record(file, key, image, caption, budget)
+                continue
+            over = None if image is None else budget.take(len(image))
+            if over is not None:
+                yield RawRecord(
+                    key, None, caption, str(file), reject=over[0], reject_detail=over[1]
+                )
+                continue
+            detail = "" if image is not None else "no image bytes or path"
+            yield RawRecord(key, image, caption, str(file), reject_detail=detail)

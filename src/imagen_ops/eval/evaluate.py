@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -74,6 +75,12 @@ class HeldOut:
 
     def real_images(self, resolution: int) -> np.ndarray:
         return self.prepared.images(resolution)[self.records]
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the data version, the records and their captions: the eval set's id."""
+        spec = [self.prepared.manifest["source_table_sha256"], self.records.tolist(), self.captions]
+        return hashlib.sha256(json.dumps(spec).encode()).hexdigest()
 
 
 SampleFn = Callable[[TextEmbeddings, SampleConfig, Sequence[int]], tuple[np.ndarray, dict]]
@@ -176,9 +183,13 @@ def evaluate(
     paths: EvalPaths,
     *,
     stage_count: int,
+    model_sha256: str,
     device: str = "auto",
 ) -> dict[str, Any]:
-    """Run the evaluate stage; returns the metrics written to `paths.metrics`."""
+    """Run the evaluate stage; returns the metrics written to `paths.metrics`.
+
+    `model_sha256` (cascade.cascade_digest of the weights sample_fn uses) and the eval
+    set's digest are recorded, so registration can refuse metrics of other weights."""
     dev = resolve_device(device)
     n = len(prompts.records)
     seeds = [settings.seed + k for k in range(n)]
@@ -219,6 +230,8 @@ def evaluate(
 
     result = {
         "version": METRICS_VERSION,
+        "model_sha256": model_sha256,
+        "eval_set_sha256": prompts.digest,
         "resolution": resolution,
         **metrics,
         "sampling": {

@@ -1,16 +1,24 @@
 """The champion / challenger gate: pure logic, no MLflow, so it is tested exhaustively.
 
-The primary metric is a dotted key of reports/metrics.json. "auto" means the overall
-shapes alignment when the evaluation has one (synthetic data), otherwise FID. Whether
-higher is better follows from the metric's name (FID and KID are distances).
+Two gates. The paired gate (the default where a golden prompt set exists): champion and
+challenger are sampled on the same golden prompts with the same seeds, the exact oracle
+marks each image correct or not, and the challenger is promoted only if its accuracy is
+higher by more than `margin` and an exact one-sided McNemar test on the discordant pairs
+rejects "no better" at the configured confidence. The metric gate (data without scene
+specs): a dotted key of reports/metrics.json, "auto" meaning the overall shapes alignment
+when the evaluation has one, otherwise FID; whether higher is better follows from the
+name (FID and KID are distances).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["Decision", "decide", "lookup_metric", "primary_metric"]
+import numpy as np
+
+__all__ = ["Decision", "decide", "lookup_metric", "mcnemar_p", "paired_decide", "primary_metric"]
 
 LOWER_IS_BETTER = ("fid", "kid")
 
@@ -24,6 +32,9 @@ class Decision:
     champion: float | None
     greater_is_better: bool
     margin: float
+    test: str = "threshold"  # or "mcnemar" (the paired gate)
+    p_value: float | None = None
+    n: int | None = None  # golden prompts both models were sampled on
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,3 +94,38 @@ def decide(
         + ("promoted" if better else "champion kept")
     )
     return Decision(better, reason, metric, challenger, champion, greater_is_better, margin)
+
+
+def mcnemar_p(wins: int, losses: int) -> float:
+    """One-sided exact McNemar p-value: P[X >= wins] for X ~ Binomial(wins + losses, 1/2),
+    where wins (losses) count prompts only the challenger (only the champion) got right."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n
+
+
+def paired_decide(
+    champion: np.ndarray,
+    challenger: np.ndarray,
+    confidence: float,
+    margin: float = 0.0,
+    metric: str = "golden.accuracy",
+) -> Decision:
+    """The paired gate on per-prompt correctness of the two models (same prompts, seeds)."""
+    champion, challenger = np.asarray(champion, bool), np.asarray(challenger, bool)
+    if champion.shape != challenger.shape or champion.ndim != 1 or not len(champion):
+        raise ValueError(f"paired verdicts need equal, non-empty 1-d arrays ({champion.shape})")
+    wins = int(np.sum(challenger & ~champion))
+    losses = int(np.sum(champion & ~challenger))
+    a, b = float(challenger.mean()), float(champion.mean())
+    p = mcnemar_p(wins, losses)
+    alpha = 1.0 - confidence
+    promote = a - b > margin and p <= alpha
+    reason = (
+        f"golden set (N={len(champion)}): challenger {a:.3f} vs champion {b:.3f}, "
+        f"{wins} prompts won / {losses} lost, McNemar p={p:.3g} "
+        f"(needs <= {alpha:.3g} and a gain > {margin:g}): "
+        + ("promoted" if promote else "champion kept")
+    )
+    return Decision(promote, reason, metric, a, b, True, margin, "mcnemar", p, len(champion))

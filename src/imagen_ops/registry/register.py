@@ -12,27 +12,50 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import subprocess
 import tempfile
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
+from safetensors.torch import load_file
 
 import imagen_ops
-from imagen_ops.config import RegistryConfig, flatten
-from imagen_ops.registry.loading import ARTIFACT
-from imagen_ops.registry.promotion import Decision, decide, primary_metric
+from imagen_ops.cascade import Cascade, cascade_digest
+from imagen_ops.config import RegistryConfig, SampleConfig, flatten
+from imagen_ops.device import resolve_device
+from imagen_ops.files import exclusive_lock
+from imagen_ops.registry.gate import golden_correct
+from imagen_ops.registry.loading import ARTIFACT, load_cascade
+from imagen_ops.registry.promotion import Decision, decide, paired_decide, primary_metric
 from imagen_ops.registry.pyfunc import ImagenModel, ModelSpec, package_cascade
 from imagen_ops.registry.tracking import configure
 
-__all__ = ["RegisterPaths", "champion_metric", "promote", "register", "signature"]
+__all__ = [
+    "NotRegistrableError",
+    "RegisterPaths",
+    "champion_metric",
+    "check_registrable",
+    "current_champion",
+    "decision_tags",
+    "gate",
+    "move_champion",
+    "promote",
+    "register",
+    "registered_version",
+    "signature",
+]
 
 log = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+MODEL_DIGEST_TAG = "imagen_ops.model_sha256"  # version tag: cascade_digest of its weights
+LINEAGE = "lineage"  # run artifact folder: the files a version is rebuilt from
+LINEAGE_FILES = ("dvc.lock", "data.dvc", "golden.dvc", "params.yaml", "dvc.yaml")
+GOLDEN = "golden.accuracy"  # the paired gate's metric: exact correctness on the golden set
 REQUIREMENTS = [
     "torch",
     "transformers",
@@ -128,21 +151,157 @@ def log_cascade_model(models: Path, spec: ModelSpec, registered_model_name: str 
         )
 
 
-def champion_metric(cfg: RegistryConfig, metric: str) -> tuple[str | None, float | None]:
-    """(version, value of `metric`) of the current champion, (None, None) without one."""
+def registered_version(
+    cfg: RegistryConfig, models: Path, stage_names: list[str] | tuple[str, ...]
+) -> str | None:
+    """The model version holding exactly the cascade in `models`, None if none does (or
+    the cascade is not complete)."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    client = MlflowClient()
     try:
-        version = client.get_registered_model(cfg.model_name).aliases.get(CHAMPION)
+        digest = cascade_digest(models, stage_names)
+    except FileNotFoundError:
+        return None
+    configure(cfg)
+    try:
+        found = MlflowClient().search_model_versions(f"name='{cfg.model_name}'")
     except MlflowException:
-        return None, None
+        return None
+    return next((v.version for v in found if v.tags.get(MODEL_DIGEST_TAG) == digest), None)
+
+
+class NotRegistrableError(ValueError):
+    """Weights or metrics that must not become a model version."""
+
+
+def check_registrable(
+    models: Path, stage_names: tuple[str, ...], metrics: dict[str, Any], metrics_path: Path
+) -> None:
+    """Refuse weights with non-finite values and metrics measured on other weights."""
+    for name in stage_names:
+        weights = models / name / "ema.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights} is missing (run `dvc repro train_{name}`)")
+        bad = [k for k, v in load_file(str(weights)).items() if not v.isfinite().all()]
+        if bad:
+            raise NotRegistrableError(
+                f"{weights} has non-finite values ({', '.join(bad[:3])}); not registered"
+            )
+    actual = cascade_digest(models, stage_names)
+    recorded = metrics.get("model_sha256")
+    if recorded != actual:
+        raise NotRegistrableError(
+            f"{metrics_path} was measured on other weights (model_sha256 {recorded}, the "
+            f"cascade in {models} is {actual}); run `dvc repro evaluate` and register again"
+        )
+
+
+def current_champion(cfg: RegistryConfig) -> str | None:
+    """The version behind alias `champion`, None without one (or without the model)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        version = MlflowClient().get_registered_model(cfg.model_name).aliases.get(CHAMPION)
+    except MlflowException:
+        return None
+    return None if version is None else str(version)
+
+
+def champion_metric(cfg: RegistryConfig, metric: str) -> tuple[str | None, float | None]:
+    """(version, value of `metric`) of the current champion, (None, None) without one."""
+    from mlflow import MlflowClient
+
+    version = current_champion(cfg)
     if version is None:
         return None, None
+    client = MlflowClient()
     mv = client.get_model_version(cfg.model_name, version)
-    metrics = client.get_run(mv.run_id).data.metrics
-    return str(version), metrics.get(metric)
+    return version, client.get_run(mv.run_id).data.metrics.get(metric)
+
+
+def gate(
+    cfg: RegistryConfig,
+    settings: SampleConfig,
+    challenger: Cascade,
+    metrics: dict[str, Any],
+    golden: Sequence[dict[str, Any]] | None,
+    champion_version: str | None,
+) -> Decision:
+    """The paired golden-set gate when a golden set is given, else the metric gate."""
+    if golden:
+        mine = golden_correct(challenger, golden, settings, "challenger")
+        if champion_version is None:
+            acc = float(mine.mean())
+            return Decision(
+                True,
+                "no champion yet",
+                GOLDEN,
+                acc,
+                None,
+                True,
+                cfg.margin,
+                "mcnemar",
+                None,
+                len(mine),
+            )
+        uri = f"models:/{cfg.model_name}/{champion_version}"
+        champion = load_cascade(uri, registry=cfg, device=challenger.device)
+        label = f"champion (version {champion_version})"
+        theirs = golden_correct(champion, golden, settings, label)
+        return paired_decide(theirs, mine, cfg.confidence, cfg.margin, GOLDEN)
+    metric, value, greater = primary_metric(metrics, cfg.primary_metric)
+    _, champion_value = champion_metric(cfg, metric)
+    return decide(metric, value, champion_value, greater, cfg.margin, champion_version)
+
+
+def _alias_lock(cfg: RegistryConfig) -> Path:
+    """One lock per model for read-compare-set of its aliases (beside a local store)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri
+    folder = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else None
+    return (folder or Path(tempfile.gettempdir())) / f".{cfg.model_name}.aliases.lock"
+
+
+def move_champion(cfg: RegistryConfig, version: str, expected: str | None) -> str | None:
+    """Point `champion` at `version` if it still points at `expected` (compare-and-set
+    under a lock, so two runs or a CLI promote cannot overwrite each other silently).
+    Returns None on success, else the version the alias points at now."""
+    from mlflow import MlflowClient
+
+    with exclusive_lock(_alias_lock(cfg), wait=120):
+        now = current_champion(cfg)
+        if now != expected:
+            return now or "none"
+        MlflowClient().set_registered_model_alias(cfg.model_name, CHAMPION, version)
+    return None
+
+
+def _description(tags: dict[str, str | None], metrics: dict[str, Any], d: Decision) -> str:
+    alignment = (metrics.get("alignment") or {}).get("overall")
+    return (
+        f"commit {tags.get('imagen_ops.git_commit') or 'unknown'}, data "
+        f"{tags.get('imagen_ops.data_version') or 'unknown'}; alignment.overall "
+        f"{'n/a' if alignment is None else f'{alignment:.3f}'}, FID {metrics.get('fid')}; "
+        f"gate: {d.reason}. Rebuild: imagen-ops reproduce models:/<name>/<version>"
+    )
+
+
+def decision_tags(decision: Decision) -> dict[str, str]:
+    """The gate's decision as model version tags (readable in the MLflow UI)."""
+    tags = {
+        "imagen_ops.gate.promoted": str(decision.promote),
+        "imagen_ops.gate.test": decision.test,
+        "imagen_ops.gate.metric": decision.metric,
+        "imagen_ops.gate.challenger": f"{decision.challenger:.6g}",
+        "imagen_ops.gate.champion": "" if decision.champion is None else f"{decision.champion:.6g}",
+        "imagen_ops.gate.reason": decision.reason[:5000],
+    }
+    if decision.p_value is not None:
+        tags["imagen_ops.gate.p_value"] = f"{decision.p_value:.6g}"
+    if decision.n is not None:
+        tags["imagen_ops.gate.n"] = str(decision.n)
+    return tags
 
 
 def register(
@@ -152,19 +311,26 @@ def register(
     *,
     run_params: Mapping[str, Any],
     run_id: str | None = None,
+    golden: Sequence[dict[str, Any]] | None = None,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Log the run (its `run_params`, e.g. all of params.yaml) and its pyfunc model,
-    register a version as challenger, gate the champion."""
+    register a version as challenger, gate the champion: on the `golden` prompt set when
+    given (paired test), else on the metrics' primary metric."""
     import mlflow
     from mlflow import MlflowClient
 
     metrics = json.loads(paths.metrics.read_text())
-    metric, value, greater = primary_metric(metrics, cfg.primary_metric)  # fail before logging
+    if not golden:
+        primary_metric(metrics, cfg.primary_metric)  # fail before logging
+    check_registrable(paths.models, spec.stage_names, metrics, paths.metrics)
     experiment_id = configure(cfg)
     client = MlflowClient()
     # decide before anything is registered: a failure up to here changes no alias
-    champion_version, champion_value = champion_metric(cfg, metric)
-    decision = decide(metric, value, champion_value, greater, cfg.margin, champion_version)
+    champion_version = current_champion(cfg)
+    dev = resolve_device(device)
+    challenger = Cascade.from_dir(paths.models, spec.stage_names, spec.text, dev)
+    decision = gate(cfg, spec.sample, challenger, metrics, golden, champion_version)
     tags = {
         "imagen_ops.git_commit": _git_commit(paths.root),
         "imagen_ops.dvc_lock_sha256": _sha256(paths.root / "dvc.lock"),
@@ -185,11 +351,32 @@ def register(
             if (paths.eval_dir / name).is_file():
                 mlflow.log_artifact(str(paths.eval_dir / name), artifact_path="eval")
         mlflow.log_artifact(str(paths.metrics), artifact_path="eval")
+        for name in LINEAGE_FILES:  # what `imagen-ops reproduce` rebuilds the version from
+            if (paths.root / name).is_file():
+                mlflow.log_artifact(str(paths.root / name), artifact_path=LINEAGE)
         info = log_cascade_model(paths.models, spec, registered_model_name=cfg.model_name)
         version = str(info.registered_model_version)
+        digest = metrics["model_sha256"]  # checked against the weights above
+        client.set_model_version_tag(cfg.model_name, version, MODEL_DIGEST_TAG, digest)
         client.set_registered_model_alias(cfg.model_name, CHALLENGER, version)
         if decision.promote:
-            client.set_registered_model_alias(cfg.model_name, CHAMPION, version)
+            moved_to = move_champion(cfg, version, expected=champion_version)
+            if moved_to is not None:
+                decision = replace(
+                    decision,
+                    promote=False,
+                    reason=f"champion moved to version {moved_to} during this run (another run "
+                    f"or a promote): not promoted; `imagen-ops promote --version {version}` "
+                    f"re-runs the gate ({decision.reason})",
+                )
+                champion_version = moved_to
+        if decision.n is not None:
+            mlflow.log_metric(GOLDEN, decision.challenger)
+        for key, value in decision_tags(decision).items():
+            client.set_model_version_tag(cfg.model_name, version, key, value)
+        client.update_model_version(
+            cfg.model_name, version, description=_description(tags, metrics, decision)
+        )
         mlflow.log_dict(
             {**decision.to_dict(), "version": version, "champion_version": champion_version},
             "promotion.json",
@@ -207,8 +394,17 @@ def register(
         }
 
 
-def promote(cfg: RegistryConfig, version: str | None = None, force: bool = False) -> Decision:
-    """Apply the gate to `version` (default: the challenger); `force` skips the gate."""
+def promote(
+    cfg: RegistryConfig,
+    version: str | None = None,
+    force: bool = False,
+    *,
+    golden: Sequence[dict[str, Any]] | None = None,
+    settings: SampleConfig | None = None,
+    device: str = "auto",
+) -> Decision:
+    """Apply the gate to `version` (default: the challenger); `force` skips the gate. With
+    a golden set, both versions are sampled on it with `settings` (the paired gate)."""
     from mlflow import MlflowClient
 
     configure(cfg)
@@ -217,16 +413,38 @@ def promote(cfg: RegistryConfig, version: str | None = None, force: bool = False
         version = client.get_registered_model(cfg.model_name).aliases.get(CHALLENGER)
         if version is None:
             raise KeyError(f"{cfg.model_name} has no {CHALLENGER} version; pass --version")
+    version = str(version)
     run = client.get_run(client.get_model_version(cfg.model_name, version).run_id)
-    metric, value, greater = primary_metric(_unflatten(run.data.metrics), cfg.primary_metric)
-    champion_version, champion_value = champion_metric(cfg, metric)
-    decision = decide(metric, value, champion_value, greater, cfg.margin, champion_version)
-    if force and not decision.promote:
+    champion_version = current_champion(cfg)
+    if champion_version == version:
         decision = Decision(
-            True, f"forced: {decision.reason}", metric, value, champion_value, greater, cfg.margin
+            False, f"version {version} is the champion already", "", 0.0, None, True, cfg.margin
         )
+        log.info("%s version %s: %s", cfg.model_name, version, decision.reason)
+        return decision
+    challenger = load_cascade(
+        f"models:/{cfg.model_name}/{version}", registry=cfg, device=resolve_device(device)
+    )
+    decision = gate(
+        cfg,
+        settings or SampleConfig(),
+        challenger,
+        _unflatten(run.data.metrics),
+        golden,
+        champion_version,
+    )
+    if force and not decision.promote:
+        decision = replace(decision, promote=True, reason=f"forced: {decision.reason}")
     if decision.promote:
-        client.set_registered_model_alias(cfg.model_name, CHAMPION, str(version))
+        moved_to = move_champion(cfg, version, expected=champion_version)
+        if moved_to is not None:
+            decision = replace(
+                decision,
+                promote=False,
+                reason=f"champion moved to version {moved_to} meanwhile: not promoted",
+            )
+    for key, value in decision_tags(decision).items():
+        client.set_model_version_tag(cfg.model_name, version, key, value)
     log.info("%s version %s: %s", cfg.model_name, version, decision.reason)
     return decision
 

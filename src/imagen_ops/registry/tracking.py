@@ -12,7 +12,7 @@ from PIL import Image
 
 from imagen_ops.config import RegistryConfig
 
-__all__ = ["PARENT_RUN_ENV", "MLflowTracker", "configure", "training_tracker"]
+__all__ = ["PARENT_RUN_ENV", "MLflowTracker", "configure", "end_stale_runs", "training_tracker"]
 
 log = logging.getLogger(__name__)
 
@@ -90,3 +90,24 @@ def training_tracker(cfg: RegistryConfig, stage: str) -> MLflowTracker:
     return MLflowTracker(
         cfg, f"train-{stage}", {"imagen_ops.stage": stage, "imagen_ops.kind": "train"}
     )
+
+
+def end_stale_runs(cfg: RegistryConfig, kind: str) -> list[str]:
+    """Mark KILLED every RUNNING run of `kind` and the runs nested under it.
+
+    Call it only while holding the retraining lock: then no such run is alive, and one
+    still RUNNING belongs to a flow run that was killed before it could end it."""
+    from mlflow import MlflowClient
+
+    client, experiment_id = MlflowClient(), configure(cfg)
+    running = "attributes.status = 'RUNNING'"
+    stale = client.search_runs([experiment_id], f"{running} and tags.`imagen_ops.kind` = '{kind}'")
+    ended = []
+    for run in stale:
+        children = client.search_runs(
+            [experiment_id], f"{running} and tags.`mlflow.parentRunId` = '{run.info.run_id}'"
+        )
+        for r in [*children, run]:
+            client.set_terminated(r.info.run_id, "KILLED")
+            ended.append(r.info.run_id)
+    return ended

@@ -29,10 +29,11 @@ from imagen_ops.cascade import Cascade, Stage, load_stage
 from imagen_ops.config import TrainConfig, TrainSettings, flatten
 from imagen_ops.data.dataset import Batch, StageData, prefetch, step_generator
 from imagen_ops.data.prepare import PreparedData
+from imagen_ops.device import use_bf16
 from imagen_ops.images import make_grid, to_uint8
 from imagen_ops.text.cache import EmbeddingCache
 from imagen_ops.train import distributed
-from imagen_ops.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from imagen_ops.train.checkpoint import latest_valid, prune_runs, save_checkpoint, touch
 from imagen_ops.train.ema import EMA
 from imagen_ops.train.loss import TrainingNoise, diffusion_loss, draw_noise
 from imagen_ops.train.tracking import MetricsCSV, NullTracker, Tracker
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 
 
 class TrainingDivergedError(RuntimeError):
-    """Too many consecutive non-finite losses or gradients."""
+    """Too many consecutive non-finite losses or gradients, or non-finite weights."""
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,7 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.fingerprint = self._fingerprint(prepared, cache, init_from)
+        self.run_dir = paths.checkpoints / self.fingerprint[:16]  # this run's checkpoints
         self.metrics = MetricsCSV(paths.metrics)
         self.skipped = self.consecutive_nonfinite = 0
 
@@ -168,6 +170,7 @@ class Trainer:
                     "train": {
                         "checkpoint_every",
                         "keep_last",
+                        "keep_runs",
                         "log_every",
                         "sample_every",
                         "device",
@@ -212,7 +215,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
         autocast = torch.autocast(
-            self.device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16"
+            self.device.type, dtype=torch.bfloat16, enabled=use_bf16(tc.precision, self.device)
         )
         for m, (batch, noise) in enumerate(micro):
             batch, noise = batch.to(self.device, self.tcfg.channels_last), noise.to(self.device)
@@ -334,38 +337,47 @@ class Trainer:
     def _save_checkpoint(self, step: int) -> None:
         weights = {"model": self.net.state_dict(), "ema": self.ema.state_dict()}
         path = save_checkpoint(
-            self.paths.checkpoints,
-            step,
-            self.stage,
-            weights,
-            self._state(step),
-            self.tcfg.keep_last,
+            self.run_dir, step, self.stage, weights, self._state(step), self.tcfg.keep_last
         )
         log.info("checkpoint %s", path)
 
     def _resume(self) -> int:
-        path = latest_checkpoint(self.paths.checkpoints)
-        if path is None:
+        """Continue from the newest valid checkpoint of this run's fingerprint, if any."""
+        touch(self.run_dir)
+        prune_runs(self.paths.checkpoints, self.run_dir.name, self.tcfg.keep_runs)
+        ckpt = latest_valid(self.run_dir)
+        if ckpt is None or ckpt.state.get("fingerprint") != self.fingerprint:
+            earlier = [p.name for p in self.paths.checkpoints.iterdir() if p != self.run_dir]
+            if earlier:
+                log.warning(
+                    "stage %s: no checkpoint of this run (fingerprint %s; data or settings "
+                    "differ from the earlier runs %s); starting afresh",
+                    self.stage.name,
+                    self.run_dir.name,
+                    ", ".join(sorted(earlier)),
+                )
             return 0
-        weights, state = load_checkpoint(path)
-        if state.get("fingerprint") != self.fingerprint:
-            log.warning(
-                "%s was written for other data or settings; starting stage %s afresh",
-                path,
-                self.stage.name,
-            )
-            return 0
-        self.net.load_state_dict(weights["model"])
-        self.ema.load_state_dict(weights["ema"])
+        self.net.load_state_dict(ckpt.weights["model"])
+        self.ema.load_state_dict(ckpt.weights["ema"])
+        state = ckpt.state
         self.optimizer.load_state_dict(state["optimizer"])
         self.skipped, self.consecutive_nonfinite = state["skipped"], state["consecutive_nonfinite"]
         self.metrics = MetricsCSV(self.paths.metrics, state["history"])
-        log.info("resumed stage %s from %s (step %d)", self.stage.name, path, state["step"])
+        log.info("resumed stage %s from %s (step %d)", self.stage.name, ckpt.path, state["step"])
         return int(state["step"])
 
     def _export(self) -> None:
-        """The trained stage for sampling and the registry: config + raw and EMA weights."""
+        """The trained stage for sampling and the registry: config + raw and EMA weights.
+        Weights with a non-finite value are never written: the stage fails instead."""
         weights = {"model": self.net.state_dict(), "ema": self.ema.state_dict()}
+        bad = [
+            f"{f}.{k}" for f, sd in weights.items() for k, v in sd.items() if not v.isfinite().all()
+        ]
+        if bad:
+            raise TrainingDivergedError(
+                f"stage {self.stage.name}: non-finite weights ({', '.join(bad[:3])}); nothing "
+                f"exported to {self.paths.out}. Lower train.lr or use precision fp32"
+            )
         self.stage.save(
             self.paths.out,
             weights,
