@@ -13,10 +13,12 @@ writing the same data and model directories at once. Every path comes from param
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -31,25 +33,47 @@ from imagen_ops.pipeline import pipeline_stages
 
 
 def _env() -> dict[str, str]:
-    """Stage commands need this interpreter's `imagen-ops` first on PATH."""
+    """Stage commands need this interpreter's `imagen-ops` first on PATH; their progress
+    bars write one line per `TQDM_MININTERVAL` seconds into the flow log, not one per step."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("DVC_NO_ANALYTICS", "1")
+    env.setdefault("TQDM_MININTERVAL", "30")
     return env
 
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
-    """Run a command, log its output, raise with its tail on failure; returns its stdout
-    (results only: the commands log to stderr)."""
+    """Run a command, streaming its output into the flow log line by line as it happens;
+    raise with the tail on failure. Returns its stdout (the commands print results there
+    and log to stderr)."""
     logger = get_run_logger()
     logger.info("$ %s", " ".join(cmd))
-    proc = subprocess.run(cmd, cwd=cwd, env=env or _env(), capture_output=True, text=True)
-    output = (proc.stdout + proc.stderr).strip()
-    for line in output.splitlines()[-40:]:
-        logger.info(line)
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    stdout: list[str] = []
+    tail: collections.deque[str] = collections.deque(maxlen=60)
+
+    def pump(stream, keep: list[str] | None) -> None:
+        for line in stream:  # universal newlines: a progress bar's \r ends a line too
+            if keep is not None:
+                keep.append(line)
+            if text := line.rstrip():
+                logger.info(text)
+                tail.append(text)
+
+    readers = [
+        threading.Thread(target=pump, args=(proc.stdout, stdout), daemon=True),
+        threading.Thread(target=pump, args=(proc.stderr, None), daemon=True),
+    ]
+    for reader in readers:
+        reader.start()
+    proc.wait()
+    for reader in readers:
+        reader.join()
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{output[-3000:]}")
-    return proc.stdout
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n" + "\n".join(tail))
+    return "".join(stdout)
 
 
 @task(retries=1, retry_delay_seconds=5)

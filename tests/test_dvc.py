@@ -258,3 +258,20 @@ def served_image(root: Path, prompt: str, *, steps: int, seed: int) -> np.ndarra
     model = mlflow.pyfunc.load_model(info.model_uri)
     frame = model.predict(pd.DataFrame({"prompt": [prompt], "steps": [steps], "seed": [seed]}))
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(frame["image"][0]))))
+
+
+def test_pipeline_write_drops_lock_entries_of_stages_that_are_gone(tmp_path) -> None:
+    """DVC keeps lock entries of removed or renamed stages forever; the generator does not."""
+    from imagen_ops.cli import main
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_raw(), sort_keys=False))
+    lock = tmp_path / "dvc.lock"
+    entry = {"cmd": "imagen-ops prepare", "outs": [{"path": "artifacts/prepared"}]}
+    stages = {"prepare": entry, "train@base": {"cmd": "old"}, "train_sr64": {"cmd": "gone"}}
+    lock.write_text(yaml.safe_dump({"schema": "2.0", "stages": stages}, sort_keys=False))
+    argv = ["pipeline", "write", "--params", str(params), "--out", str(tmp_path / "dvc.yaml")]
+    assert main(argv) == 0
+    assert yaml.safe_load(lock.read_text()) == {"schema": "2.0", "stages": {"prepare": entry}}
+    before = lock.read_bytes()
+    assert main(argv) == 0 and lock.read_bytes() == before  # nothing stale: untouched

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -159,6 +161,8 @@ def test_retrain_flow_second_and_third_runs(tmp_path, prefect_harness, flow_env,
         p: p.read_bytes() for p in [root / "dvc.yaml", root / "data.dvc", *root.glob("reports/*")]
     }
 
+    assert not (root / "mlflow.db").exists() and not (root / "mlruns").exists(), "one store"
+
     # run 2, nothing new: "no change", no training, no version, every tracked file as it was
     second = retrain(project=str(root), params_file="params.yaml")
     assert second["state"] == "no change" and second["ingest"]["seen"] == 0
@@ -240,3 +244,56 @@ def test_deploy_uses_the_schedule_section(tmp_path, prefect_harness) -> None:
         "project": str(project.resolve()),
         "params_file": "params.yaml",
     }
+
+
+@pytest.mark.integration
+def test_killed_flow_run_resumes_its_training_on_the_next_run(tmp_path) -> None:
+    """SIGKILL the whole flow process group during training; the next flow run marks the
+    dead MLflow run KILLED and the trainer resumes from the killed run's own checkpoint."""
+    from mlflow import MlflowClient
+
+    settings = (
+        *FAST,
+        "registry.track_training=true",
+        "registry.golden_per_category=1",
+        "stages.base.train.steps=400",
+        "stages.base.train.checkpoint_every=20",
+    )
+    root = make_project(tmp_path / "project", *settings)
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "OMP_NUM_THREADS": "1",
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [sys.executable, "-m", "flows.retrain", "--project", str(root)]
+    log = (tmp_path / "first.log").open("w")
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    checkpoints = root / "artifacts/checkpoints/base"
+    deadline = time.time() + 300
+    while not list(checkpoints.glob("*/step_00000040")):
+        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert time.time() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (root / "artifacts/models/base").exists()
+
+    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    output = second.stdout + second.stderr
+    assert second.returncode == 0, output[-4000:]
+    resumed = re.search(r"resumed stage base from \S+step_(\d+) \(step (\d+)\)", output)
+    assert resumed and int(resumed.group(2)) >= 40, output[-4000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow/mlflow.db")
+    statuses = sorted(
+        r.info.status
+        for r in client.search_runs(
+            [client.get_experiment_by_name("imagen-ops").experiment_id],
+            "tags.`imagen_ops.kind` = 'retrain'",
+        )
+    )
+    assert statuses == ["FINISHED", "KILLED"]

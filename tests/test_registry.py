@@ -574,3 +574,43 @@ def test_register_refuses_metrics_of_other_weights_and_non_finite_weights(
     metrics = json.loads(write_metrics(metrics_path, models, 0.5).read_text())
     with pytest.raises(NotRegistrableError, match=f"non-finite values \\({first}"):
         check_registrable(models, names, metrics, metrics_path)
+
+
+@pytest.mark.integration
+def test_warm_start_from_the_registered_champion(tiny_data, tiny_models, store, caplog) -> None:
+    """`stages.base.train.init_from: champion` downloads the champion's stage; a second
+    run (a new download folder) has the same fingerprint, so it resumes, not restarts."""
+    import logging
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    from imagen_ops.cli import main
+    from imagen_ops.registry.pyfunc import ModelSpec
+    from imagen_ops.registry.register import log_cascade_model
+    from imagen_ops.registry.tracking import configure
+
+    overrides = ("stages.base.train.init_from=champion", "stages.base.train.steps=2")
+    params = tiny_params(*overrides)
+    with mlflow.start_run(experiment_id=configure(params.registry)):
+        spec = ModelSpec.from_params(params)
+        info = log_cascade_model(tiny_models, spec, registered_model_name="imagen-ops")
+    version = info.registered_model_version
+    MlflowClient().set_registered_model_alias("imagen-ops", "champion", version)
+    params_file = store / "params.yaml"
+    params_file.write_text(yaml_dump(tiny_params(*overrides).model_dump(mode="json")))
+    argv = [
+        *("train", "--stage", "base", "--params", str(params_file), "--no-track", "-q"),
+        *("--prepared", str(tiny_data["prepared"]), "--cache", str(tiny_data["cache"])),
+        *("--out", str(store / "out"), "--checkpoints", str(store / "ck")),
+        *("--metrics", str(store / "m.csv")),
+    ]
+    caplog.set_level(logging.INFO)
+    assert main(argv) == 0
+    assert "warm start from" in caplog.text
+    runs = sorted((store / "ck").iterdir())
+    assert len(runs) == 1
+    caplog.clear()
+    assert main(argv) == 0
+    assert sorted((store / "ck").iterdir()) == runs  # same fingerprint: no new run folder
+    assert "resumed stage base" in caplog.text

@@ -152,7 +152,10 @@ def cmd_train(args: argparse.Namespace) -> None:
         checkpoints=_path(args.checkpoints, p.checkpoint_dir(name)),
         metrics=_path(args.metrics, p.train_metrics(name)),
     )
-    init_from = resolve_stage_dir(args.init_from, name, params.registry) if args.init_from else None
+    source = args.init_from or settings.stage.train.init_from
+    if source == "champion":
+        source = f"models:/{params.registry.model_name}@champion"
+    init_from = resolve_stage_dir(source, name, params.registry) if source else None
     tracker = None
     if params.registry.track_training and not args.no_track and _rank() == 0:
         from imagen_ops.registry.tracking import training_tracker
@@ -363,9 +366,10 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
 
 def cmd_pipeline_write(args: argparse.Namespace) -> None:
     from imagen_ops.files import write_text_atomic
-    from imagen_ops.pipeline import render_dvc_yaml
+    from imagen_ops.pipeline import prune_lock, render_dvc_yaml
 
-    text = render_dvc_yaml(_params(args))
+    params = _params(args)
+    text = render_dvc_yaml(params)
     out = Path(args.out)
     if args.check:
         if not out.is_file() or out.read_text() != text:
@@ -375,7 +379,8 @@ def cmd_pipeline_write(args: argparse.Namespace) -> None:
         _out(f"{out} is up to date")
         return
     write_text_atomic(out, text)
-    _out(f"wrote {out}")
+    stale = prune_lock(out.with_name("dvc.lock"), params)
+    _out(f"wrote {out}" + (f"; dropped {', '.join(stale)} from dvc.lock" if stale else ""))
 
 
 def cmd_promote(args: argparse.Namespace) -> None:
@@ -475,7 +480,11 @@ def build_parser() -> argparse.ArgumentParser:
     path(p, "--out", "paths.models/STAGE", "the trained stage")
     path(p, "--checkpoints", "paths.checkpoints/STAGE", "resumable checkpoints")
     path(p, "--metrics", "paths.reports/train_STAGE.csv", "the training curve")
-    p.add_argument("--init-from", help="stage or cascade directory, or models:/NAME@ALIAS")
+    p.add_argument(
+        "--init-from",
+        help="warm start: stage or cascade directory, models:/NAME@ALIAS or 'champion' "
+        "(default: params.yaml stages.STAGE.train.init_from)",
+    )
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
 
     p = add("sample", cmd_sample, "generate images for prompts")

@@ -226,6 +226,11 @@ class TrainConfig(Section):
     compile: bool = False
     channels_last: bool = Field(False, description="NHWC (faster on CUDA, slower on CPU)")
     crop: int | None = Field(None, ge=8, description="SR stages: random crop size")
+    init_from: str | None = Field(
+        None,
+        description="warm start from trained weights: 'champion' (the registry's), a "
+        "models:/ URI, or a stage / cascade folder; None: a fresh init",
+    )
     device: str = "auto"
     seed: int = 0
     checkpoint_every: int = Field(500, ge=1)

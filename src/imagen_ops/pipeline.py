@@ -16,16 +16,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import yaml
 
 from imagen_ops.config import Params, TrainSettings
+from imagen_ops.files import write_text_atomic
 
 __all__ = [
     "ParamsView",
     "PipelineStage",
     "pipeline_stages",
+    "prune_lock",
     "render_dvc_yaml",
     "train_settings",
     "view_for",
@@ -144,6 +147,21 @@ def render_dvc_yaml(params: Params) -> str:
         "plots": [{params.paths.guidance_sweep: {"x": "guidance", "y": ["alignment", "kid_mean"]}}],
     }
     return HEADER + "\n" + yaml.safe_dump(doc, sort_keys=False, width=100)
+
+
+def prune_lock(lock: Path, params: Params) -> list[str]:
+    """Drop dvc.lock entries of stages the graph no longer has (a renamed or removed
+    cascade stage); DVC itself keeps them forever. Returns the names dropped."""
+    if not lock.is_file():
+        return []
+    doc = yaml.safe_load(lock.read_text()) or {}
+    names = {s.name for s in pipeline_stages(params)}
+    stale = [name for name in doc.get("stages", {}) if name not in names]
+    if stale:
+        for name in stale:
+            del doc["stages"][name]
+        write_text_atomic(lock, yaml.safe_dump(doc, sort_keys=False))
+    return stale
 
 
 def stage_by_name(params: Params, name: str) -> PipelineStage:

@@ -202,6 +202,7 @@ def current_champion(cfg: RegistryConfig) -> str | None:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    configure(cfg)
     try:
         version = MlflowClient().get_registered_model(cfg.model_name).aliases.get(CHAMPION)
     except MlflowException:

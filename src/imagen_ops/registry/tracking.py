@@ -99,7 +99,8 @@ def end_stale_runs(cfg: RegistryConfig, kind: str) -> list[str]:
     still RUNNING belongs to a flow run that was killed before it could end it."""
     from mlflow import MlflowClient
 
-    client, experiment_id = MlflowClient(), configure(cfg)
+    experiment_id = configure(cfg)  # first: a client made before it would use MLflow's default
+    client = MlflowClient()
     running = "attributes.status = 'RUNNING'"
     stale = client.search_runs([experiment_id], f"{running} and tags.`imagen_ops.kind` = '{kind}'")
     ended = []

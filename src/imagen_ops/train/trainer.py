@@ -30,6 +30,7 @@ from imagen_ops.config import TrainConfig, TrainSettings, flatten
 from imagen_ops.data.dataset import Batch, StageData, prefetch, step_generator
 from imagen_ops.data.prepare import PreparedData
 from imagen_ops.device import use_bf16
+from imagen_ops.files import sha256_file
 from imagen_ops.images import make_grid, to_uint8
 from imagen_ops.text.cache import EmbeddingCache
 from imagen_ops.train import distributed
@@ -86,6 +87,15 @@ def _optimizer(
         weight_decay=cfg.weight_decay,
         fused=device.type in ("cpu", "cuda"),
     )
+
+
+def _stage_digest(path: Path) -> str:
+    """Content identity of a warm-start source (config + EMA weights), not its location:
+    a registry download lands in a new temporary folder every time."""
+    h = hashlib.sha256()
+    for name in ("config.json", "ema.safetensors"):
+        h.update(sha256_file(path / name).encode())
+    return h.hexdigest()
 
 
 class Trainer:
@@ -153,7 +163,7 @@ class Trainer:
         source = load_stage(path)
         if source.config.unet != self.cfg.unet or source.net.text_dim != self.stage.net.text_dim:
             raise ValueError(
-                f"--init-from {path}: its architecture or text width differs from "
+                f"init_from {path}: its architecture or text width differs from "
                 f"stage {self.stage.name!r} in params.yaml"
             )
         self.stage.net.load_state_dict(source.net.state_dict())
@@ -171,6 +181,7 @@ class Trainer:
                         "checkpoint_every",
                         "keep_last",
                         "keep_runs",
+                        "init_from",  # where the weights came from: their digest counts
                         "log_every",
                         "sample_every",
                         "device",
@@ -180,7 +191,7 @@ class Trainer:
             "text": self.settings.text.model_dump(mode="json"),
             "data": prepared.manifest["source_table_sha256"],
             "cache": cache.manifest["captions_sha256"],
-            "init_from": str(init_from) if init_from else None,
+            "init_from": _stage_digest(init_from) if init_from else None,
         }
         return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()
 
