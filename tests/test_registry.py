@@ -426,6 +426,12 @@ def test_register_with_the_paired_gate(tiny_models, store) -> None:
     run_data = MlflowClient().get_run(second["run_id"]).data
     assert run_data.metrics["golden.accuracy"] == decision["challenger"]
 
+    # promote with the paired gate needs the sampling settings: no silent code defaults
+    from imagen_ops.registry.register import promote
+
+    with pytest.raises(ValueError, match="pass the sampling settings"):
+        promote(params.registry, version=second["version"], golden=golden)
+
     # compare-and-set: a move based on a stale view of the champion is refused
     assert move_champion(params.registry, second["version"], expected="7") == first["version"]
     assert aliases()["champion"] == first["version"]

@@ -15,7 +15,7 @@ import logging
 import os
 import subprocess
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -224,14 +224,18 @@ def champion_metric(cfg: RegistryConfig, metric: str) -> tuple[str | None, float
 
 def gate(
     cfg: RegistryConfig,
-    settings: SampleConfig,
-    challenger: Cascade,
+    settings: SampleConfig | None,
+    load_challenger: Callable[[], Cascade],
     metrics: dict[str, Any],
     golden: Sequence[dict[str, Any]] | None,
     champion_version: str | None,
 ) -> Decision:
-    """The paired golden-set gate when a golden set is given, else the metric gate."""
+    """The paired golden-set gate when a golden set is given (the challenger is loaded
+    and both models sampled with `settings`), else the metric gate (nothing is loaded)."""
     if golden:
+        if settings is None:
+            raise ValueError("the paired gate samples both models: pass the sampling settings")
+        challenger = load_challenger()
         mine = golden_correct(challenger, golden, settings, "challenger")
         if champion_version is None:
             acc = float(mine.mean())
@@ -330,8 +334,14 @@ def register(
     # decide before anything is registered: a failure up to here changes no alias
     champion_version = current_champion(cfg)
     dev = resolve_device(device)
-    challenger = Cascade.from_dir(paths.models, spec.stage_names, spec.text, dev)
-    decision = gate(cfg, spec.sample, challenger, metrics, golden, champion_version)
+    decision = gate(
+        cfg,
+        spec.sample,
+        lambda: Cascade.from_dir(paths.models, spec.stage_names, spec.text, dev),
+        metrics,
+        golden,
+        champion_version,
+    )
     tags = {
         "imagen_ops.git_commit": _git_commit(paths.root),
         "imagen_ops.dvc_lock_sha256": _sha256(paths.root / "dvc.lock"),
@@ -423,13 +433,11 @@ def promote(
         )
         log.info("%s version %s: %s", cfg.model_name, version, decision.reason)
         return decision
-    challenger = load_cascade(
-        f"models:/{cfg.model_name}/{version}", registry=cfg, device=resolve_device(device)
-    )
+    uri = f"models:/{cfg.model_name}/{version}"
     decision = gate(
         cfg,
-        settings or SampleConfig(),
-        challenger,
+        settings,
+        lambda: load_cascade(uri, registry=cfg, device=resolve_device(device)),
         _unflatten(run.data.metrics),
         golden,
         champion_version,
