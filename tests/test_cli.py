@@ -125,6 +125,49 @@ def test_sample_missing_model_exits_2(params_file, tmp_path, caplog) -> None:
     assert "FileNotFoundError" in caplog.text and str(tmp_path / "none") in caplog.text
 
 
+def test_sample_from_an_empty_registry_is_one_line_and_creates_nothing(tmp_path) -> None:
+    """Outside a project, with no store: exit 2, one line saying what to do, no
+    traceback, and no mlflow.db or folder left behind."""
+    env_uri = os.environ.pop("MLFLOW_TRACKING_URI", None)
+    try:
+        proc = run_cli("sample", "a star", "--model", "models:/imagen-ops@champion", cwd=tmp_path)
+    finally:
+        if env_uri is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = env_uri
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "no MLflow store at sqlite:///mlflow/mlflow.db" in errors[0]
+    assert "make demo" in errors[0] and "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_version_and_every_help_shows_an_example(capsys) -> None:
+    import argparse
+
+    import imagen_ops
+    from imagen_ops.cli import EXAMPLES, build_parser
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"imagen-ops {imagen_ops.__version__}"
+    assert imagen_ops.__version__ == "0.1.0"
+
+    def leaves(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            yield path, parser
+        for action in subs:
+            for name, sub in action.choices.items():
+                yield from leaves(sub, (*path, name))
+
+    commands = list(leaves(build_parser()))
+    assert len(commands) == len(EXAMPLES) == 14
+    for path, parser in commands:
+        text = parser.format_help()
+        assert "examples:\n  " in text and f"imagen-ops {path[0]}" in text, path
+
+
 def test_data_synth_writes_data_and_report(params_file, tmp_path, capsys) -> None:
     data, report = tmp_path / "data", tmp_path / "reports" / "ingest.json"
     argv = [

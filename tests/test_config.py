@@ -15,7 +15,6 @@ from imagen_ops.config import (
     apply_overrides,
     flatten,
     load_params,
-    per_stage,
 )
 from imagen_ops.device import PRECISIONS
 from imagen_ops.diffusion.guidance import THRESHOLDING
@@ -108,8 +107,10 @@ def test_per_level_list_length_mismatch() -> None:
 
 
 def test_per_stage_sample_list_length_mismatch() -> None:
-    with pytest.raises(ConfigError, match=r"sample\.guidance needs one value per stage \(2\)"):
+    with pytest.raises(ConfigError, match=r"sample\.guidance has 3 values for a 2-stage cascade"):
         tiny_params("sample.guidance=[3.0, 1.0, 1.0]")
+    with pytest.raises(ConfigError, match=r"sample\.guidance has 3 values for a 2-stage"):
+        tiny_params("eval.guidance_sweep=[1.0, [3.0, 1.0, 1.0]]")
     # a scalar broadcasts, a list of the right length is accepted
     assert tiny_params("sample.guidance=2.5").sample.guidance == 2.5
     assert tiny_params("sample.steps=[3, 2]").sample.steps == (3, 2)
@@ -202,9 +203,52 @@ def test_sample_for_stages_broadcasts_and_selects() -> None:
     assert SampleConfig(steps=7).for_stages([0], 2).steps == (7,)
 
 
-def test_sample_with_base_guidance() -> None:
-    cfg = SampleConfig(guidance=(3.0, 1.5, 1.0))
-    assert cfg.with_base_guidance(7, 3).guidance == (7.0, 1.5, 1.0)
-    assert SampleConfig(guidance=2.0).with_base_guidance(5.0, 2).guidance == (5.0, 2.0)
-    assert cfg.guidance == (3.0, 1.5, 1.0)
-    assert per_stage(SampleConfig(guidance=2.0).guidance, 3) == [2.0, 2.0, 2.0]
+def test_sample_resolve_broadcasts_and_repeats_the_last_value() -> None:
+    cfg = SampleConfig(steps=(30, 20), guidance=2.0, aug_level=(0.1, 0.2, 0.3))
+    plan = cfg.resolve(3)
+    assert [p.steps for p in plan] == [30, 20, 20]
+    assert [p.guidance for p in plan] == [2.0, 2.0, 2.0]
+    assert [p.aug_level for p in plan] == [0.1, 0.2, 0.3]
+    with pytest.raises(ValueError, match="aug_level has 3 values for a 2-stage cascade"):
+        cfg.resolve(2)
+
+
+def test_sample_defaults_are_the_studied_recipe() -> None:
+    """The code defaults and params.yaml's `sample` section say the same thing."""
+    studied = yaml.safe_load((REPO / "params.yaml").read_text())["sample"]
+    defaults = SampleConfig().model_dump(mode="json")
+    for key, value in studied.items():
+        expected = tuple(value) if isinstance(value, list) else value
+        got = tuple(defaults[key]) if isinstance(defaults[key], list) else defaults[key]
+        assert got == expected, key
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"steps": 0}, "steps: Input should be greater than or equal to 1"),
+        ({"steps": 2.5}, "steps: Input should be a valid integer"),
+        ({"guidance": -3}, "guidance: Input should be greater than or equal to 0"),
+        ({"guidance": [1.5, 31]}, r"guidance\.1: Input should be less than or equal to 30"),
+        ({"aug_level": 7}, "aug_level: Input should be less than or equal to 1"),
+        ({"seed": 2**63}, "seed: Input should be less than 9223372036854775808"),
+        ({"seed": -1}, "seed: Input should be greater than or equal to 0"),
+        ({"strength": 0}, "strength: Input should be greater than 0"),
+        ({"steps": []}, "steps: Value error, give a number or a non-empty list"),
+        ({"sampler": "euler"}, "sampler"),
+        ({"steps_typo": 3}, "steps_typo: unknown key"),
+    ],
+)
+def test_sample_settings_are_range_checked(change, match) -> None:
+    with pytest.raises(ConfigError, match=match):
+        SampleConfig().updated(**change)
+    key, value = next(iter(change.items()))
+    with pytest.raises(ConfigError, match=f"sample.{match}"):
+        tiny_params(f"sample.{key}={value}")
+
+
+def test_sample_updated_keeps_the_rest_and_skips_none() -> None:
+    cfg = SampleConfig(seed=4, steps=7)
+    new = cfg.updated(seed=None, steps=[5, 3], negative_prompt="  ")
+    assert (new.seed, new.steps, new.negative_prompt) == (4, (5, 3), None)
+    assert cfg.steps == 7, "the original is unchanged"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import os
 import shutil
 import signal
@@ -21,9 +22,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from imagen_ops.config import SampleConfig
+from imagen_ops.config import SampleConfig, ServeConfig
 from imagen_ops.registry.promotion import decide, lookup_metric, primary_metric
-from imagen_ops.registry.pyfunc import MAX_GUIDANCE, MAX_PROMPTS, MAX_STEPS, validate_request
+from imagen_ops.registry.pyfunc import validate_request
 
 from .conftest import tiny_params, tiny_raw
 
@@ -103,14 +104,15 @@ def test_lookup_metric() -> None:
 # ------------------------------------------------------------------ request checks
 
 DEFAULTS = SampleConfig(seed=10)
+LIMITS = ServeConfig(max_prompts=8)
 
 
-def _bad(frame: pd.DataFrame, match: str) -> None:
+def _bad(frame: pd.DataFrame, match: str, cascade=None, limits: ServeConfig = LIMITS) -> None:
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, ErrorCode
 
     with pytest.raises(MlflowException, match=match) as err:
-        validate_request(frame, DEFAULTS)
+        validate_request(frame, DEFAULTS, limits, cascade)
     assert err.value.error_code == ErrorCode.Name(INVALID_PARAMETER_VALUE)
 
 
@@ -121,50 +123,79 @@ def test_validate_request_good_rows_with_default_seeds() -> None:
             "guidance": [2.5, None, 0.0],
             "steps": [4, None, 1.0],
             "seed": [7, None, 3],
+            "negative_prompt": [None, "a red square", None],
         }
     )
-    rows = validate_request(frame, DEFAULTS)
-    assert rows == [
-        {"prompt": "a red circle", "guidance": 2.5, "steps": 4, "seed": 7},
-        {"prompt": "two blue squares", "guidance": None, "steps": None, "seed": 11},
-        {"prompt": "a star", "guidance": 0.0, "steps": 1, "seed": 3},
-    ]
-    assert isinstance(rows[2]["steps"], int) and isinstance(rows[1]["seed"], int)
-    only_prompts = validate_request(pd.DataFrame({"prompt": ["a", "b"]}), DEFAULTS)
-    assert [r["seed"] for r in only_prompts] == [10, 11]
+    rows = validate_request(frame, DEFAULTS, LIMITS)
+    assert [r.prompt for r in rows] == ["a red circle", "two blue squares", "a star"]
+    assert [r.settings.seed for r in rows] == [7, 11, 3]
+    assert [r.settings.guidance for r in rows] == [2.5, DEFAULTS.guidance, 0.0]
+    assert [r.settings.steps for r in rows] == [4, DEFAULTS.steps, 1]
+    assert rows[1].settings.negative_prompt == "a red square"
+    assert rows[0].settings == DEFAULTS.updated(guidance=2.5, steps=4, seed=7)
+    only_prompts = validate_request(pd.DataFrame({"prompt": ["a", "b"]}), DEFAULTS, LIMITS)
+    assert [r.settings.seed for r in only_prompts] == [10, 11]
+    per_stage = pd.DataFrame({"prompt": ["a"], "guidance": [[3.0, 1.0]]})
+    assert validate_request(per_stage, DEFAULTS, LIMITS)[0].settings.guidance == (3.0, 1.0)
 
 
-def test_validate_request_missing_prompt_column() -> None:
-    _bad(pd.DataFrame({"text": ["a red circle"]}), r"'prompt' column.*\['text'\]")
+def test_validate_request_columns() -> None:
+    _bad(pd.DataFrame({"text": ["a red circle"]}), r"needs a 'prompt' column.*\['text'\]")
+    _bad(pd.DataFrame({"prompt": ["a"], "stpes": [3]}), r"'stpes'")
 
 
-@pytest.mark.parametrize("prompt", ["", "   ", None])
-def test_validate_request_empty_prompt(prompt) -> None:
-    _bad(pd.DataFrame({"prompt": ["ok", prompt]}), r"row 1: 'prompt' must be non-empty")
+@pytest.mark.parametrize(
+    ("prompt", "match"),
+    [
+        ("", "caption is empty"),
+        ("   ", "caption is empty"),
+        (None, "no caption"),
+        ("a red\x00circle", "contains control character U\\+0000"),
+        ("a" * 2001, "2001 characters"),
+    ],
+)
+def test_validate_request_checks_prompts_like_captions(prompt, match) -> None:
+    _bad(pd.DataFrame({"prompt": ["ok", prompt]}), f"row 1: prompt: {match}")
 
 
 def test_validate_request_prompt_count() -> None:
-    _bad(pd.DataFrame({"prompt": []}), "send 1 to")
-    _bad(pd.DataFrame({"prompt": ["a"] * (MAX_PROMPTS + 1)}), f"got {MAX_PROMPTS + 1}")
+    _bad(pd.DataFrame({"prompt": []}), "send 1 to 8 prompts per request")
+    _bad(pd.DataFrame({"prompt": ["a"] * 9}), r"serve\.max_prompts\), got 9")
 
 
 @pytest.mark.parametrize(
     ("column", "value", "match"),
     [
-        ("guidance", -0.5, "guidance must be in"),
-        ("guidance", MAX_GUIDANCE + 1, "guidance must be in"),
-        ("guidance", "strong", "guidance must be a number"),
-        ("steps", 0, "steps must be an integer"),
-        ("steps", MAX_STEPS + 1, "steps must be an integer"),
-        ("steps", 2.5, "steps must be an integer"),
-        ("steps", "many", "steps must be a number"),
-        ("seed", "lucky", "seed must be a number"),
-        ("seed", 1.5, "seed must be an integer"),
+        ("guidance", -0.5, "guidance: Input should be greater than or equal to 0"),
+        ("guidance", 31, "guidance: Input should be less than or equal to 30"),
+        ("guidance", "strong", "guidance: Input should be a valid number"),
+        ("steps", 0, "steps: Input should be greater than or equal to 1"),
+        ("steps", 1001, "steps: Input should be less than or equal to 1000"),
+        ("steps", 2.5, "steps: Input should be a valid integer"),
+        ("seed", "lucky", "seed: Input should be a valid integer"),
+        ("seed", 1.5, "seed: Input should be a valid integer"),
+        ("seed", 2**63, "seed: Input should be less than 9223372036854775808"),
+        ("strength", 1.5, "strength: Input should be less than or equal to 1"),
+        ("sampler", "euler", "sampler"),
+        ("image", "not base64!", "'image' must be a base64-encoded image file"),
     ],
 )
 def test_validate_request_out_of_range(column, value, match) -> None:
     frame = pd.DataFrame({"prompt": ["a red circle"], column: [value]})
     _bad(frame, f"row 0: {match}")
+
+
+def test_validate_request_rejects_bad_images_with_the_reason() -> None:
+    not_an_image = base64.b64encode(b"hello, world").decode()
+    _bad(pd.DataFrame({"prompt": ["a"], "image": [not_an_image]}), "'image': not_an_image")
+    mask_only = base64.b64encode(png_bytes(np.zeros((8, 8, 3), np.uint8))).decode()
+    _bad(pd.DataFrame({"prompt": ["a"], "mask": [mask_only]}), "a 'mask' needs the 'image'")
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 # ------------------------------------------------------------- MLflow (tmp store)
@@ -210,6 +241,20 @@ def test_pyfunc_log_load_predict(tiny_models, store) -> None:
     with mlflow.start_run():
         info = log_cascade_model(tiny_models, ModelSpec.from_params(params))
     model = mlflow.pyfunc.load_model(info.model_uri)
+    # models-from-code: the code is logged as source, nothing is pickled
+    logged = Path(mlflow.artifacts.download_artifacts(info.model_uri))
+    assert not list(logged.rglob("*.pkl")), sorted(p.name for p in logged.rglob("*"))
+    assert "set_model(ImagenModel())" in (logged / "served_model.py").read_text()
+    assert (logged / "code" / "imagen_ops" / "cascade.py").is_file()
+    requirements = (logged / "requirements.txt").read_text().splitlines()
+    pins = [r for r in requirements if not r.startswith("-")]
+    assert all("==" in r for r in pins), requirements
+    assert any(r.startswith("torch==") for r in pins)
+    assert any(r.startswith("huggingface_hub==") for r in pins)
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in requirements
+    example = json.loads((logged / "serving_input_example.json").read_text())
+    assert example["dataframe_split"]["columns"] == ["prompt", "seed"]
+    assert info.signature.inputs.input_names()[0] == "prompt"
     frame = pd.DataFrame(
         {
             "prompt": ["a red circle", "a red circle", "a red circle", "a red circle"],
@@ -226,7 +271,7 @@ def test_pyfunc_log_load_predict(tiny_models, store) -> None:
     assert np.array_equal(images[0], images[1]), "same seed, same image"
     assert not np.array_equal(images[0], images[2]), "another seed, another image"
     assert not np.array_equal(images[0], images[3]), "the row's steps are used"
-    with pytest.raises(MlflowException, match="'prompt' must be non-empty"):
+    with pytest.raises(MlflowException, match="row 0: prompt: caption is empty"):
         model.predict(pd.DataFrame({"prompt": ["  "]}))
 
 
@@ -479,12 +524,87 @@ def wait_until_up(url: str, proc: subprocess.Popen, log: Path, timeout: float = 
     pytest.fail(f"the server did not answer {url} in {timeout} s:\n{log.read_text()[-3000:]}")
 
 
+def server_rss_mb(pgid: int) -> float:
+    """Resident memory of every process in the server's process group (MiB)."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # field 5 of /proc/PID/stat: the process group
+            total += int(fields[21]) * os.sysconf("SC_PAGE_SIZE")  # field 24: rss pages
+    return total / 2**20
+
+
+def load_requests(n: int) -> list[tuple[str, dict, int, str | None]]:
+    """(kind, payload, expected status, expected message part): mostly good requests,
+    interleaved with bad ones, over-budget ones and ones that run past the deadline."""
+    image = base64.b64encode(png_bytes(np.full((24, 24, 3), 90, np.uint8))).decode()
+    mask = base64.b64encode(png_bytes(np.full((32, 32, 3), 255, np.uint8))).decode()
+    good = [
+        ("good", {"dataframe_records": [{"prompt": "a red circle", "seed": 3, "steps": 2}]}),
+        ("good", {"dataframe_split": {"columns": ["prompt"], "data": [["a star"], ["a b"]]}}),
+        (
+            "good",
+            {
+                "dataframe_records": [
+                    {
+                        "prompt": "a star",
+                        "negative_prompt": "a blue star",
+                        "guidance": [3, 1],
+                        "steps": 2,
+                    }
+                ]
+            },
+        ),
+        (
+            "good",
+            {
+                "dataframe_records": [
+                    {"prompt": "a star", "image": image, "strength": 0.5, "steps": 2}
+                ]
+            },
+        ),
+        (
+            "good",
+            {"dataframe_records": [{"prompt": "a star", "image": image, "mask": mask, "steps": 2}]},
+        ),
+    ]
+    bad = [
+        ({"dataframe_records": [{"prompt": "   "}]}, 400, "prompt: caption is empty"),
+        ({"dataframe_records": [{"prompt": "a\u0000star"}]}, 400, "control character U+0000"),
+        ({"dataframe_records": [{"prompt": "a", "seed": 2**63}]}, 400, "seed: Input should be"),
+        ({"dataframe_records": [{"prompt": "a", "steps": 0}]}, 400, "steps: Input should be"),
+        ({"dataframe_records": [{"prompt": "a", "image": "%%%"}]}, 400, "base64-encoded image"),
+        ({"dataframe_records": [{"prompt": "a", "guidance": 31}]}, 400, "guidance: Input"),
+        ({"dataframe_records": [{"prompt": "a", "steps": 1000}] * 20}, 400, "serve.max_work"),
+        ({"dataframe_records": [{"prompt": "a", "steps": 1000}]}, 504, "serve.timeout_s"),
+    ]
+    out = []
+    for k in range(n):
+        if k % 3 == 2:
+            payload, status, message = bad[(k // 3) % len(bad)]
+            out.append(("bad" if status == 400 else "deadline", payload, status, message))
+        else:
+            kind, payload = good[k % len(good)]
+            out.append((kind, payload, 200, None))
+    return out
+
+
 @pytest.mark.integration
-def test_mlflow_models_serve_champion(tiny_models, store) -> None:
+def test_mlflow_models_serve_under_load(tiny_models, store) -> None:
+    """A real `mlflow models serve` of the champion: 200 requests, 4 at a time, mixing good,
+    malformed, over-budget and past-deadline ones. Every reply has the expected status and
+    reason, the server stays up, good replies stay deterministic, memory stays bounded.
+    BENCHMARKS.md reports the figures this test logs (benchmarks/bench_serve.py)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from imagen_ops.registry.register import RegisterPaths
 
+    params = tiny_params("serve.timeout_s=2", "serve.max_work=4e6")
     metrics = write_metrics(store / "metrics.json", tiny_models, 0.5)
-    register_params(tiny_params(), RegisterPaths(store, tiny_models, metrics, store / "eval"))
+    register_params(params, RegisterPaths(store, tiny_models, metrics, store / "eval"))
     bin_dir = Path(sys.executable).parent
     path = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
     env = {**os.environ, "PATH": path, "OMP_NUM_THREADS": "1"}
@@ -511,33 +631,58 @@ def test_mlflow_models_serve_champion(tiny_models, store) -> None:
     try:
         base = f"http://127.0.0.1:{port}"
         wait_until_up(f"{base}/ping", proc, log)
-        good = {"dataframe_split": {"columns": ["prompt", "seed"], "data": [["a red circle", 3]]}}
-        status, body = post(f"{base}/invocations", good)
-        assert status == 200, body
-        (row,) = body["predictions"]
-        assert row["prompt"] == "a red circle" and row["seed"] == 3
-        assert decode_png(row["image"]).size == (32, 32)
-        # per-row options: one row sets steps and guidance, the other leaves them out
-        mixed = {
-            "dataframe_records": [
-                {"prompt": "a star", "steps": 2, "guidance": 4},
-                {"prompt": "a star", "seed": 5},
-            ]
+        first = post(f"{base}/invocations", load_requests(1)[0][1])
+        assert first[0] == 200, first
+        rss_start = server_rss_mb(proc.pid)
+
+        def send(item):
+            kind, payload, expected, message = item
+            t0 = time.perf_counter()
+            status, body = post(f"{base}/invocations", payload)
+            return kind, expected, message, status, body, time.perf_counter() - t0
+
+        requests = load_requests(200)
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(4) as pool:
+            replies = list(pool.map(send, requests))
+        wall = time.perf_counter() - t0
+        rss_end = server_rss_mb(proc.pid)
+        assert proc.poll() is None, "the server is still up"
+
+        for kind, expected, message, status, body, _ in replies:
+            assert status == expected, (kind, status, body)
+            if message is not None:
+                assert message in body["message"], (kind, body["message"][:300])
+        same = [
+            r[4]["predictions"]
+            for r in replies
+            if r[4].get("predictions") and r[4]["predictions"][0]["seed"] == 3 and r[0] == "good"
+        ]
+        assert len(same) > 10 and all(p == same[0] for p in same), "deterministic under load"
+        assert decode_png(same[0][0]["image"]).size == (32, 32)
+        status, body = post(f"{base}/invocations", load_requests(1)[0][1])
+        assert status == 200 and body["predictions"] == same[0], "answers after the load"
+        assert rss_end < rss_start * 1.5 + 200, (rss_start, rss_end)
+
+        summary = {
+            "requests": len(replies),
+            "wall_s": round(wall, 1),
+            "rss_mb_start": round(rss_start),
+            "rss_mb_end": round(rss_end),
         }
-        status, body = post(f"{base}/invocations", mixed)
-        assert status == 200, body
-        assert [r["seed"] for r in body["predictions"]] == [0, 5]
-
-        bad = {"dataframe_split": {"columns": ["prompt"], "data": [["   "]]}}
-        status, body = post(f"{base}/invocations", bad)
-        assert status == 400, body
-        assert "'prompt' must be non-empty" in body["message"]
-        bad_seed = {"dataframe_records": [{"prompt": "a star", "seed": "lucky"}]}
-        status, body = post(f"{base}/invocations", bad_seed)
-        assert status == 400 and "seed must be a number" in body["message"], body
-
-        status, body = post(f"{base}/invocations", good)  # still serving, and deterministic
-        assert status == 200 and body["predictions"][0]["image"] == row["image"]
+        for kind in ("good", "bad", "deadline"):
+            lat = sorted(r[5] for r in replies if r[0] == kind)
+            codes = sorted({r[3] for r in replies if r[0] == kind})
+            summary[kind] = {
+                "n": len(lat),
+                "status": codes,
+                "p50_ms": round(1000 * lat[len(lat) // 2]),
+                "p95_ms": round(1000 * lat[int(len(lat) * 0.95)]),
+                "max_ms": round(1000 * lat[-1]),
+            }
+        logging.getLogger(__name__).info("serve load: %s", json.dumps(summary))
+        if os.environ.get("IMAGEN_OPS_LOAD_REPORT"):
+            Path(os.environ["IMAGEN_OPS_LOAD_REPORT"]).write_text(json.dumps(summary, indent=2))
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -620,3 +765,27 @@ def test_warm_start_from_the_registered_champion(tiny_data, tiny_models, store, 
     assert main(argv) == 0
     assert sorted((store / "ck").iterdir()) == runs  # same fingerprint: no new run folder
     assert "resumed stage base" in caplog.text
+
+
+@pytest.mark.integration
+def test_sample_a_registered_model_from_any_folder(tiny_models, store, monkeypatch) -> None:
+    """No params.yaml: the registry comes from MLFLOW_TRACKING_URI and the sampling
+    settings from the packaged model, which match the project's."""
+    from imagen_ops.cascade import Cascade
+    from imagen_ops.cli import main
+    from imagen_ops.images import to_uint8
+    from imagen_ops.registry.register import RegisterPaths
+
+    params = tiny_params("sample.seed=4")
+    metrics = write_metrics(store / "metrics.json", tiny_models, 0.5)
+    register_params(params, RegisterPaths(store, tiny_models, metrics, store / "eval"))
+    elsewhere = store / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    argv = ["sample", "a green star", "--model", "models:/imagen-ops@champion", "-q"]
+    assert main(argv) == 0
+    cascade = Cascade.from_dir(tiny_models, params.stage_names(), params.text)
+    expected = to_uint8(cascade.sample(["a green star"], params.sample))[0]
+    written = np.asarray(Image.open(elsewhere / "samples" / "sample.png"))
+    assert np.array_equal(written, expected)
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["samples"]

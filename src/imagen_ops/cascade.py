@@ -21,13 +21,15 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+from tqdm.auto import tqdm
 
-from imagen_ops.config import SampleConfig, StageConfig, TextConfig, per_stage
+from imagen_ops.config import SampleConfig, StageConfig, StageSampling, TextConfig
 from imagen_ops.device import use_bf16
 from imagen_ops.diffusion.guidance import (
     CondDenoiser,
     Conditioning,
     classifier_free_guidance,
+    keep_known,
     thresholded,
 )
 from imagen_ops.diffusion.objectives import to_x0
@@ -37,11 +39,36 @@ from imagen_ops.files import atomic_dir, sha256_file
 from imagen_ops.models.unet import UNet
 from imagen_ops.text.encoders import TextEmbeddings, TextEncoder
 
-__all__ = ["Cascade", "Stage", "augment_lowres", "cascade_digest", "load_stage"]
+__all__ = [
+    "Cascade",
+    "Stage",
+    "StepCallback",
+    "augment_lowres",
+    "cascade_digest",
+    "check_prompt",
+    "denoising_steps",
+    "load_stage",
+]
 
 log = logging.getLogger(__name__)
 STAGE_FORMAT = 1
 CASCADE_FILE = "cascade.json"
+StepCallback = Callable[[str, int, float, Tensor, Tensor], None]
+"""(stage name, step index, t, x_t, x0 prediction), called at every denoising step."""
+
+
+MAX_PROMPT_CHARS = 2000
+
+
+def check_prompt(prompt: Any) -> str:
+    """The stripped prompt, or a ValueError saying what is wrong with it: the caption
+    checks of ingestion (text, not empty, no control characters, bounded length)."""
+    from imagen_ops.data.ingest import Rejected, check_caption
+
+    try:
+        return check_caption(prompt, MAX_PROMPT_CHARS)
+    except Rejected as err:
+        raise ValueError(err.detail) from None
 
 
 def augment_lowres(
@@ -204,9 +231,14 @@ class Cascade:
             )
         return cls([load_stage(root / name, device=device) for name in stage_names], text)
 
-    def write_manifest(self, root: str | Path) -> None:
-        """`cascade.json`: the stage order and the text encoder, beside the stage folders."""
-        spec = {"stages": [s.name for s in self.stages], "text": self.text.model_dump(mode="json")}
+    def write_manifest(self, root: str | Path, **extra: Any) -> None:
+        """`cascade.json`: the stage order and the text encoder (and `extra` sections, such
+        as a packaged model's sampling defaults), beside the stage folders."""
+        spec = {
+            "stages": [s.name for s in self.stages],
+            "text": self.text.model_dump(mode="json"),
+            **extra,
+        }
         (Path(root) / CASCADE_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True))
 
     @property
@@ -214,12 +246,33 @@ class Cascade:
         return next(self.stages[0].net.parameters()).device
 
     def encode(self, prompts: Sequence[str]) -> TextEmbeddings:
-        """Embed prompts with the cascade's frozen encoder (loaded on first use)."""
+        """Embed prompts with the cascade's frozen encoder (loaded on first use), rounded
+        as the embedding cache stores them, so a prompt gets the embedding it trained on."""
         if self._encoder is None:
             from imagen_ops.text.encoders import load_text_encoder
 
             self._encoder = load_text_encoder(self.text)
-        return self._encoder.encode(prompts)
+        checked = []
+        for k, prompt in enumerate(prompts):
+            try:
+                checked.append(check_prompt(prompt))
+            except ValueError as err:
+                raise ValueError(f"prompt {k + 1}: {err}") from None
+        return self._encoder.encode(checked).as_stored()
+
+    def work(self, settings: SampleConfig, n: int, from_image: bool = False) -> float:
+        """Pixel-steps of sampling `n` images: sum over stages of denoising steps x pixels,
+        doubled where guidance runs the unconditional pass too (the serving budget's unit)."""
+        strength = settings.strength if from_image else 1.0
+        return float(
+            n
+            * sum(
+                denoising_steps(plan.steps, strength)
+                * (1 if plan.guidance == 1 else 2)
+                * stage.resolution**2
+                for plan, stage in zip(settings.resolve(len(self.stages)), self.stages, strict=True)
+            )
+        )
 
     @torch.no_grad()
     def sample(
@@ -228,14 +281,22 @@ class Cascade:
         settings: SampleConfig,
         seeds: Sequence[int] | None = None,
         *,
+        image: Tensor | None = None,
+        mask: Tensor | None = None,
         lowres: Tensor | None = None,
-        callback: Callable[[str, int, float, Tensor, Tensor], None] | None = None,
+        callback: StepCallback | None = None,
+        progress: bool = False,
     ) -> Tensor:
         """Images in [-1, 1], (B, 3, H, W) at the last stage's resolution.
 
-        `lowres` starts the cascade at the first stage that conditions on its resolution
-        (run a super-resolution stage alone on a user's image). Image k uses seed
-        `seeds[k]` (default `settings.seed + k`) whatever the batch it is in.
+        - `image` (1 or B, 3, H, W) in [-1, 1], any size: image-to-image. Every stage starts
+          from the image (resized to it) noised to t = `settings.strength`, not from noise.
+        - `mask` (1 or B, 1, H, W) with `image`: inpainting. Pixels where the mask is > 0.5
+          are generated, the others keep the image's pixels (exactly, at the last stage).
+        - `lowres` (1 or B, 3, H, W): super-resolve a user image: the cascade starts at the
+          first stage that conditions on an image, with `lowres` resized to its input.
+        Image k uses seed `seeds[k]` (default `settings.seed + k`) whatever batch it is in;
+        `settings.batch_size` images go through the network at a time.
         """
         # 1. validate and encode the text once
         if not isinstance(text, TextEmbeddings):
@@ -244,57 +305,146 @@ class Cascade:
         seeds = list(seeds) if seeds is not None else [settings.seed + k for k in range(n)]
         if len(seeds) != n:
             raise ValueError(f"{len(seeds)} seeds for {n} prompts")
-        text = text.to(self.device)
-        stages, x = self._stages_from(lowres)
-        noise = NoiseSource(seeds, self.device)
-        count = len(self.stages)
-        steps, guidance, aug = (
-            per_stage(getattr(settings, k), count) for k in ("steps", "guidance", "aug_level")
-        )
-        # 2. each stage conditions on the previous stage's output
+        negative = None
+        if settings.negative_prompt is not None:
+            negative = self.encode([settings.negative_prompt]).to(self.device)
+        image, mask, lowres = (_batch_of(name, t, n) for name, t in _inputs(image, mask, lowres))
+        stages, plan = self._stages_from(lowres), settings.resolve(len(self.stages))
+        if lowres is not None:  # a user image of any size: resized to the stage's input
+            lowres = _resized(lowres, stages[0][1].lowres)
+        strength = settings.strength if image is not None else 1.0
+        per_batch = sum(denoising_steps(plan[i].steps, strength) for i, _ in stages)
+        bar = tqdm(total=n * per_batch, desc="sample", unit="img-step", disable=not progress)
+
+        def on_step(name: str, j: int, t: float, x: Tensor, x0: Tensor) -> None:
+            bar.update(len(x))
+            if callback is not None:
+                callback(name, j, t, x, x0)
+
+        # 2. batches of images, each through the stages
+        out = []
+        for start in range(0, n, settings.batch_size):
+            rows = slice(start, start + settings.batch_size)
+            out.append(
+                self._sample_batch(
+                    text[rows].to(self.device),
+                    negative,
+                    seeds[rows],
+                    *(
+                        None if t is None else t[rows].to(self.device)
+                        for t in (image, mask, lowres)
+                    ),
+                    settings=settings,
+                    stages=stages,
+                    plan=plan,
+                    callback=on_step,
+                )
+            )
+        bar.close()
+        return torch.cat(out)
+
+    def _sample_batch(
+        self,
+        text: TextEmbeddings,
+        negative: TextEmbeddings | None,
+        seeds: Sequence[int],
+        image: Tensor | None,
+        mask: Tensor | None,
+        x: Tensor | None,
+        *,
+        settings: SampleConfig,
+        stages: list[tuple[int, Stage]],
+        plan: list[StageSampling],
+        callback: StepCallback,
+    ) -> Tensor:
+        """One batch through `stages`; `x` is the low-res input of the first of them."""
+        n, noise = len(text), NoiseSource(seeds, self.device)
+        bf16 = use_bf16(settings.precision, self.device)
         for i, stage in stages:
+            size = (3, stage.resolution, stage.resolution)
             cond = Conditioning(text.tokens, text.mask)
             if stage.lowres is not None:
-                t_aug = torch.full((n,), float(aug[i]), device=self.device)
+                t_aug = torch.full((n,), float(plan[i].aug_level), device=self.device)
                 up, aug_logsnr = augment_lowres(
-                    x,
-                    stage.resolution,
-                    t_aug,
-                    stage.schedule,
-                    noise((3, stage.resolution, stage.resolution)),
+                    x, stage.resolution, t_aug, stage.schedule, noise(size)
                 )
                 cond = Conditioning(text.tokens, text.mask, up, aug_logsnr)
+            uncond = None
+            if negative is not None:
+                uncond = cond.with_text(
+                    negative.tokens.expand(n, -1, -1), negative.mask.expand(n, -1)
+                )
             denoise = thresholded(
-                classifier_free_guidance(
-                    stage.denoiser(use_bf16(settings.precision, self.device)), cond, guidance[i]
-                ),
+                classifier_free_guidance(stage.denoiser(bf16), cond, plan[i].guidance, uncond),
                 settings.thresholding,
                 settings.quantile,
             )
-            step_cb = (
-                None
-                if callback is None
-                else (lambda j, t, xt, x0, name=stage.name: callback(name, j, t, xt, x0))
-            )
+            ts = time_grid(plan[i].steps, stage.schedule, settings.spacing)
+            x = noise(size)
+            if image is not None:  # image-to-image: start from the image noised to `strength`
+                ts = ts[-denoising_steps(plan[i].steps, settings.strength) - 1 :]
+                known = _resized(image, stage.resolution)
+                alpha, sigma = alpha_sigma(stage.schedule(torch.tensor(ts[0])), like=known)
+                x = alpha * known + sigma * x
+                if mask is not None:
+                    generate = F.interpolate(mask, size=size[1:], mode="area") > 0.5
+                    denoise = keep_known(denoise, known, generate)
             x = sample(
                 settings.sampler,
                 denoise,
-                noise((3, stage.resolution, stage.resolution)),
-                time_grid(steps[i], stage.schedule, settings.spacing),
+                x,
+                ts,
                 stage.schedule,
                 noise=noise,
                 eta=settings.eta,
-                callback=step_cb,
+                callback=lambda j, t, xt, x0, name=stage.name: callback(name, j, t, xt, x0),
             )
-        # 3. the last stage's output
         return x.clamp(-1, 1)
 
-    def _stages_from(self, lowres: Tensor | None) -> tuple[list[tuple[int, Stage]], Tensor | None]:
+    def _stages_from(self, lowres: Tensor | None) -> list[tuple[int, Stage]]:
+        """All stages, or for super-resolution those from the first one that conditions on
+        the image's size (else from the first super-resolution stage)."""
+        stages = list(enumerate(self.stages))
         if lowres is None:
-            return list(enumerate(self.stages)), None
+            return stages
+        sr = [i for i, stage in stages if stage.lowres is not None]
+        if not sr:
+            raise ValueError("this cascade has no super-resolution stage to take an image")
         size = lowres.shape[-1]
-        for i, stage in enumerate(self.stages):
-            if stage.lowres == size:
-                return list(enumerate(self.stages))[i:], lowres.to(self.device)
-        sizes = [s.lowres for s in self.stages if s.lowres]
-        raise ValueError(f"no stage conditions on {size} px images (they take {sizes})")
+        first = next((i for i in sr if self.stages[i].lowres == size), sr[0])
+        return stages[first:]
+
+
+def denoising_steps(steps: int, strength: float) -> int:
+    """Steps run from t = `strength` (image-to-image) on a `steps`-step grid; at least 1."""
+    return max(1, round(steps * strength))
+
+
+def _inputs(
+    image: Tensor | None, mask: Tensor | None, lowres: Tensor | None
+) -> list[tuple[str, Tensor | None]]:
+    if mask is not None and image is None:
+        raise ValueError("a mask needs the image to inpaint")
+    if image is not None and lowres is not None:
+        raise ValueError("give an image (image-to-image, inpainting) or a low-res image, not both")
+    return [("image", image), ("mask", mask), ("lowres", lowres)]
+
+
+def _batch_of(name: str, images: Tensor | None, n: int) -> Tensor | None:
+    """A (1 or n, C, H, W) float tensor broadcast to n rows; a clear error otherwise."""
+    if images is None:
+        return None
+    channels = 1 if name == "mask" else 3
+    if images.ndim != 4 or images.shape[1] != channels or images.shape[-1] != images.shape[-2]:
+        raise ValueError(
+            f"{name} must be (1 or {n}, {channels}, H, H) square images, got {tuple(images.shape)}"
+        )
+    if images.shape[0] not in (1, n):
+        raise ValueError(f"{images.shape[0]} {name}s for {n} prompts")
+    return images.float().expand(n, -1, -1, -1)
+
+
+def _resized(images: Tensor, size: int) -> Tensor:
+    if images.shape[-1] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True)

@@ -16,24 +16,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, get_args
 
-from imagen_ops.config import ConfigError, IngestConfig, Params, load_params
+from imagen_ops import __version__
+from imagen_ops.config import IngestConfig, Params, load_params
 from imagen_ops.diffusion.samplers import SAMPLERS
 from imagen_ops.pipeline import view_for
 
 log = logging.getLogger("imagen_ops")
 
-ERRORS: tuple[type[BaseException], ...] = (
-    ConfigError,
-    FileNotFoundError,
-    FileExistsError,
-    ValueError,
-    KeyError,
-    RuntimeError,
-)
-
 
 def _params(args: argparse.Namespace, *extra: str) -> Params:
-    return load_params(args.params, [*args.set, *extra])
+    return load_params(args.params or "params.yaml", [*args.set, *extra])
 
 
 def _out(text: str) -> None:
@@ -180,46 +172,108 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+SAMPLE_OPTIONS = (
+    "sampler",
+    "steps",
+    "guidance",
+    "seed",
+    "batch_size",
+    "negative_prompt",
+    "strength",
+)
+"""`imagen-ops sample` options that set the params.yaml key `sample.<option>`."""
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
-    import numpy as np
-    import torch
     from PIL import Image
 
+    from imagen_ops.cascade import Cascade
     from imagen_ops.device import resolve_device
     from imagen_ops.images import make_grid, to_uint8
-    from imagen_ops.registry.loading import load_cascade
+    from imagen_ops.registry.loading import download_cascade, is_registry_uri, packaged_settings
 
-    params = _params(args)
-    overrides = {
-        k: v
-        for k, v in (("sampler", args.sampler), ("steps", args.steps), ("guidance", args.guidance))
-        if v is not None
-    }
-    settings = params.sample.model_copy(update=overrides)
-    cascade = load_cascade(
-        args.model or params.paths.models,
-        params.stage_names(),
-        params.text,
-        params.registry,
-        resolve_device("auto"),
+    params = _params(args) if args.params or Path("params.yaml").is_file() else None
+    prompts = _prompts(args.prompts, args.prompts_file)
+    image, mask, lowres = _sample_images(args)
+    registry = params.registry if params else None
+    source = args.model or (params.paths.models if params else None)
+    if source is None:
+        raise FileNotFoundError(
+            "no params.yaml here: name the model with --model (a cascade folder or "
+            "models:/NAME@ALIAS with MLFLOW_TRACKING_URI set)"
+        )
+    root = download_cascade(source, registry) if is_registry_uri(source) else Path(source)
+    names, text = (params.stage_names(), params.text) if params else (None, None)
+    cascade = Cascade.from_dir(root, names, text, resolve_device("auto"))
+    # the project's sampling settings, else those the packaged model carries
+    defaults = params.sample if params else packaged_settings(root)[0]
+    given = {k: getattr(args, k) for k in SAMPLE_OPTIONS}
+    given = {k: v[0] if isinstance(v, list) and len(v) == 1 else v for k, v in given.items()}
+    settings = defaults.updated(**given)
+    prompts = [p for p in prompts for _ in range(args.num_images)]
+    seeds = [settings.seed + k for k in range(len(prompts))]
+    out = to_uint8(
+        cascade.sample(
+            prompts, settings, seeds, image=image, mask=mask, lowres=lowres, progress=not args.quiet
+        )
     )
-    prompts = [p for p in args.prompts for _ in range(args.num_images)]
-    seeds = [args.seed + k for k in range(len(prompts))]
-    with torch.inference_mode():
-        images = to_uint8(cascade.sample(prompts, settings, seeds))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if len(images) == 1 and not args.grid:
-        Image.fromarray(images[0]).save(out)
-    elif args.grid:
-        make_grid(images, prompts).save(out)
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if args.grid:
+        make_grid(out, prompts).save(path)
+        written = [path]
+    elif len(out) == 1:
+        Image.fromarray(out[0]).save(path)
+        written = [path]
     else:
-        for k, image in enumerate(images):
-            Image.fromarray(image).save(out.with_name(f"{out.stem}_{k:03d}{out.suffix}"))
+        written = [path.with_name(f"{path.stem}_{k:03d}{path.suffix}") for k in range(len(out))]
+        for image_k, file in zip(out, written, strict=True):
+            Image.fromarray(image_k).save(file)
     _out(
-        f"wrote {len(images)} image(s) for {len(args.prompts)} prompt(s) to {out}"
-        f" (mean pixel {float(np.mean(images)):.1f})"
+        f"wrote {len(out)} image(s) for {len(prompts)} prompt(s): {written[0]}"
+        + (f" ... {written[-1]}" if len(written) > 1 else "")
     )
+
+
+def _prompts(given: Sequence[str], prompts_file: str | None) -> list[str]:
+    """Prompts from the command line and the file (one per line; blank lines and lines
+    starting with # skipped), each checked like a caption."""
+    from imagen_ops.cascade import check_prompt
+
+    found = [(f"prompt {k + 1}", p) for k, p in enumerate(given)]
+    if prompts_file:
+        lines = Path(prompts_file).read_text(encoding="utf-8").splitlines()
+        found += [
+            (f"{prompts_file} line {k + 1}", line)
+            for k, line in enumerate(lines)
+            if line.strip() and not line.lstrip().startswith("#")
+        ]
+    if not found:
+        raise ValueError("no prompts: give them as arguments or with --prompts-file FILE")
+    prompts = []
+    for where, prompt in found:
+        try:
+            prompts.append(check_prompt(prompt))
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+    return prompts
+
+
+def _sample_images(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """(image, mask, lowres) from --image / --mask / --strength: with a mask the image is
+    inpainted, with a strength it is the start of image-to-image, alone it is super-resolved."""
+    from imagen_ops.images import read_image
+
+    if args.image is None:
+        if args.mask is not None:
+            raise ValueError("--mask needs --image (the picture to inpaint)")
+        return None, None, None
+    image = read_image(Path(args.image).read_bytes())
+    if args.mask is not None:
+        return image, read_image(Path(args.mask).read_bytes(), mask=True), None
+    if args.strength is not None:
+        return image, None, None
+    return None, None, image
 
 
 def cmd_params_apply(args: argparse.Namespace) -> None:
@@ -399,10 +453,42 @@ def cmd_promote(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------- main
 
+EXAMPLES = {
+    "cmd_synth": ["imagen-ops data synth --n 2000 --seed 1"],
+    "cmd_ingest": [
+        "imagen-ops data ingest ~/photos/captions.jsonl",
+        "imagen-ops data ingest 'shards/train-{000..009}.tar'",
+    ],
+    "cmd_params_apply": ["imagen-ops params apply configs/quality.yaml"],
+    "cmd_pipeline_write": ["imagen-ops pipeline write", "imagen-ops pipeline write --check"],
+    "cmd_prepare": ["imagen-ops prepare"],
+    "cmd_encode_text": ["imagen-ops encode-text -S text.batch_size=32"],
+    "cmd_summary": ["imagen-ops model summary"],
+    "cmd_train": [
+        "imagen-ops train --stage base -S stages.base.train.steps=200",
+        "imagen-ops train --stage sr64 --init-from champion",
+    ],
+    "cmd_sample": [
+        'imagen-ops sample "a red circle and a blue square" --num-images 4 --grid',
+        "imagen-ops sample --prompts-file prompts.txt --batch-size 8 --guidance 3 1",
+        'imagen-ops sample "a star" --negative-prompt "a blue star" --seed 7',
+        'imagen-ops sample "a green circle" --image small.png            # super-resolve',
+        'imagen-ops sample "a green circle" --image in.png --strength 0.6  # image-to-image',
+        'imagen-ops sample "a green circle" --image in.png --mask mask.png # inpaint',
+        'MLFLOW_TRACKING_URI=sqlite:////srv/mlflow.db imagen-ops sample "a star" '
+        "--model models:/imagen-ops@champion",
+    ],
+    "cmd_evaluate": ["imagen-ops evaluate -S eval.num_samples=256"],
+    "cmd_register": ["imagen-ops register"],
+    "cmd_reproduce": ["imagen-ops reproduce models:/imagen-ops/3"],
+    "cmd_golden_make": ["imagen-ops golden make && dvc add golden"],
+    "cmd_promote": ["imagen-ops promote", "imagen-ops promote --version 4 --force"],
+}
+
 
 def _common() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument("--params", help="params file (default: params.yaml)")
     p.add_argument(
         "-S",
         "--set",
@@ -419,10 +505,18 @@ def _common() -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     common = _common()
     parser = argparse.ArgumentParser(prog="imagen-ops", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"imagen-ops {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, fn: Callable[[argparse.Namespace], None], help_: str, parent=sub):
-        p = parent.add_parser(name, parents=[common], help=help_, description=help_)
+        p = parent.add_parser(
+            name,
+            parents=[common],
+            help=help_,
+            description=help_,
+            epilog="examples:\n" + "\n".join(f"  {line}" for line in EXAMPLES[fn.__name__]),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         p.set_defaults(fn=fn)
         return p
 
@@ -488,17 +582,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
 
     p = add("sample", cmd_sample, "generate images for prompts")
-    p.add_argument("prompts", nargs="+")
+    p.add_argument("prompts", nargs="*", help="prompts (or --prompts-file)")
+    p.add_argument("--prompts-file", metavar="FILE", help="one prompt per line (# comments)")
     p.add_argument(
-        "--model", help="cascade directory or models:/NAME@ALIAS (default: paths.models)"
+        "--model",
+        help="cascade folder or models:/NAME@ALIAS (default: paths.models); outside a project "
+        "the registry is MLFLOW_TRACKING_URI and the packaged model's settings apply",
     )
-    p.add_argument("--out", default="samples/sample.png")
+    p.add_argument("--out", default="samples/sample.png", help="file (numbered if several)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sampler", choices=list(SAMPLERS))
-    p.add_argument("--steps", type=int)
-    p.add_argument("--guidance", type=float)
     p.add_argument("--grid", action="store_true", help="one labelled grid instead of files")
+    p.add_argument(
+        "--image", metavar="PATH", help="alone: super-resolve it; see --strength, --mask"
+    )
+    p.add_argument("--mask", metavar="PATH", help="inpaint --image: white pixels are generated")
+    setting = p.add_argument_group("settings (each sets params.yaml sample.<name>)")
+    setting.add_argument("--sampler", choices=list(SAMPLERS))
+    setting.add_argument("--steps", type=int, nargs="+", metavar="N", help="per stage or one")
+    setting.add_argument(
+        "--guidance", type=float, nargs="+", metavar="W", help="per stage or one for all"
+    )
+    setting.add_argument("--seed", type=int, help="image k gets seed + k")
+    setting.add_argument("--batch-size", type=int, help="images per forward pass")
+    setting.add_argument("--negative-prompt", help="what guidance steers away from")
+    setting.add_argument(
+        "--strength", type=float, help="image-to-image from --image: 1 = from pure noise"
+    )
 
     p = add("evaluate", cmd_evaluate, "sample held-out prompts, FID/KID/CLIP/alignment, sweep")
     path(p, "--prepared", "paths.prepared", "the packed arrays")
@@ -545,10 +654,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         args.fn(args)
-    except ERRORS as err:
+    except Exception as err:  # every failure is one line; -v shows the traceback
         if args.verbose:
             raise
-        log.error("%s: %s", type(err).__name__, err)
+        text = str(getattr(err, "message", None) or err)
+        message = "; ".join(line.strip() for line in text.splitlines() if line.strip())
+        log.error("%s: %s (-v: traceback)", type(err).__name__, message or "no message")
         return 2
     return 0
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -35,7 +36,9 @@ __all__ = [
     "RegistryConfig",
     "SampleConfig",
     "ScheduleConfig",
+    "ServeConfig",
     "StageConfig",
+    "StageSampling",
     "SynthConfig",
     "TextConfig",
     "TrainConfig",
@@ -268,35 +271,113 @@ class StageConfig(Section):
         return self
 
 
+Steps = Annotated[int, Field(ge=1, le=1000)]
+GuidanceWeight = Annotated[float, Field(ge=0, le=30)]
+AugLevel = Annotated[float, Field(ge=0, le=1)]
+PER_STAGE = ("steps", "guidance", "aug_level")
+
+
+@dataclass(frozen=True)
+class StageSampling:
+    """One stage's resolved share of a SampleConfig."""
+
+    steps: int
+    guidance: float
+    aug_level: float
+
+
 class SampleConfig(Section):
-    """Sampling defaults; per-stage values broadcast from a scalar or a list."""
+    """How to sample, for every entry point: `Cascade.sample`, `imagen-ops sample`, the
+    served model and evaluation all take this object (built by `updated` from params.yaml,
+    CLI options or request columns), so one setting has one meaning everywhere.
+
+    Per-stage settings (steps, guidance, aug_level) take one number for every stage or a
+    list in cascade order; stages past the end of a list take its last value. The defaults
+    are the studied demo recipe (BENCHMARKS.md: sampler and guidance studies)."""
 
     sampler: choice_of(SAMPLERS) = "ancestral"
-    steps: int | tuple[int, ...] = 25
-    guidance: float | tuple[float, ...] = 3.0
-    thresholding: choice_of(THRESHOLDING) = "dynamic"
-    quantile: float = Field(0.995, gt=0, le=1)
+    steps: Steps | tuple[Steps, ...] = Field(25, description="denoising steps per stage")
+    guidance: GuidanceWeight | tuple[GuidanceWeight, ...] = Field(
+        (1.5, 1.0), description="classifier-free guidance weight per stage; 1: no guidance"
+    )
+    thresholding: choice_of(THRESHOLDING) = "static"
+    quantile: float = Field(0.995, gt=0, le=1, description="dynamic thresholding percentile")
     spacing: choice_of(SPACINGS) = "time"
-    eta: float = Field(0.0, ge=0, description="DDIM stochasticity (1 = ancestral)")
-    aug_level: float | tuple[float, ...] = Field(0.2, description="SR noise-aug level (t)")
+    eta: float = Field(0.0, ge=0, le=1, description="DDIM stochasticity (1 = ancestral)")
+    aug_level: AugLevel | tuple[AugLevel, ...] = Field(
+        0.2, description="noise-conditioning augmentation level (t) of super-resolution stages"
+    )
     precision: choice_of(PRECISIONS) = Field(
         "auto", description="network precision; auto: bf16 where the hardware has it"
     )
-    batch_size: int = Field(32, ge=1)
-    seed: int = 0
+    batch_size: int = Field(32, ge=1, le=4096, description="images per forward pass")
+    seed: int = Field(0, ge=0, lt=2**63, description="image k of a call uses seed + k")
+    negative_prompt: str | None = Field(
+        None, description="the unconditional branch of guidance takes this prompt's embedding"
+    )
+    strength: float = Field(
+        1.0, gt=0, le=1, description="image-to-image: how far the input image is noised"
+    )
+
+    @field_validator(*PER_STAGE)
+    @classmethod
+    def _non_empty(cls, value: Any) -> Any:
+        if isinstance(value, tuple) and not value:
+            raise ValueError("give a number or a non-empty list")
+        return value
+
+    @field_validator("negative_prompt")
+    @classmethod
+    def _negative(cls, value: str | None) -> str | None:
+        return value.strip() or None if value is not None else None
+
+    def updated(self, **changes: Any) -> SampleConfig:
+        """A validated copy with `changes` (None values are left out): the one way
+        options, overrides and request columns become settings."""
+        given = {k: v for k, v in changes.items() if v is not None}
+        try:
+            return SampleConfig.model_validate({**self.model_dump(), **given})
+        except ValidationError as err:
+            raise ConfigError(_describe(err, "sample settings")) from None
+
+    def per_stage(self, key: str, count: int) -> list[Any]:
+        """Setting `key` for each of `count` stages (a scalar broadcasts, a list's last
+        value repeats)."""
+        value = getattr(self, key)
+        if not isinstance(value, tuple):
+            return [value] * count
+        if len(value) > count:
+            raise ValueError(f"sample.{key} has {len(value)} values for a {count}-stage cascade")
+        return [*value, *[value[-1]] * (count - len(value))]
+
+    def resolve(self, count: int) -> list[StageSampling]:
+        """The per-stage settings of a `count`-stage cascade."""
+        steps, guidance, aug = (self.per_stage(key, count) for key in PER_STAGE)
+        return [StageSampling(*row) for row in zip(steps, guidance, aug, strict=True)]
 
     def for_stages(self, indices: list[int], count: int) -> SampleConfig:
         """Settings of the sub-cascade made of stages `indices` of a `count`-stage cascade."""
         update = {}
-        for key in ("steps", "guidance", "aug_level"):
-            values = per_stage(getattr(self, key), count)
+        for key in PER_STAGE:
+            values = self.per_stage(key, count)
             update[key] = tuple(values[i] for i in indices)
         return self.model_copy(update=update)
 
-    def with_base_guidance(self, weight: float, count: int) -> SampleConfig:
-        """Guidance `weight` on the base stage, the other stages' weights unchanged."""
-        guidance = per_stage(self.guidance, count)
-        return self.model_copy(update={"guidance": (float(weight), *guidance[1:])})
+
+class ServeConfig(Section):
+    """Limits of one request to the served model (`mlflow models serve`)."""
+
+    max_prompts: int = Field(64, ge=1, description="rows per request")
+    max_work: float = Field(
+        8e6,
+        gt=0,
+        description="pixel-steps per request: rows x sum over stages of steps x pixels "
+        "(x 2 where guidance needs the unconditional pass); the demo cascade's default "
+        "settings cost 153,600 per prompt",
+    )
+    timeout_s: float = Field(
+        50.0, gt=0, description="sampling stops after this (MLflow answers 504 at 60 s)"
+    )
 
 
 class TrainSettings(Section):
@@ -318,8 +399,11 @@ class EvalConfig(Section):
     fid: bool = True
     fid_batch_size: int = Field(32, ge=1)
     clip_model: str | None = Field(None, description="hub name or directory; None: skipped")
-    guidance_sweep: tuple[float, ...] = (1.0, 3.0, 5.0)
-    sweep_samples: int = Field(64, ge=2, description="prompts per sweep point")
+    guidance_sweep: tuple[GuidanceWeight | tuple[GuidanceWeight, ...], ...] = Field(
+        ((1.0, 1.0), (1.5, 1.0), (3.0, 1.0)),
+        description="values of sample.guidance to compare (the other settings kept)",
+    )
+    sweep_samples: int = Field(32, ge=2, description="prompts per sweep point")
     grid_size: int = Field(16, ge=1, description="images in the labelled grid")
 
 
@@ -404,6 +488,7 @@ class Params(Section):
     sample: SampleConfig = SampleConfig()
     eval: EvalConfig = EvalConfig()
     registry: RegistryConfig = RegistryConfig()
+    serve: ServeConfig = ServeConfig()
     schedule: ScheduleConfig = ScheduleConfig()
 
     @model_validator(mode="after")
@@ -414,10 +499,10 @@ class Params(Section):
         for name in self.stages:
             if not name.replace("_", "").isalnum():
                 raise ValueError(f"stage name {name!r}: use letters, digits and '_'")
-        for key in ("steps", "guidance", "aug_level"):
-            value = getattr(self.sample, key)
-            if isinstance(value, tuple) and len(value) != len(self.stages):
-                raise ValueError(f"sample.{key} needs one value per stage ({len(sizes)})")
+        for key in PER_STAGE:
+            self.sample.per_stage(key, len(sizes))  # a list longer than the cascade fails
+        for weight in self.eval.guidance_sweep:
+            self.sample.updated(guidance=weight).per_stage("guidance", len(sizes))
         return self
 
     def stage_names(self) -> list[str]:
@@ -439,11 +524,6 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v
     return out
-
-
-def per_stage(value: Any, n: int) -> list[Any]:
-    """Broadcast a scalar setting to all `n` stages (tuples are validated to length n)."""
-    return list(value) if isinstance(value, tuple | list) else [value] * n
 
 
 # --------------------------------------------------------------------------------------
@@ -494,12 +574,26 @@ def parse_params(raw: Mapping[str, Any], source: str = "<params>") -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as err:
-        lines = []
-        for e in err.errors():
-            key = ".".join(str(p) for p in e["loc"]) or "<root>"
-            msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-            lines.append(f"{source}: {key}: {msg}")
-        raise ConfigError("invalid configuration\n  " + "\n  ".join(lines)) from None
+        raise ConfigError(_describe(err, source)) from None
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    """One line per invalid key: `source: dotted.key: what is wrong`. Of the errors of a
+    number-or-list field only the branch that matches the input's shape is kept."""
+    lines = []
+    for e in err.errors():
+        parts = [str(p) for p in e["loc"]]
+        branches = [p for p in parts if p.startswith(("constrained-", "tuple[", "int", "float"))]
+        if branches:
+            is_list = isinstance(e["input"], list | tuple) or any(
+                isinstance(p, int) for p in e["loc"]
+            )
+            if branches[0].startswith("tuple[") != is_list:
+                continue  # the error of the other branch of the union
+        key = ".".join(p for p in parts if p not in branches) or "<root>"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"{source}: {key}: {msg}")
+    return "invalid configuration\n  " + "\n  ".join(dict.fromkeys(lines))
 
 
 def load_params(path: str | Path = "params.yaml", overrides: Iterable[str] = ()) -> Params:

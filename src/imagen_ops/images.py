@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-__all__ = ["from_uint8", "make_grid", "to_uint8"]
+__all__ = ["from_uint8", "make_grid", "read_image", "to_uint8"]
 
 
 def to_uint8(images: Tensor) -> np.ndarray:
@@ -22,7 +22,26 @@ def to_uint8(images: Tensor) -> np.ndarray:
 
 def from_uint8(images: np.ndarray) -> Tensor:
     """uint8 (B, H, W, 3) -> [-1, 1] float (B, 3, H, W)."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return torch.from_numpy(np.array(images, copy=True)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def read_image(data: bytes, *, mask: bool = False, max_pixels: int = 40_000_000) -> Tensor:
+    """A user's image file as a (1, 3, S, S) tensor in [-1, 1], or with `mask` a (1, 1, S, S)
+    one in [0, 1] (white: generate), S the shorter side (centre crop). Decoding takes the
+    ingest checks (formats, pixel limit, truncation), which raise `Rejected` with a reason."""
+    from PIL import ImageOps
+
+    from imagen_ops.config import IngestConfig
+    from imagen_ops.data.ingest import decode_image, pillow_guard, to_rgb
+
+    with pillow_guard(max_pixels):
+        im = to_rgb(decode_image(data, IngestConfig(min_side=1, max_pixels=max_pixels)))
+    if im.width != im.height:
+        side = min(im.size)
+        im = ImageOps.fit(im, (side, side), method=Image.Resampling.BICUBIC)
+    if mask:
+        return torch.from_numpy(np.asarray(im.convert("L"), dtype=np.float32) / 255.0)[None, None]
+    return from_uint8(np.asarray(im)[None])
 
 
 def make_grid(

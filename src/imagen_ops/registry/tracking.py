@@ -12,7 +12,15 @@ from PIL import Image
 
 from imagen_ops.config import RegistryConfig
 
-__all__ = ["PARENT_RUN_ENV", "MLflowTracker", "configure", "end_stale_runs", "training_tracker"]
+__all__ = [
+    "PARENT_RUN_ENV",
+    "MLflowTracker",
+    "configure",
+    "end_stale_runs",
+    "open_store",
+    "tracking_uri",
+    "training_tracker",
+]
 
 log = logging.getLogger(__name__)
 
@@ -20,12 +28,31 @@ PARENT_RUN_ENV = "IMAGEN_OPS_PARENT_RUN_ID"
 """When set (by the retraining flow), training runs nest under this MLflow run."""
 
 
+def tracking_uri(cfg: RegistryConfig) -> str:
+    """The store's URI: MLFLOW_TRACKING_URI wins over params.yaml."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri
+
+
+def open_store(cfg: RegistryConfig) -> None:
+    """Point MLflow at an existing store to read from it; creates nothing (a missing
+    sqlite file is an error that says how to get one)."""
+    import mlflow
+
+    uri = tracking_uri(cfg)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise FileNotFoundError(
+            f"no MLflow store at {uri}: nothing is registered there yet (run `make demo` in "
+            "the project) or point MLFLOW_TRACKING_URI at the team's store"
+        )
+    mlflow.set_tracking_uri(uri)
+
+
 def configure(cfg: RegistryConfig) -> str:
     """Point MLflow at the store (MLFLOW_TRACKING_URI wins over params.yaml) and make sure
     the experiment exists with its artifacts under `artifact_root`; returns its id."""
     import mlflow
 
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri
+    uri = tracking_uri(cfg)
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)

@@ -95,7 +95,7 @@ def build_cache(
         values = emb.tokens.numpy()
         if not np.isfinite(values).all():
             raise FloatingPointError(f"{encoder.name} produced non-finite embeddings")
-        tokens[rows, : values.shape[1]] = values.astype(np.float16)
+        tokens[rows, : values.shape[1]] = emb.as_stored().tokens.numpy().astype(np.float16)
         lengths[rows] = emb.mask.sum(1).numpy()
         bar.update(len(rows))
     bar.close()

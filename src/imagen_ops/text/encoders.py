@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from imagen_ops.choices import Choices
@@ -81,6 +82,20 @@ class TextEmbeddings:
 
     def __getitem__(self, idx: slice | Tensor) -> TextEmbeddings:
         return TextEmbeddings(self.tokens[idx], self.mask[idx])
+
+    def as_stored(self) -> TextEmbeddings:
+        """Tokens rounded to float16, as the embedding cache stores them: the stages train
+        on these values, and a prompt embedded live then matches its cached embedding."""
+        return TextEmbeddings(self.tokens.half().float(), self.mask)
+
+    def padded(self, length: int) -> TextEmbeddings:
+        """Zero tokens (mask False) appended up to `length`."""
+        extra = length - self.tokens.shape[1]
+        if extra <= 0:
+            return self
+        return TextEmbeddings(
+            F.pad(self.tokens, (0, 0, 0, extra)), F.pad(self.mask, (0, extra), value=False)
+        )
 
 
 # ------------------------------------------------------------------------- resolution

@@ -1,0 +1,362 @@
+"""Sampling through every entry point: one meaning per setting, and the generation features
+(negative prompts, batches, image-to-image, inpainting, super-resolution of any image)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from imagen_ops.cascade import Cascade
+from imagen_ops.cli import main
+from imagen_ops.config import EvalConfig, ServeConfig
+from imagen_ops.images import from_uint8, read_image, to_uint8
+from imagen_ops.registry.pyfunc import DeadlineExceeded, Row, generate, validate_request
+
+from .conftest import tiny_params, write_params
+
+
+@pytest.fixture(scope="module")
+def cascade(tiny_models) -> Cascade:
+    params = tiny_params()
+    return Cascade.from_dir(tiny_models, params.stage_names(), params.text)
+
+
+def png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def sample_u8(cascade: Cascade, prompts, settings, seeds=None, **kw) -> np.ndarray:
+    return to_uint8(cascade.sample(prompts, settings, seeds, **kw))
+
+
+# ------------------------------------------------------------ one meaning per setting
+
+
+@pytest.mark.integration
+def test_same_image_through_python_cli_served_model_and_evaluation(
+    tiny_data, tiny_models, cascade, tmp_path, monkeypatch
+) -> None:
+    """A held-out caption with seed s: Cascade.sample, `imagen-ops sample`, the logged
+    pyfunc model and the evaluate stage give the same pixels."""
+    import mlflow
+
+    from imagen_ops.eval.evaluate import EvalPaths, cascade_sampler, evaluate, held_out
+    from imagen_ops.registry.pyfunc import ModelSpec
+    from imagen_ops.registry.register import log_cascade_model
+    from imagen_ops.registry.tracking import configure
+
+    params = tiny_params("sample.seed=5")
+    settings = params.sample
+    prompts = held_out(tiny_data["prepared"], tiny_data["cache"], params.text, 3)
+    k = 2  # the third held-out prompt: evaluation samples it with seed 5 + 2, in a batch
+
+    # evaluation (cached embeddings, batched with the other held-out prompts)
+    cfg = EvalConfig(num_samples=3, fid=False, guidance_sweep=(1.0,), sweep_samples=2)
+    paths = EvalPaths(tmp_path / "eval", tmp_path / "m.json", tmp_path / "s.csv", tmp_path / "f")
+    evaluate(
+        cfg,
+        settings,
+        cascade_sampler(cascade, progress=False),
+        prompts,
+        paths,
+        stage_count=2,
+        model_sha256="-",
+    )
+    evaluated = np.asarray(Image.open(paths.out / "samples" / f"{k:04d}.png"))
+    caption, seed = prompts.captions[k], settings.seed + k
+
+    # Python
+    python = sample_u8(cascade, [caption], settings, [seed])[0]
+    # the CLI, with the seed from params.yaml (-S sample.seed) and from --seed
+    params_file = write_params(tmp_path / "params.yaml", "sample.seed=7")
+
+    def cli(*extra: str) -> np.ndarray:
+        out = tmp_path / "cli.png"
+        argv = ["sample", caption, "--model", str(tiny_models), "--params", str(params_file)]
+        assert main([*argv, *extra, "--out", str(out), "-q"]) == 0
+        return np.asarray(Image.open(out))
+
+    cli_params_seed, cli_seed3 = cli(), cli("--seed", "3")
+    # the served model
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow/mlflow.db")
+    configure(params.registry)
+    with mlflow.start_run():
+        info = log_cascade_model(tiny_models, ModelSpec.from_params(params))
+    served_model = mlflow.pyfunc.load_model(info.model_uri)
+    reply = served_model.predict(pd.DataFrame({"prompt": [caption, caption], "seed": [seed, 3]}))
+    served = [np.asarray(Image.open(io.BytesIO(base64.b64decode(s)))) for s in reply["image"]]
+
+    assert np.array_equal(python, evaluated)
+    assert np.array_equal(python, served[0])
+    expected_7 = sample_u8(cascade, [caption], settings, [7])[0]
+    assert np.array_equal(cli_params_seed, expected_7), "sample.seed from params.yaml"
+    assert np.array_equal(cli_seed3, served[1]), "--seed 3 == the request's seed 3"
+    assert not np.array_equal(cli_seed3, cli_params_seed)
+
+
+def test_guidance_means_the_same_in_the_cli_and_the_served_model(cascade) -> None:
+    """`--guidance 3` and a request's guidance 3 are both sample.guidance=3: every stage."""
+    from imagen_ops.cli import SAMPLE_OPTIONS
+
+    settings = tiny_params().sample
+    rows = validate_request(
+        pd.DataFrame({"prompt": ["a star"], "guidance": [3.0]}), settings, ServeConfig()
+    )
+    assert "guidance" in SAMPLE_OPTIONS
+    cli_settings = settings.updated(guidance=[3.0])  # argparse nargs="+" gives a list
+    assert [p.guidance for p in rows[0].settings.resolve(2)] == [3.0, 3.0]
+    assert [p.guidance for p in cli_settings.resolve(2)] == [3.0, 3.0]
+
+
+def test_batches_do_not_change_images(cascade) -> None:
+    settings = tiny_params().sample
+    prompts = ["a red circle", "two blue squares", "a green star", "a yellow circle"]
+    one_batch = sample_u8(cascade, prompts, settings.updated(batch_size=8))
+    singles = sample_u8(cascade, prompts, settings.updated(batch_size=1))
+    assert np.array_equal(one_batch, singles)
+    assert not np.array_equal(one_batch[0], one_batch[1])
+
+
+def test_progress_bar_counts_every_denoising_step(cascade, capsys) -> None:
+    settings = tiny_params().sample.updated(steps=[3, 2], batch_size=2)
+    cascade.sample(["a", "b", "c"], settings, progress=True)
+    err = capsys.readouterr().err
+    assert "15/15" in err, err  # 3 images x (3 + 2) steps
+
+
+# ------------------------------------------------------------------ negative prompts
+
+
+def test_negative_prompt_takes_the_unconditional_branch(cascade) -> None:
+    settings = tiny_params().sample.updated(guidance=4.0)
+    plain = sample_u8(cascade, ["a red circle"], settings)
+    negative = sample_u8(cascade, ["a red circle"], settings.updated(negative_prompt="a blue"))
+    blank = sample_u8(cascade, ["a red circle"], settings.updated(negative_prompt="   "))
+    assert not np.array_equal(plain, negative)
+    assert np.array_equal(plain, blank), "an empty negative prompt is no negative prompt"
+    # without guidance (w = 1) the unconditional branch is never evaluated
+    no_cfg = settings.updated(guidance=1.0)
+    assert np.array_equal(
+        sample_u8(cascade, ["a red circle"], no_cfg),
+        sample_u8(cascade, ["a red circle"], no_cfg.updated(negative_prompt="a blue")),
+    )
+
+
+def test_negative_prompt_is_what_guidance_steers_from() -> None:
+    """With a denoiser that returns its text embedding, x0 = neg + w (cond - neg)."""
+    from imagen_ops.diffusion.guidance import Conditioning, classifier_free_guidance
+
+    cond = Conditioning(torch.full((1, 2, 1), 2.0), torch.ones(1, 2, dtype=torch.bool))
+    neg = cond.with_text(torch.full((1, 3, 1), -1.0), torch.ones(1, 3, dtype=torch.bool))
+
+    def denoise(x, t, c):  # mean of the real tokens, broadcast over the image
+        mean = (c.text[..., 0] * c.mask).sum(1) / c.mask.sum(1).clamp(min=1)
+        return mean.view(-1, 1, 1, 1).expand_as(x)
+
+    x = torch.zeros(1, 3, 2, 2)
+    guided = classifier_free_guidance(denoise, cond, 3.0, neg)(x, torch.tensor(0.5))
+    assert torch.allclose(guided, torch.full_like(x, -1.0 + 3.0 * (2.0 + 1.0)))
+    plain = classifier_free_guidance(denoise, cond, 3.0)(x, torch.tensor(0.5))
+    assert torch.allclose(plain, torch.full_like(x, 6.0)), "no text: 0 + 3 * (2 - 0)"
+
+
+# ------------------------------------------------ image-to-image, inpainting, upscaling
+
+
+def _user_image(size: int) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    image = np.zeros((size, size, 3), np.uint8)
+    image[: size // 2] = (200, 30, 30)
+    image[size // 2 :] = (20, 20, 220)
+    return np.clip(image + rng.integers(0, 20, image.shape), 0, 255).astype(np.uint8)
+
+
+def test_image_to_image_strength(cascade) -> None:
+    settings = tiny_params().sample.updated(steps=[20, 20])
+    source = _user_image(48)  # any size: resized to each stage
+    image = read_image(png(source))
+    target = from_uint8(np.asarray(Image.fromarray(source).resize((32, 32)))[None])
+
+    def distance(strength: float) -> float:
+        out = cascade.sample(["a red square"], settings.updated(strength=strength), image=image)
+        return float((out - target).abs().mean())
+
+    near, mid, far = distance(0.1), distance(0.5), distance(1.0)
+    assert near < mid < far, (near, mid, far)
+    assert near < 0.15
+    again = cascade.sample(["a red square"], settings.updated(strength=0.5), image=image)
+    first = cascade.sample(["a red square"], settings.updated(strength=0.5), image=image)
+    assert torch.equal(again, first)
+
+
+def test_inpainting_keeps_the_known_pixels_exactly(cascade) -> None:
+    settings = tiny_params().sample
+    source = _user_image(32)
+    mask = np.zeros((32, 32, 3), np.uint8)
+    mask[8:24, 8:24] = 255  # white: generate
+    out = sample_u8(
+        cascade,
+        ["a green star", "a green star"],
+        settings,
+        [0, 1],
+        image=read_image(png(source)),
+        mask=read_image(png(mask), mask=True),
+    )
+    keep = mask[..., 0] == 0
+    for image in out:
+        assert np.array_equal(image[keep], source[keep])
+        assert not np.array_equal(image[~keep], source[~keep])
+    assert not np.array_equal(out[0], out[1]), "the seed still matters inside the mask"
+
+
+def test_super_resolution_of_any_user_image(cascade) -> None:
+    settings = tiny_params().sample
+    exact = read_image(png(_user_image(16)))
+    out = cascade.sample(["a red square"], settings, lowres=exact)
+    assert out.shape == (1, 3, 32, 32)
+    other = read_image(png(_user_image(40)))  # resized to the sr32 stage's 16 px input
+    assert cascade.sample(["a red square"], settings, lowres=other).shape == (1, 3, 32, 32)
+    with pytest.raises(ValueError, match="a mask needs the image"):
+        cascade.sample(["a"], settings, mask=torch.ones(1, 1, 32, 32))
+
+
+# ------------------------------------------------------------- serving bounds
+
+
+def test_request_over_the_work_budget_is_refused_before_sampling(cascade) -> None:
+    from mlflow.exceptions import MlflowException
+
+    settings = tiny_params().sample
+    per_prompt = cascade.work(settings, 1)
+    assert per_prompt == 4 * 16**2 * 2 + 4 * 32**2  # guidance [2, 1]: base runs twice
+    limits = ServeConfig(max_work=3 * per_prompt)
+    frame = pd.DataFrame({"prompt": ["a star"] * 4})
+    with pytest.raises(MlflowException, match=r"serve\.max_work.*fewer prompts or steps"):
+        validate_request(frame, settings, limits, cascade)
+    assert len(validate_request(frame[:3], settings, limits, cascade)) == 3
+
+
+def test_deadline_stops_sampling_between_steps(cascade) -> None:
+    import time
+
+    settings = tiny_params().sample
+    rows = [Row("a star", settings.updated(seed=0))]
+    with pytest.raises(DeadlineExceeded):
+        generate(cascade, rows, deadline=time.monotonic() - 1)
+    assert generate(cascade, rows, deadline=time.monotonic() + 600)[0].shape == (32, 32, 3)
+
+
+def test_generate_batches_equal_settings_and_keeps_row_order(cascade) -> None:
+    settings = tiny_params().sample
+    rows = [
+        Row("a star", settings.updated(seed=1)),
+        Row("a circle", settings.updated(seed=2, steps=2)),
+        Row("a star", settings.updated(seed=3)),
+    ]
+    calls = []
+    original = cascade.sample
+
+    def spy(prompts, *args, **kwargs):
+        calls.append(list(prompts))
+        return original(prompts, *args, **kwargs)
+
+    cascade.sample = spy
+    try:
+        images = generate(cascade, rows)
+    finally:
+        del cascade.sample
+    assert calls == [["a star", "a star"], ["a circle"]]
+    alone = sample_u8(cascade, ["a circle"], settings.updated(steps=2), [2])[0]
+    assert np.array_equal(images[1], alone)
+
+
+# ------------------------------------------------------------------------- the CLI
+
+
+def test_cli_prompts_file_negative_prompt_and_batch_size(tiny_models, tmp_path, cascade) -> None:
+    params_file = write_params(tmp_path / "params.yaml")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# shapes\na red circle\n\ntwo blue squares\n")
+    out = tmp_path / "s.png"
+    args = [
+        "sample",
+        "--prompts-file",
+        str(prompts),
+        "--model",
+        str(tiny_models),
+        "--params",
+        str(params_file),
+        "--out",
+        str(out),
+        "--batch-size",
+        "1",
+        "--negative-prompt",
+        "a green star",
+        "--guidance",
+        "3",
+        "-q",
+    ]
+    assert main(args) == 0
+    files = sorted(tmp_path.glob("s_*.png"))
+    assert [f.name for f in files] == ["s_000.png", "s_001.png"]
+    settings = tiny_params().sample.updated(guidance=3.0, negative_prompt="a green star")
+    expected = sample_u8(cascade, ["a red circle", "two blue squares"], settings)
+    assert np.array_equal(np.asarray(Image.open(files[1])), expected[1])
+
+
+def test_cli_image_modes(tiny_models, tmp_path) -> None:
+    params_file = write_params(tmp_path / "params.yaml")
+    Image.fromarray(_user_image(24)).save(tmp_path / "in.png")
+    mask = np.zeros((32, 32), np.uint8)
+    mask[:16] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    Image.fromarray(_user_image(32)).save(tmp_path / "in32.png")
+    base = [
+        "sample",
+        "a red square",
+        "--model",
+        str(tiny_models),
+        "--params",
+        str(params_file),
+        "-q",
+    ]
+    for extra in (
+        ["--image", str(tmp_path / "in.png")],
+        ["--image", str(tmp_path / "in.png"), "--strength", "0.3"],
+        ["--image", str(tmp_path / "in32.png"), "--mask", str(tmp_path / "mask.png")],
+    ):
+        out = tmp_path / f"out{len(extra)}.png"
+        assert main([*base, *extra, "--out", str(out)]) == 0
+        assert Image.open(out).size == (32, 32)
+    inpainted = np.asarray(Image.open(tmp_path / "out4.png"))
+    assert np.array_equal(inpainted[16:], _user_image(32)[16:])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["a\x07bell"], "prompt 1: contains control character U+0007"),
+        (["a star", "--steps", "0"], "sample settings: steps: Input should be greater"),
+        (["a star", "--seed", str(2**63)], "seed: Input should be less than"),
+        (["a star", "--mask", "m.png"], "--mask needs --image"),
+        (["a star", "--image", "missing.png"], "missing.png"),
+        ([], "no prompts"),
+    ],
+)
+def test_cli_sample_errors_are_one_line(tiny_models, tmp_path, caplog, args, message) -> None:
+    params_file = write_params(tmp_path / "params.yaml")
+    with caplog.at_level(logging.ERROR):
+        code = main(["sample", *args, "--model", str(tiny_models), "--params", str(params_file)])
+    assert code == 2
+    (record,) = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert message in record.getMessage() and "\n" not in record.getMessage()
