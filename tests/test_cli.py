@@ -141,6 +141,15 @@ def test_sample_from_an_empty_registry_is_one_line_and_creates_nothing(tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
+def test_promote_and_reproduce_without_a_store_create_nothing(tmp_path, monkeypatch) -> None:
+    write_params(tmp_path / "params.yaml")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    for argv in (["promote"], ["reproduce", "models:/imagen-ops/1"]):
+        assert main(argv) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
 def test_version_and_every_help_shows_an_example(capsys) -> None:
     import argparse
 

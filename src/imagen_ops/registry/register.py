@@ -32,7 +32,7 @@ from imagen_ops.registry.gate import golden_correct
 from imagen_ops.registry.loading import ARTIFACT, load_cascade
 from imagen_ops.registry.promotion import Decision, decide, paired_decide, primary_metric
 from imagen_ops.registry.pyfunc import IMAGE_COLUMNS, SETTING_COLUMNS, ModelSpec, package_cascade
-from imagen_ops.registry.tracking import configure
+from imagen_ops.registry.tracking import configure, open_store
 
 __all__ = [
     "NotRegistrableError",
@@ -443,7 +443,7 @@ def promote(
     a golden set, both versions are sampled on it with `settings` (the paired gate)."""
     from mlflow import MlflowClient
 
-    configure(cfg)
+    open_store(cfg)  # promoting needs a store with a model: never create one
     client = MlflowClient()
     if version is None:
         version = client.get_registered_model(cfg.model_name).aliases.get(CHALLENGER)

@@ -27,7 +27,7 @@ from pathlib import Path
 from imagen_ops.cascade import cascade_digest
 from imagen_ops.config import RegistryConfig, load_params
 from imagen_ops.pipeline import train_stage_name
-from imagen_ops.registry.tracking import configure
+from imagen_ops.registry.tracking import open_store
 
 __all__ = ["Reproduction", "reproduce"]
 
@@ -60,7 +60,7 @@ def _version(uri: str, cfg: RegistryConfig):
     parts = uri.removeprefix("models:/").split("/")
     if not uri.startswith("models:/") or len(parts) != 2:
         raise ValueError(f"{uri}: expected models:/NAME/VERSION (or models:/NAME@ALIAS)")
-    configure(cfg)
+    open_store(cfg)
     client = MlflowClient()
     name, version = parts
     return client, client.get_model_version(name, version)
@@ -79,7 +79,7 @@ def reproduce(uri: str, project: Path, cfg: RegistryConfig, keep: bool = False) 
     """Rebuild the version `uri` in a temporary work tree of `project`; compare digests."""
     import mlflow
 
-    configure(cfg)
+    open_store(cfg)
     uri = _resolve(uri)
     client, mv = _version(uri, cfg)
     run = client.get_run(mv.run_id)
