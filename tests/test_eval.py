@@ -262,8 +262,10 @@ def eval_paths(out: Path) -> evaluate_module.EvalPaths:
     return evaluate_module.EvalPaths(
         out=out / "eval",
         metrics=out / "reports" / "metrics.json",
+        scores=out / "reports" / "scores.json",
         sweep=out / "reports" / "guidance_sweep.csv",
         feature_cache=out / "fid_cache",
+        timings=out / "reports" / "timings.json",
     )
 
 
@@ -299,14 +301,16 @@ def test_evaluate_stage_end_to_end(tiny_data, tiny_models, tmp_path, monkeypatch
     assert 0.0 <= alignment["overall"] <= 1.0
     assert "single" in alignment
     sampling = metrics["sampling"]
-    assert set(sampling["seconds_per_image"]) == {"base", "sr32"}
-    assert all(v > 0 for v in sampling["seconds_per_image"].values())
     assert sampling["steps"] == [4, 4] and sampling["guidance"] == [2.0, 1.0]
+    timings = json.loads(paths.timings.read_text())  # untracked: not in metrics.json
+    assert set(timings["seconds_per_image"]) == {"base", "sr32"}
+    assert all(v > 0 for v in timings["seconds_per_image"].values())
 
     # the sweep: one row per weight, in order
     with paths.sweep.open() as f:
         rows = list(csv.DictReader(f))
     assert [float(r["guidance"]) for r in rows] == list(params.eval.guidance_sweep)
+    assert [r["guidance_stages"] for r in rows] == ["1 1", "3 3"]  # a number: every stage
     assert all(r["alignment"] != "" and r["kid_mean"] != "" for r in rows)
     assert all(r["clip_score"] == "" for r in rows)
 
@@ -322,6 +326,8 @@ def test_evaluate_stage_end_to_end(tiny_data, tiny_models, tmp_path, monkeypatch
     assert Image.open(paths.out / "sweep.png").size == (500, 320)
     page = (paths.out / "report.html").read_text()
     assert "alignment.overall" in page and "data:image/png;base64," in page
+    assert metrics["model_sha256"] in page and metrics["eval_set_sha256"] in page
+    assert "<td>n/a</td>" in page and ">null<" not in page and ">None<" not in page
 
     # real features: cached by the first run and read back, not recomputed, by the second
     assert len(loads) == 1
@@ -333,16 +339,21 @@ def test_evaluate_stage_end_to_end(tiny_data, tiny_models, tmp_path, monkeypatch
             **paths.__dict__,
             "out": second_dir / "eval",
             "metrics": second_dir / "metrics.json",
+            "scores": second_dir / "scores.json",
             "sweep": second_dir / "sweep.csv",
+            "timings": second_dir / "timings.json",
         }
     )
     again = run_evaluate(params, tiny_data, tiny_models, second)
     assert len(loads) == 1 and cache_files[0].stat().st_mtime_ns == stamp
 
-    # deterministic: same seeds, same images, same metrics (timings aside)
-    for k in range(n):
-        name = f"samples/{k:04d}.png"
-        assert (paths.out / name).read_bytes() == (second.out / name).read_bytes(), name
-    for key in ("fid", "kid_mean", "kid_std", "alignment"):
-        assert again[key] == result[key], key
+    # deterministic: every tracked output is byte-identical on a rerun (dvc.lock stays put)
+    assert again == result
+    assert second.metrics.read_bytes() == paths.metrics.read_bytes()
+    assert second.scores.read_bytes() == paths.scores.read_bytes()
+    scores = json.loads(paths.scores.read_text())
+    assert scores["align_overall"] == round(alignment["overall"], 4) and len(scores) == 8
     assert second.sweep.read_text() == paths.sweep.read_text()
+    for file in sorted(p for p in paths.out.rglob("*") if p.is_file()):
+        twin = second.out / file.relative_to(paths.out)
+        assert file.read_bytes() == twin.read_bytes(), file.name

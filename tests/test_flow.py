@@ -131,6 +131,15 @@ def test_retrain_flow_second_and_third_runs(tmp_path, prefect_harness, flow_env,
     assert decision["promote"] and decision["reason"] == "no champion yet"
     assert decision["metric"] == "golden.accuracy" and decision["n"] == 12
     assert first["version"] == first["champion_version"] == "1"
+    # the flow run publishes its decision, metrics and links as Prefect artifacts
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as prefect:
+        published = {a.key: a for a in prefect.read_artifacts() if a.key}
+    assert {"retrain-summary", "retrain-metrics", "mlflow-run", "sample-grid"} <= set(published)
+    assert first["run_id"] in published["mlflow-run"].data
+    assert "promoted to champion" in published["retrain-summary"].data
+    assert published["sample-grid"].data.endswith("grid.png)")
     # the golden set is versioned with DVC beside the data
     assert (root / "golden.dvc").is_file() and (root / "golden/prompts.jsonl").is_file()
 
@@ -146,6 +155,11 @@ def test_retrain_flow_second_and_third_runs(tmp_path, prefect_harness, flow_env,
     assert version.tags["imagen_ops.model_sha256"] == metrics["model_sha256"]
     assert "lineage/dvc.lock" in {a.path for a in client.list_artifacts(first["run_id"], "lineage")}
     assert "commit" in version.description and "gate" in version.description
+    # the logged report names the version, the commit, the data version and the date
+    page = Path(client.download_artifacts(first["run_id"], "eval/report.html", str(tmp_path)))
+    page = page.read_text()
+    assert "imagen-ops version 1" in page and run.data.tags["imagen_ops.git_commit"] in page
+    assert data_md5 in page and "UTC" in page
     # version 1 rebuilds bit for bit from what it stored (a temporary git work tree)
     rebuilt = json.loads(run_cli(["reproduce", "models:/imagen-ops/1", "-q"], root))
     assert rebuilt["identical"] and rebuilt["expected_sha256"] == metrics["model_sha256"]

@@ -189,7 +189,25 @@ def test_validate_request_rejects_bad_images_with_the_reason() -> None:
     not_an_image = base64.b64encode(b"hello, world").decode()
     _bad(pd.DataFrame({"prompt": ["a"], "image": [not_an_image]}), "'image': not_an_image")
     mask_only = base64.b64encode(png_bytes(np.zeros((8, 8, 3), np.uint8))).decode()
-    _bad(pd.DataFrame({"prompt": ["a"], "mask": [mask_only]}), "a 'mask' needs the 'image'")
+    _bad(pd.DataFrame({"prompt": ["a"], "mask": [mask_only]}), "a mask needs the image")
+
+
+def test_validate_request_reads_an_image_like_the_cli() -> None:
+    """Alone an image is super-resolved, with a strength it starts image-to-image, with a
+    mask it is inpainted (cascade.image_roles, shared with `imagen-ops sample`)."""
+    image = base64.b64encode(png_bytes(np.full((20, 20, 3), 90, np.uint8))).decode()
+    frame = pd.DataFrame(
+        {
+            "prompt": ["a", "b", "c"],
+            "image": [image, image, image],
+            "strength": [None, 0.4, None],
+            "mask": [None, None, image],
+        }
+    )
+    sr, img2img, inpaint = validate_request(frame, DEFAULTS, LIMITS)
+    assert sr.lowres is not None and sr.image is None and sr.mask is None
+    assert img2img.image is not None and img2img.settings.strength == 0.4
+    assert inpaint.image is not None and inpaint.mask is not None and inpaint.lowres is None
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -570,6 +588,7 @@ def load_requests(n: int) -> list[tuple[str, dict, int, str | None]]:
             "good",
             {"dataframe_records": [{"prompt": "a star", "image": image, "mask": mask, "steps": 2}]},
         ),
+        ("good", {"dataframe_records": [{"prompt": "a star", "image": image, "steps": 2}]}),
     ]
     bad = [
         ({"dataframe_records": [{"prompt": "   "}]}, 400, "prompt: caption is empty"),

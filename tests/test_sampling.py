@@ -61,7 +61,9 @@ def test_same_image_through_python_cli_served_model_and_evaluation(
 
     # evaluation (cached embeddings, batched with the other held-out prompts)
     cfg = EvalConfig(num_samples=3, fid=False, guidance_sweep=(1.0,), sweep_samples=2)
-    paths = EvalPaths(tmp_path / "eval", tmp_path / "m.json", tmp_path / "s.csv", tmp_path / "f")
+    paths = EvalPaths(
+        *(tmp_path / name for name in ("eval", "m.json", "scores.json", "s.csv", "f", "t"))
+    )
     evaluate(
         cfg,
         settings,
@@ -348,7 +350,7 @@ def test_cli_image_modes(tiny_models, tmp_path) -> None:
         (["a\x07bell"], "prompt 1: contains control character U+0007"),
         (["a star", "--steps", "0"], "sample settings: steps: Input should be greater"),
         (["a star", "--seed", str(2**63)], "seed: Input should be less than"),
-        (["a star", "--mask", "m.png"], "--mask needs --image"),
+        (["a star", "--mask", "missing-mask.png"], "missing-mask.png"),
         (["a star", "--image", "missing.png"], "missing.png"),
         ([], "no prompts"),
     ],

@@ -47,6 +47,7 @@ __all__ = [
     "cascade_digest",
     "check_prompt",
     "denoising_steps",
+    "image_roles",
     "load_stage",
 ]
 
@@ -413,6 +414,22 @@ class Cascade:
         size = lowres.shape[-1]
         first = next((i for i in sr if self.stages[i].lowres == size), sr[0])
         return stages[first:]
+
+
+def image_roles(
+    image: Tensor | None, mask: Tensor | None, strength: float | None
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(image, mask, lowres) for `Cascade.sample` from a user's image: with a mask it is
+    inpainted, with a strength it starts image-to-image, alone it is super-resolved. The
+    one reading of an image for the CLI (--image / --mask / --strength) and the served
+    model (columns image / mask / strength)."""
+    if image is None:
+        if mask is not None:
+            raise ValueError("a mask needs the image to inpaint")
+        return None, None, None
+    if mask is not None or strength is not None:
+        return image, mask, None
+    return None, None, image
 
 
 def denoising_steps(steps: int, strength: float) -> int:

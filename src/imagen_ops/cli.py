@@ -260,20 +260,15 @@ def _prompts(given: Sequence[str], prompts_file: str | None) -> list[str]:
 
 
 def _sample_images(args: argparse.Namespace) -> tuple[Any, Any, Any]:
-    """(image, mask, lowres) from --image / --mask / --strength: with a mask the image is
-    inpainted, with a strength it is the start of image-to-image, alone it is super-resolved."""
+    """(image, mask, lowres) from --image / --mask / --strength (cascade.image_roles)."""
+    from imagen_ops.cascade import image_roles
     from imagen_ops.images import read_image
 
-    if args.image is None:
-        if args.mask is not None:
-            raise ValueError("--mask needs --image (the picture to inpaint)")
-        return None, None, None
-    image = read_image(Path(args.image).read_bytes())
-    if args.mask is not None:
-        return image, read_image(Path(args.mask).read_bytes(), mask=True), None
-    if args.strength is not None:
-        return image, None, None
-    return None, None, image
+    image, mask = (
+        None if path is None else read_image(Path(path).read_bytes(), mask=name == "mask")
+        for name, path in (("image", args.image), ("mask", args.mask))
+    )
+    return image_roles(image, mask, args.strength)
 
 
 def cmd_params_apply(args: argparse.Namespace) -> None:
@@ -341,8 +336,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     paths = EvalPaths(
         out=_path(args.out, p.eval),
         metrics=_path(args.metrics, p.metrics),
+        scores=_path(args.scores, p.scores),
         sweep=_path(args.sweep, p.guidance_sweep),
         feature_cache=_path(args.feature_cache, p.fid_cache),
+        timings=_path(args.timings, p.timings),
     )
     result = evaluate(
         cfg,
@@ -368,6 +365,7 @@ def cmd_register(args: argparse.Namespace) -> None:
         root / _path(args.models, p.models),
         root / _path(args.metrics, p.metrics),
         root / _path(args.eval_dir, p.eval),
+        root / p.timings,
     )
     result = register(
         params.registry,
@@ -615,8 +613,10 @@ def build_parser() -> argparse.ArgumentParser:
     path(p, "--models", "paths.models", "the trained stages")
     path(p, "--out", "paths.eval", "samples, grid and report")
     path(p, "--metrics", "paths.reports/metrics.json", "the metrics file")
+    path(p, "--scores", "paths.reports/scores.json", "the headline numbers (DVC metrics)")
     path(p, "--sweep", "paths.reports/guidance_sweep.csv", "the guidance sweep")
     path(p, "--feature-cache", "paths.fid_cache", "real-image Inception features")
+    path(p, "--timings", "paths.reports/timings.json", "sampling speed (untracked)")
     p.add_argument("--device", default="auto")
 
     p = add("register", cmd_register, "log the run and model to MLflow; gate the champion")

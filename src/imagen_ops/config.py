@@ -414,6 +414,9 @@ class RegistryConfig(Section):
     artifact_root: str = "mlflow/artifacts"
     experiment: str = "imagen-ops"
     model_name: str = "imagen-ops"
+    ui_url: str = Field(
+        "http://127.0.0.1:5000", description="the team's MLflow UI, for links in flow artifacts"
+    )
     primary_metric: str = Field(
         "auto", description="metric in reports/metrics.json; auto: alignment, else fid"
     )
@@ -468,6 +471,18 @@ class PathsConfig(Section):
     @property
     def metrics(self) -> str:
         return f"{self.reports}/metrics.json"
+
+    @property
+    def scores(self) -> str:
+        """The few headline numbers: DVC's metrics file (`dvc metrics show` fits a
+        terminal); metrics.json holds everything."""
+        return f"{self.reports}/scores.json"
+
+    @property
+    def timings(self) -> str:
+        """Sampling speed of the last evaluation: untracked (not a DVC output), so that
+        identical reruns leave every tracked output and dvc.lock unchanged."""
+        return f"{self.reports}/timings.json"
 
     @property
     def guidance_sweep(self) -> str:

@@ -128,12 +128,13 @@ def pipeline_stages(params: Params) -> list[PipelineStage]:
             [
                 *("imagen-ops", "evaluate", "--prepared", p.prepared, "--cache", p.text_cache),
                 *("--models", p.models, "--out", p.eval, "--metrics", p.metrics),
+                *("--scores", p.scores),
                 *("--sweep", p.guidance_sweep, "--feature-cache", p.fid_cache),
             ],
             [p.prepared, p.text_cache, *(p.model(n) for n in names), *EVAL_CODE],
             ["sample", "eval", "text"],
-            [p.eval, {p.guidance_sweep: {"cache": False}}],
-            metrics=[p.metrics],
+            [p.eval, {p.metrics: {"cache": False}}, {p.guidance_sweep: {"cache": False}}],
+            metrics=[p.scores],
         )
     )
     return stages

@@ -58,8 +58,10 @@ METRICS_VERSION = 1
 class EvalPaths:
     out: Path  # artifacts/eval: images, grid, chart, report.html
     metrics: Path  # reports/metrics.json
+    scores: Path  # reports/scores.json: the headline numbers (DVC metrics)
     sweep: Path  # reports/guidance_sweep.csv
     feature_cache: Path  # real-image Inception features, keyed by data version
+    timings: Path  # reports/timings.json: seconds per image and stage (untracked)
 
 
 @dataclass(frozen=True)
@@ -227,16 +229,31 @@ def evaluate(
         "resolution": resolution,
         **metrics,
         "sampling": {
-            "seconds_per_image": seconds,
             "sampler": settings.sampler,
             "steps": settings.per_stage("steps", stage_count),
             "guidance": settings.per_stage("guidance", stage_count),
             "thresholding": settings.thresholding,
-            "device": str(dev),
         },
     }
     _write_outputs(paths, result, sweep, images, captions, cfg)
+    write_json_atomic(paths.timings, {"seconds_per_image": seconds, "device": str(dev)})
     return result
+
+
+SCORES = ("fid", "kid_mean", "clip_score")
+ALIGNMENT_SCORES = ("overall", "single", "counting", "binding", "position")
+
+
+def headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The numbers a reviewer compares across runs, rounded (reports/scores.json)."""
+
+    def rounded(value: Any) -> Any:
+        return round(value, 4) if isinstance(value, float) else value
+
+    scores = {k: rounded(metrics.get(k)) for k in SCORES}
+    alignment = metrics.get("alignment") or {}
+    scores.update({f"align_{k}": rounded(alignment.get(k)) for k in ALIGNMENT_SCORES})
+    return scores
 
 
 def _sweep_row(settings: SampleConfig, stage_count: int, point: dict[str, Any]) -> dict[str, Any]:
@@ -275,4 +292,5 @@ def _write_outputs(
     ]
     write_text_atomic(paths.sweep, "\n".join(lines) + "\n")
     write_json_atomic(paths.metrics, result)
+    write_json_atomic(paths.scores, headline(result))
     log.info("metrics: %s", json.dumps({k: result.get(k) for k in ("fid", "kid_mean")}))

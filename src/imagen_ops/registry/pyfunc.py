@@ -7,7 +7,8 @@ serving limits. `mlflow models serve -m models:/imagen-ops@champion` needs nothi
 
 predict: a DataFrame with a `prompt` column and optional columns named like the
 `sample` settings (`negative_prompt`, `seed`, `steps`, `guidance`, `strength`, `sampler`)
-plus `image` / `mask` (base64 image files: image-to-image, inpainting) -> a DataFrame with
+plus `image` / `mask` (base64 image files: alone an image is super-resolved, with
+`strength` it starts image-to-image, with `mask` it is inpainted) -> a DataFrame with
 `prompt`, `seed` and `image` (base64 PNG). Rows with equal settings are sampled in batches.
 A bad request, or one over the work budget, raises MlflowException(INVALID_PARAMETER_VALUE)
 (HTTP 400) before any work; sampling past `serve.timeout_s` stops with DEADLINE_EXCEEDED
@@ -28,7 +29,7 @@ from typing import Any
 
 import torch
 
-from imagen_ops.cascade import Cascade, check_prompt
+from imagen_ops.cascade import Cascade, check_prompt, image_roles
 from imagen_ops.config import ConfigError, Params, SampleConfig, ServeConfig, TextConfig
 from imagen_ops.device import resolve_device
 from imagen_ops.registry.loading import ARTIFACT, packaged_settings
@@ -108,8 +109,9 @@ class Row:
 
     prompt: str
     settings: SampleConfig
-    image: torch.Tensor | None = None
+    image: torch.Tensor | None = None  # image-to-image / inpainting start
     mask: torch.Tensor | None = None
+    lowres: torch.Tensor | None = None  # super-resolution input
 
 
 def validate_request(
@@ -145,10 +147,13 @@ def validate_request(
         except ConfigError as err:
             detail = "; ".join(line.split(": ", 1)[1] for line in str(err).splitlines()[1:])
             raise _bad_request(f"row {i}: {detail}") from None
-        image, mask = (_image(rec.get(k), k, i) for k in IMAGE_COLUMNS)
-        if mask is not None and image is None:
-            raise _bad_request(f"row {i}: a 'mask' needs the 'image' to inpaint")
-        rows.append(Row(prompt, settings, image, mask))
+        try:
+            roles = image_roles(
+                *(_image(rec.get(k), k, i) for k in IMAGE_COLUMNS), given["strength"]
+            )
+        except ValueError as err:
+            raise _bad_request(f"row {i}: {err}") from None
+        rows.append(Row(prompt, settings, *roles))
     if cascade is not None:
         work = sum(cascade.work(r.settings, 1, from_image=r.image is not None) for r in rows)
         if work > limits.max_work:
@@ -201,7 +206,7 @@ def generate(
     from imagen_ops.images import to_uint8
 
     def key(row: Row) -> str:
-        shapes = [None if t is None else tuple(t.shape) for t in (row.image, row.mask)]
+        shapes = [None if t is None else tuple(t.shape) for t in (row.image, row.mask, row.lowres)]
         return row.settings.model_copy(update={"seed": 0}).model_dump_json() + str(shapes)
 
     def check_deadline(*_: Any) -> None:
@@ -218,7 +223,7 @@ def generate(
             None
             if getattr(first, name) is None
             else torch.cat([getattr(rows[k], name) for k in members])
-            for name in IMAGE_COLUMNS
+            for name in ("image", "mask", "lowres")
         ]
         out = cascade.sample(
             [rows[k].prompt for k in members],
@@ -226,6 +231,7 @@ def generate(
             [rows[k].settings.seed for k in members],
             image=stack[0],
             mask=stack[1],
+            lowres=stack[2],
             callback=check_deadline,
             progress=progress,
         )

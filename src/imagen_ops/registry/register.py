@@ -15,6 +15,7 @@ import logging
 import os
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -92,6 +93,7 @@ class RegisterPaths:
     models: Path  # artifacts/models
     metrics: Path  # reports/metrics.json
     eval_dir: Path  # artifacts/eval: grid.png, report.html, sweep.png
+    timings: Path | None = None  # reports/timings.json: sampling speed, logged if present
 
 
 def _git_commit(root: Path) -> str | None:
@@ -286,6 +288,23 @@ def gate(
     return decide(metric, value, champion_value, greater, cfg.margin, champion_version)
 
 
+def _log_report(report: Path, model: str, version: str, tags: dict[str, str | None]) -> None:
+    """The evaluation report, with what only registration knows on top, into the run."""
+    import mlflow
+
+    from imagen_ops.eval.report import add_header
+
+    if not report.is_file():
+        return
+    fields = {
+        "model version": f"{model} version {version}",
+        "git commit": tags.get("imagen_ops.git_commit"),
+        "data version (data.dvc md5)": tags.get("imagen_ops.data_version"),
+        "registered": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    mlflow.log_text(add_header(report.read_text(), fields), "eval/report.html")
+
+
 def _alias_lock(cfg: RegistryConfig) -> Path:
     """One lock per model for read-compare-set of its aliases (beside a local store)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri
@@ -383,7 +402,9 @@ def register(
         for i in range(0, len(items), 100):
             mlflow.log_params(dict(items[i : i + 100]))
         mlflow.log_metrics(_flat_numbers(metrics))
-        for name in ("grid.png", "report.html", "sweep.png"):
+        if paths.timings is not None and paths.timings.is_file():
+            mlflow.log_metrics(_flat_numbers(json.loads(paths.timings.read_text())))
+        for name in ("grid.png", "sweep.png"):
             if (paths.eval_dir / name).is_file():
                 mlflow.log_artifact(str(paths.eval_dir / name), artifact_path="eval")
         mlflow.log_artifact(str(paths.metrics), artifact_path="eval")
@@ -392,6 +413,7 @@ def register(
                 mlflow.log_artifact(str(paths.root / name), artifact_path=LINEAGE)
         info = log_cascade_model(paths.models, spec, registered_model_name=cfg.model_name)
         version = str(info.registered_model_version)
+        _log_report(paths.eval_dir / "report.html", cfg.model_name, version, tags)
         digest = metrics["model_sha256"]  # checked against the weights above
         client.set_model_version_tag(cfg.model_name, version, MODEL_DIGEST_TAG, digest)
         client.set_registered_model_alias(cfg.model_name, CHALLENGER, version)
@@ -423,6 +445,7 @@ def register(
         log.info("registered %s version %s: %s", cfg.model_name, version, decision.reason)
         return {
             "run_id": run.info.run_id,
+            "experiment_id": run.info.experiment_id,
             "model": cfg.model_name,
             "version": version,
             "champion_version": version if decision.promote else champion_version,

@@ -306,16 +306,15 @@ class Trainer:
                     "lr": lr_at(step, tc),
                     "grad_norm": norm,
                     "skipped": self.skipped,
-                    "images_per_s": len(window) * tc.batch_size / elapsed,
                 }
-                bar.set_postfix(
-                    loss=f"{row['loss']:.4f}",
-                    lr=f"{row['lr']:.2e}",
-                    img_s=f"{row['images_per_s']:.0f}",
+                speed = len(window) * tc.batch_size / elapsed  # MLflow only: the CSV is
+                bar.set_postfix(  # a DVC output and stays the same on identical reruns
+                    loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{speed:.0f}"
                 )
                 if main:
                     self.metrics.append(row)
-                    self.tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, done)
+                    logged = {k: v for k, v in row.items() if k != "step"}
+                    self.tracker.log_metrics({**logged, "images_per_s": speed}, done)
                 window, t_window = [], time.perf_counter()
             if main and (done % tc.checkpoint_every == 0 or done == tc.steps):
                 self._save_checkpoint(done)
