@@ -106,18 +106,27 @@ def test_same_image_through_python_cli_served_model_and_evaluation(
     assert not np.array_equal(cli_seed3, cli_params_seed)
 
 
-def test_guidance_means_the_same_in_the_cli_and_the_served_model(cascade) -> None:
-    """`--guidance 3` and a request's guidance 3 are both sample.guidance=3: every stage."""
-    from imagen_ops.cli import SAMPLE_OPTIONS
-
+def test_guidance_means_the_same_in_the_cli_and_the_served_model(
+    tiny_models, cascade, tmp_path
+) -> None:
+    """`--guidance 3` and a request's `guidance: 3` are both sample.guidance = 3: every
+    stage, and the same image; a per-stage list guides the base stage only."""
+    params_file = write_params(tmp_path / "params.yaml")
+    out = tmp_path / "g.png"
+    argv = ["sample", "a star", "--model", str(tiny_models), "--params", str(params_file)]
+    assert main([*argv, "--guidance", "3", "--out", str(out), "-q"]) == 0
     settings = tiny_params().sample
-    rows = validate_request(
-        pd.DataFrame({"prompt": ["a star"], "guidance": [3.0]}), settings, ServeConfig()
-    )
-    assert "guidance" in SAMPLE_OPTIONS
-    cli_settings = settings.updated(guidance=[3.0])  # argparse nargs="+" gives a list
-    assert [p.guidance for p in rows[0].settings.resolve(2)] == [3.0, 3.0]
-    assert [p.guidance for p in cli_settings.resolve(2)] == [3.0, 3.0]
+
+    def served(guidance) -> tuple[np.ndarray, list[float]]:
+        frame = pd.DataFrame({"prompt": ["a star"], "guidance": [guidance]})
+        rows = validate_request(frame, settings, ServeConfig())
+        return generate(cascade, rows)[0], [p.guidance for p in rows[0].settings.resolve(2)]
+
+    every_stage, weights = served(3.0)
+    assert weights == [3.0, 3.0]
+    assert np.array_equal(np.asarray(Image.open(out)), every_stage)
+    base_only, weights = served([3.0, 1.0])
+    assert weights == [3.0, 1.0] and not np.array_equal(base_only, every_stage)
 
 
 def test_batches_do_not_change_images(cascade) -> None:
@@ -241,6 +250,9 @@ def test_request_over_the_work_budget_is_refused_before_sampling(cascade) -> Non
     settings = tiny_params().sample
     per_prompt = cascade.work(settings, 1)
     assert per_prompt == 4 * 16**2 * 2 + 4 * 32**2  # guidance [2, 1]: base runs twice
+    assert cascade.work(settings, 1, lowres_size=16) == 4 * 32**2  # super-resolution only
+    half = settings.updated(strength=0.5)
+    assert cascade.work(half, 1, from_image=True) == 2 * 16**2 * 2 + 2 * 32**2
     limits = ServeConfig(max_work=3 * per_prompt)
     frame = pd.DataFrame({"prompt": ["a star"] * 4})
     with pytest.raises(MlflowException, match=r"serve\.max_work.*fewer prompts or steps"):

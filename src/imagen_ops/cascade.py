@@ -261,19 +261,45 @@ class Cascade:
                 raise ValueError(f"prompt {k + 1}: {err}") from None
         return self._encoder.encode(checked).as_stored()
 
-    def work(self, settings: SampleConfig, n: int, from_image: bool = False) -> float:
-        """Pixel-steps of sampling `n` images: sum over stages of denoising steps x pixels,
-        doubled where guidance runs the unconditional pass too (the serving budget's unit)."""
-        strength = settings.strength if from_image else 1.0
+    def work(
+        self,
+        settings: SampleConfig,
+        n: int,
+        *,
+        from_image: bool = False,
+        lowres_size: int | None = None,
+    ) -> float:
+        """Pixel-steps of a `sample` call for `n` images (image-to-image / inpainting with
+        `from_image`, super-resolution of a `lowres_size` image): over the stages it runs,
+        denoising steps x pixels, doubled where guidance runs the unconditional pass too
+        (the serving budget's unit)."""
         return float(
             n
             * sum(
-                denoising_steps(plan.steps, strength)
-                * (1 if plan.guidance == 1 else 2)
-                * stage.resolution**2
-                for plan, stage in zip(settings.resolve(len(self.stages)), self.stages, strict=True)
+                steps * (1 if plan.guidance == 1 else 2) * stage.resolution**2
+                for stage, plan, steps in self._runs(settings, from_image, lowres_size)
             )
         )
+
+    def _runs(
+        self, settings: SampleConfig, from_image: bool, lowres_size: int | None
+    ) -> list[tuple[Stage, StageSampling, int]]:
+        """(stage, its settings, denoising steps it runs) for each stage a call runs: all,
+        or for super-resolution those from the first one that conditions on the image's
+        size (else from the first super-resolution stage); image-to-image runs the last
+        `strength` of each stage's steps."""
+        plan = settings.resolve(len(self.stages))
+        strength = settings.strength if from_image else 1.0
+        first = 0
+        if lowres_size is not None:
+            sr = [i for i, stage in enumerate(self.stages) if stage.lowres is not None]
+            if not sr:
+                raise ValueError("this cascade has no super-resolution stage to take an image")
+            first = next((i for i in sr if self.stages[i].lowres == lowres_size), sr[0])
+        return [
+            (self.stages[i], plan[i], denoising_steps(plan[i].steps, strength))
+            for i in range(first, len(self.stages))
+        ]
 
     @torch.no_grad()
     def sample(
@@ -310,12 +336,11 @@ class Cascade:
         if settings.negative_prompt is not None:
             negative = self.encode([settings.negative_prompt]).to(self.device)
         image, mask, lowres = (_batch_of(name, t, n) for name, t in _inputs(image, mask, lowres))
-        stages, plan = self._stages_from(lowres), settings.resolve(len(self.stages))
+        runs = self._runs(settings, image is not None, None if lowres is None else lowres.shape[-1])
         if lowres is not None:  # a user image of any size: resized to the stage's input
-            lowres = _resized(lowres, stages[0][1].lowres)
-        strength = settings.strength if image is not None else 1.0
-        per_batch = sum(denoising_steps(plan[i].steps, strength) for i, _ in stages)
-        bar = tqdm(total=n * per_batch, desc="sample", unit="img-step", disable=not progress)
+            lowres = _resized(lowres, runs[0][0].lowres)
+        total = n * sum(steps for *_, steps in runs)
+        bar = tqdm(total=total, desc="sample", unit="img-step", disable=not progress)
 
         def on_step(name: str, j: int, t: float, x: Tensor, x0: Tensor) -> None:
             bar.update(len(x))
@@ -336,8 +361,7 @@ class Cascade:
                         for t in (image, mask, lowres)
                     ),
                     settings=settings,
-                    stages=stages,
-                    plan=plan,
+                    runs=runs,
                     callback=on_step,
                 )
             )
@@ -354,18 +378,17 @@ class Cascade:
         x: Tensor | None,
         *,
         settings: SampleConfig,
-        stages: list[tuple[int, Stage]],
-        plan: list[StageSampling],
+        runs: list[tuple[Stage, StageSampling, int]],
         callback: StepCallback,
     ) -> Tensor:
-        """One batch through `stages`; `x` is the low-res input of the first of them."""
+        """One batch through the stages of `runs`; `x` is the low-res input of the first."""
         n, noise = len(text), NoiseSource(seeds, self.device)
         bf16 = use_bf16(settings.precision, self.device)
-        for i, stage in stages:
+        for stage, plan, steps in runs:
             size = (3, stage.resolution, stage.resolution)
             cond = Conditioning(text.tokens, text.mask)
             if stage.lowres is not None:
-                t_aug = torch.full((n,), float(plan[i].aug_level), device=self.device)
+                t_aug = torch.full((n,), float(plan.aug_level), device=self.device)
                 up, aug_logsnr = augment_lowres(
                     x, stage.resolution, t_aug, stage.schedule, noise(size)
                 )
@@ -376,14 +399,13 @@ class Cascade:
                     negative.tokens.expand(n, -1, -1), negative.mask.expand(n, -1)
                 )
             denoise = thresholded(
-                classifier_free_guidance(stage.denoiser(bf16), cond, plan[i].guidance, uncond),
+                classifier_free_guidance(stage.denoiser(bf16), cond, plan.guidance, uncond),
                 settings.thresholding,
                 settings.quantile,
             )
-            ts = time_grid(plan[i].steps, stage.schedule, settings.spacing)
+            ts = time_grid(plan.steps, stage.schedule, settings.spacing)[-steps - 1 :]
             x = noise(size)
             if image is not None:  # image-to-image: start from the image noised to `strength`
-                ts = ts[-denoising_steps(plan[i].steps, settings.strength) - 1 :]
                 known = _resized(image, stage.resolution)
                 alpha, sigma = alpha_sigma(stage.schedule(torch.tensor(ts[0])), like=known)
                 x = alpha * known + sigma * x
@@ -402,19 +424,6 @@ class Cascade:
             )
         return x.clamp(-1, 1)
 
-    def _stages_from(self, lowres: Tensor | None) -> list[tuple[int, Stage]]:
-        """All stages, or for super-resolution those from the first one that conditions on
-        the image's size (else from the first super-resolution stage)."""
-        stages = list(enumerate(self.stages))
-        if lowres is None:
-            return stages
-        sr = [i for i, stage in stages if stage.lowres is not None]
-        if not sr:
-            raise ValueError("this cascade has no super-resolution stage to take an image")
-        size = lowres.shape[-1]
-        first = next((i for i in sr if self.stages[i].lowres == size), sr[0])
-        return stages[first:]
-
 
 def image_roles(
     image: Tensor | None, mask: Tensor | None, strength: float | None
@@ -423,13 +432,9 @@ def image_roles(
     inpainted, with a strength it starts image-to-image, alone it is super-resolved. The
     one reading of an image for the CLI (--image / --mask / --strength) and the served
     model (columns image / mask / strength)."""
-    if image is None:
-        if mask is not None:
-            raise ValueError("a mask needs the image to inpaint")
-        return None, None, None
-    if mask is not None or strength is not None:
-        return image, mask, None
-    return None, None, image
+    roles = (None, None, image) if mask is None and strength is None else (image, mask, None)
+    _inputs(*roles)  # a mask without an image
+    return roles
 
 
 def denoising_steps(steps: int, strength: float) -> int:

@@ -190,7 +190,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from imagen_ops.cascade import Cascade
     from imagen_ops.device import resolve_device
     from imagen_ops.images import make_grid, to_uint8
-    from imagen_ops.registry.loading import download_cascade, is_registry_uri, packaged_settings
+    from imagen_ops.registry.loading import cascade_dir, packaged_settings
 
     params = _params(args) if args.params or Path("params.yaml").is_file() else None
     prompts = _prompts(args.prompts, args.prompts_file)
@@ -202,7 +202,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
             "no params.yaml here: name the model with --model (a cascade folder or "
             "models:/NAME@ALIAS with MLFLOW_TRACKING_URI set)"
         )
-    root = download_cascade(source, registry) if is_registry_uri(source) else Path(source)
+    root = cascade_dir(source, registry)
     names, text = (params.stage_names(), params.text) if params else (None, None)
     cascade = Cascade.from_dir(root, names, text, resolve_device("auto"))
     # the project's sampling settings, else those the packaged model carries

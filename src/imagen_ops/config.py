@@ -8,7 +8,8 @@ wrong type is a `ConfigError` that names the key and the file.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -52,7 +53,12 @@ __all__ = [
 
 
 class ConfigError(ValueError):
-    """A configuration file or override that does not validate."""
+    """A configuration file or override that does not validate; `problems` holds one
+    `key: what is wrong` line per invalid key."""
+
+    def __init__(self, message: str, problems: Sequence[str] = ()):
+        super().__init__(message)
+        self.problems = list(problems)
 
 
 class Section(BaseModel):
@@ -329,7 +335,7 @@ class SampleConfig(Section):
     @field_validator("negative_prompt")
     @classmethod
     def _negative(cls, value: str | None) -> str | None:
-        return value.strip() or None if value is not None else None
+        return None if value is None else (value.strip() or None)
 
     def updated(self, **changes: Any) -> SampleConfig:
         """A validated copy with `changes` (None values are left out): the one way
@@ -338,7 +344,7 @@ class SampleConfig(Section):
         try:
             return SampleConfig.model_validate({**self.model_dump(), **given})
         except ValidationError as err:
-            raise ConfigError(_describe(err, "sample settings")) from None
+            raise _config_error(err, "sample settings") from None
 
     def per_stage(self, key: str, count: int) -> list[Any]:
         """Setting `key` for each of `count` stages (a scalar broadcasts, a list's last
@@ -589,16 +595,20 @@ def parse_params(raw: Mapping[str, Any], source: str = "<params>") -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_describe(err, source)) from None
+        raise _config_error(err, source) from None
 
 
-def _describe(err: ValidationError, source: str) -> str:
+UNION_BRANCH = re.compile(r"constrained-\w+|tuple\[.*\]|int|float|str")
+"""How pydantic names the member of a union in an error's location (not a config key)."""
+
+
+def _config_error(err: ValidationError, source: str) -> ConfigError:
     """One line per invalid key: `source: dotted.key: what is wrong`. Of the errors of a
     number-or-list field only the branch that matches the input's shape is kept."""
-    lines = []
+    problems = []
     for e in err.errors():
         parts = [str(p) for p in e["loc"]]
-        branches = [p for p in parts if p.startswith(("constrained-", "tuple[", "int", "float"))]
+        branches = [p for p in parts if UNION_BRANCH.fullmatch(p)]
         if branches:
             is_list = isinstance(e["input"], list | tuple) or any(
                 isinstance(p, int) for p in e["loc"]
@@ -607,8 +617,10 @@ def _describe(err: ValidationError, source: str) -> str:
                 continue  # the error of the other branch of the union
         key = ".".join(p for p in parts if p not in branches) or "<root>"
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        lines.append(f"{source}: {key}: {msg}")
-    return "invalid configuration\n  " + "\n  ".join(dict.fromkeys(lines))
+        problems.append(f"{key}: {msg}")
+    problems = list(dict.fromkeys(problems))
+    lines = "\n  ".join(f"{source}: {p}" for p in problems)
+    return ConfigError(f"invalid configuration\n  {lines}", problems)
 
 
 def load_params(path: str | Path = "params.yaml", overrides: Iterable[str] = ()) -> Params:

@@ -205,11 +205,8 @@ def evaluate(
     sweep = []
     n_sweep = min(cfg.sweep_samples, n)
     for weight in cfg.guidance_sweep:
-        swept, _ = sample_fn(
-            prompts.text[:n_sweep],
-            settings.updated(guidance=weight),
-            seeds[:n_sweep],
-        )
+        point_settings = settings.updated(guidance=weight)
+        swept, _ = sample_fn(prompts.text[:n_sweep], point_settings, seeds[:n_sweep])
         point = score_images(
             swept,
             captions[:n_sweep],
@@ -220,7 +217,7 @@ def evaluate(
             with_fid=False,
             device=dev,
         )
-        sweep.append(_sweep_row(settings.updated(guidance=weight), stage_count, point))
+        sweep.append(_sweep_row(point_settings, stage_count, point))
 
     result = {
         "version": METRICS_VERSION,

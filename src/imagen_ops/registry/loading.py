@@ -18,6 +18,7 @@ from imagen_ops.config import RegistryConfig, SampleConfig, ServeConfig, TextCon
 
 __all__ = [
     "ARTIFACT",
+    "cascade_dir",
     "download_cascade",
     "is_registry_uri",
     "load_cascade",
@@ -66,15 +67,17 @@ def load_cascade(
 ) -> Cascade:
     """A cascade from a registry URI, a packaged cascade directory (it names its stages and
     encoder), or a folder of stage directories ordered by `stage_names` (artifacts/models)."""
-    root = download_cascade(model, registry) if is_registry_uri(model) else Path(model)
-    return Cascade.from_dir(root, stage_names, text, device)
+    return Cascade.from_dir(cascade_dir(model, registry), stage_names, text, device)
+
+
+def cascade_dir(model: str, registry: RegistryConfig | None = None) -> Path:
+    """The local folder of a cascade: `model` itself, or a registry URI's download."""
+    return download_cascade(model, registry) if is_registry_uri(model) else Path(model)
 
 
 def resolve_stage_dir(source: str, stage: str, registry: RegistryConfig | None = None) -> Path:
     """A trained stage's directory: itself, a cascade directory holding it, or a URI."""
-    if is_registry_uri(source):
-        source = str(download_cascade(source, registry))
-    path = Path(source)
+    path = cascade_dir(source, registry)
     if (path / stage / "config.json").is_file():
         return path / stage
     if (path / "config.json").is_file():

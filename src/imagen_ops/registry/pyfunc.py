@@ -145,8 +145,7 @@ def validate_request(
         try:
             settings = defaults.updated(**given)
         except ConfigError as err:
-            detail = "; ".join(line.split(": ", 1)[1] for line in str(err).splitlines()[1:])
-            raise _bad_request(f"row {i}: {detail}") from None
+            raise _bad_request(f"row {i}: {'; '.join(err.problems)}") from None
         try:
             roles = image_roles(
                 *(_image(rec.get(k), k, i) for k in IMAGE_COLUMNS), given["strength"]
@@ -155,7 +154,15 @@ def validate_request(
             raise _bad_request(f"row {i}: {err}") from None
         rows.append(Row(prompt, settings, *roles))
     if cascade is not None:
-        work = sum(cascade.work(r.settings, 1, from_image=r.image is not None) for r in rows)
+        work = sum(
+            cascade.work(
+                r.settings,
+                1,
+                from_image=r.image is not None,
+                lowres_size=None if r.lowres is None else r.lowres.shape[-1],
+            )
+            for r in rows
+        )
         if work > limits.max_work:
             raise _bad_request(
                 f"the request needs {work:,.0f} pixel-steps, over the limit of "

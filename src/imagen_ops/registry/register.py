@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import subprocess
 import tempfile
 import time
@@ -33,7 +32,7 @@ from imagen_ops.registry.gate import golden_correct
 from imagen_ops.registry.loading import ARTIFACT, load_cascade
 from imagen_ops.registry.promotion import Decision, decide, paired_decide, primary_metric
 from imagen_ops.registry.pyfunc import IMAGE_COLUMNS, SETTING_COLUMNS, ModelSpec, package_cascade
-from imagen_ops.registry.tracking import configure, open_store
+from imagen_ops.registry.tracking import configure, open_store, sqlite_file
 
 __all__ = [
     "NotRegistrableError",
@@ -307,9 +306,9 @@ def _log_report(report: Path, model: str, version: str, tags: dict[str, str | No
 
 def _alias_lock(cfg: RegistryConfig) -> Path:
     """One lock per model for read-compare-set of its aliases (beside a local store)."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri
-    folder = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else None
-    return (folder or Path(tempfile.gettempdir())) / f".{cfg.model_name}.aliases.lock"
+    database = sqlite_file(cfg)
+    folder = database.parent if database is not None else Path(tempfile.gettempdir())
+    return folder / f".{cfg.model_name}.aliases.lock"
 
 
 def move_champion(cfg: RegistryConfig, version: str, expected: str | None) -> str | None:

@@ -18,6 +18,7 @@ __all__ = [
     "configure",
     "end_stale_runs",
     "open_store",
+    "sqlite_file",
     "tracking_uri",
     "training_tracker",
 ]
@@ -33,13 +34,19 @@ def tracking_uri(cfg: RegistryConfig) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri
 
 
+def sqlite_file(cfg: RegistryConfig) -> Path | None:
+    """The database file of a sqlite store; None for a server or another database."""
+    uri = tracking_uri(cfg)
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
 def open_store(cfg: RegistryConfig) -> None:
     """Point MLflow at an existing store to read from it; creates nothing (a missing
     sqlite file is an error that says how to get one)."""
     import mlflow
 
-    uri = tracking_uri(cfg)
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+    uri, database = tracking_uri(cfg), sqlite_file(cfg)
+    if database is not None and not database.is_file():
         raise FileNotFoundError(
             f"no MLflow store at {uri}: nothing is registered there yet (run `make demo` in "
             "the project) or point MLFLOW_TRACKING_URI at the team's store"
@@ -53,8 +60,8 @@ def configure(cfg: RegistryConfig) -> str:
     import mlflow
 
     uri = tracking_uri(cfg)
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    if (database := sqlite_file(cfg)) is not None:
+        database.parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.get_experiment_by_name(cfg.experiment)
     if experiment is not None:
