@@ -31,6 +31,7 @@ from prefect.artifacts import (
 from prefect.states import Completed, State
 
 from imagen_ops.config import load_params
+from imagen_ops.eval.evaluate import headline
 from imagen_ops.eval.golden import GOLDEN_FILE
 from imagen_ops.files import exclusive_lock
 from imagen_ops.pipeline import pipeline_stages
@@ -260,18 +261,8 @@ def _publish(result: dict[str, Any], metrics: dict[str, Any], report: dict[str, 
         ),
         description="retraining decision",
     )
-    alignment = metrics.get("alignment") or {}
-    rows = [
-        {"metric": k, "value": v}
-        for k, v in (
-            ("fid", metrics.get("fid")),
-            ("kid_mean", metrics.get("kid_mean")),
-            ("clip_score", metrics.get("clip_score")),
-            ("alignment.overall", alignment.get("overall")),
-            ("alignment.single", alignment.get("single")),
-            ("num_images", metrics.get("num_images")),
-        )
-    ]
+    rows = [{"metric": k, "value": v} for k, v in headline(metrics).items()]
+    rows.append({"metric": "num_images", "value": metrics.get("num_images")})
     create_table_artifact(key="retrain-metrics", table=rows, description="evaluation metrics")
 
 

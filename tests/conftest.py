@@ -6,6 +6,7 @@ runs every stage of the real pipeline in seconds on two cores.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ def tiny_raw() -> dict[str, Any]:
         "sample": {"steps": 4, "guidance": [2.0, 1.0], "batch_size": 8},
         "eval": {
             "num_samples": 4,
+            "per_category": 1,
             "guidance_sweep": [1.0, 3.0],
             "sweep_samples": 4,
             "grid_size": 4,
@@ -122,3 +124,32 @@ def tiny_models(tiny_data) -> Path:
         )
         Trainer(train_settings(params, name), paths, progress=False).fit()
     return root / "models"
+
+
+# ------------------------------------------------------------------ registry helpers
+
+
+def register_params(params, paths):
+    """`register` as the CLI calls it: the registry settings, the model spec, all params."""
+    from imagen_ops.registry.pyfunc import ModelSpec
+    from imagen_ops.registry.register import register
+
+    return register(
+        params.registry,
+        ModelSpec.from_params(params),
+        paths,
+        run_params=params.model_dump(mode="json"),
+    )
+
+
+def write_metrics(path: Path, models: Path, overall: float | None, fid: float = 50.0) -> Path:
+    """metrics.json as evaluate writes it for the cascade in `models`."""
+    from imagen_ops.cascade import cascade_digest
+
+    alignment = None
+    if overall is not None:
+        alignment = {"balanced": overall, "overall": overall, "n_single": 64, "failures": {}}
+    metrics = {"version": 1, "fid": fid, "kid_mean": 0.1, "alignment": alignment}
+    metrics["model_sha256"] = cascade_digest(models, tiny_params().stage_names())
+    path.write_text(json.dumps(metrics))
+    return path

@@ -26,6 +26,7 @@ from imagen_ops.eval.alignment import (
     classify_shape,
     connected_components,
     detect_objects,
+    judge,
     score_image,
 )
 
@@ -252,6 +253,90 @@ def test_report_is_json_and_counts_categories() -> None:
     assert (report["n_single"], report["n_binding"], report["n_position"]) == (1, 1, 0)
     assert report["counting"] is None and report["position_accuracy"] is None
     assert report["color_accuracy"] == report["shape_accuracy"] == report["count_accuracy"] == 1.0
+
+
+def test_report_balances_categories_and_explains_failures() -> None:
+    """Three passing singles and one failing binding: pooled 0.75, balanced 0.5."""
+    single = _scene("single", _obj("circle", "red", 0.5, 0.5))
+    asked = _scene("binding", _obj("circle", "red", 0.25, 0.3), _obj("square", "blue", 0.7, 0.7))
+    swapped = _scene("binding", _obj("circle", "blue", 0.25, 0.3), _obj("square", "red", 0.7, 0.7))
+    drawn = [single] * 3 + [swapped]
+    images = [np.asarray(render_scene(s, 64)) for s in drawn]
+    report = alignment_report(images, [s.to_dict() for s in [single] * 3 + [asked]])
+    assert report["overall"] == 0.75 and report["balanced"] == 0.5
+    assert report["single_exact"] == 1.0
+    assert report["failures"] == {"single": {}, "binding": {"colors_swapped": 1}}
+    json.dumps(report)
+
+
+def _failure(drawn: Scene, asked: Scene, size: int = 64) -> str | None:
+    return judge(np.asarray(render_scene(drawn, size)), asked.to_dict()).failure
+
+
+RED_CIRCLE, BLUE_SQUARE = _obj("circle", "red", 0.25, 0.3), _obj("square", "blue", 0.72, 0.7)
+PAIR = _scene("binding", RED_CIRCLE, BLUE_SQUARE)
+
+
+@pytest.mark.parametrize(
+    ("drawn", "asked", "reason"),
+    [
+        (PAIR, PAIR, None),
+        (_scene("binding", RED_CIRCLE), PAIR, "object_missing"),
+        (
+            _scene("single", RED_CIRCLE, _obj("circle", "red", 0.72, 0.7)),
+            _scene("single", RED_CIRCLE),
+            "extra_object",
+        ),
+        (
+            _scene("binding", _obj("circle", "red", 0.25, 0.3), _obj("square", "red", 0.72, 0.7)),
+            PAIR,
+            "color_leaked",
+        ),
+        (
+            _scene("single", _obj("circle", "cyan", 0.5, 0.5)),
+            _scene("single", RED_CIRCLE),
+            "wrong_color",
+        ),
+        (
+            _scene("binding", _obj("circle", "blue", 0.25, 0.3), _obj("square", "red", 0.72, 0.7)),
+            PAIR,
+            "colors_swapped",
+        ),
+        (
+            _scene("binding", _obj("star", "red", 0.25, 0.3), BLUE_SQUARE),
+            PAIR,
+            "wrong_shape",
+        ),
+        (
+            _scene("position", _obj("circle", "red", 0.72, 0.5), _obj("square", "blue", 0.25, 0.5)),
+            _scene(
+                "position",
+                _obj("circle", "red", 0.25, 0.5),
+                _obj("square", "blue", 0.72, 0.5),
+                relation="left_of",
+            ),
+            "wrong_relation",
+        ),
+        (
+            _scene("counting", *(_obj("star", "green", x, 0.5, 0.27) for x in (0.2, 0.5))),
+            _scene("counting", *(_obj("star", "green", x, 0.5, 0.27) for x in (0.2, 0.5, 0.8))),
+            "wrong_count",
+        ),
+        (
+            _scene(
+                "counting", _obj("square", "green", 0.3, 0.5), _obj("square", "green", 0.52, 0.5)
+            ),
+            _scene(
+                "counting", _obj("square", "green", 0.2, 0.5), _obj("square", "green", 0.7, 0.5)
+            ),
+            "objects_merged",
+        ),
+    ],
+    ids=lambda v: v if isinstance(v, str) or v is None else "",
+)
+def test_failure_reasons(drawn: Scene, asked: Scene, reason: str | None) -> None:
+    """Each kind of mistake, drawn on purpose, is named as that mistake."""
+    assert _failure(drawn, asked) == reason
 
 
 def test_input_validation() -> None:

@@ -120,7 +120,10 @@ def test_graph_follows_the_cascade_and_the_paths() -> None:
     ]
     # every model is an output of its training stage and an input of evaluate
     for name in params.stage_names():
-        assert doc[f"train_{name}"]["outs"] == [p.model(name)]
+        csv = p.train_metrics(name)
+        assert doc[f"train_{name}"]["outs"] == [p.model(name), {csv: {"cache": False}}]
+        # its loss chart is an image plot beside the CSV (renders offline)
+        assert doc[f"train_{name}"]["plots"] == [{csv.replace(".csv", ".png"): {"cache": False}}]
         assert p.model(name) in doc["evaluate"]["deps"]
         assert f"--out {p.model(name)}" in doc[f"train_{name}"]["cmd"]
     # a stage conditions on the previous one's resolution, and reruns when it changes
@@ -135,7 +138,7 @@ def test_graph_follows_the_cascade_and_the_paths() -> None:
     # moving a path moves it everywhere
     moved = parse_params({**three_stage_raw(), "paths": {"models": "out/nets"}})
     moved_doc = yaml.safe_load(render_dvc_yaml(moved))["stages"]
-    assert moved_doc["train_sr64"]["outs"] == ["out/nets/sr64"]
+    assert moved_doc["train_sr64"]["outs"][0] == "out/nets/sr64"
     assert "out/nets/sr64" in moved_doc["evaluate"]["deps"]
 
 
@@ -196,15 +199,16 @@ def test_three_stage_cascade_runs_skips_and_reruns_only_what_changed(tmp_path, m
     (workspace,) = shown.values()
     assert list(workspace["data"]) == ["reports/scores.json"]
     scores = json.loads((root / "reports/scores.json").read_text())
-    assert len(scores) == 8 and scores["align_overall"] == round(metrics["alignment"]["overall"], 4)
+    assert len(scores) == 9
+    assert scores["align_balanced"] == round(metrics["alignment"]["balanced"], 4)
     shown_scores = workspace["data"]["reports/scores.json"]["data"]
     assert shown_scores == {k: v for k, v in scores.items() if v is not None}  # DVC hides nulls
-    plots = json.loads(dvc(root, "plots", "show", "--json"))["data"]
-    (sweep,) = (v for k, v in plots.items() if k.endswith("reports/guidance_sweep.csv"))
-    assert {row["field"] for row in sweep[0]["content"]["data"]["values"]} == {
-        "alignment",
-        "kid_mean",
-    }
+    # `dvc plots show` renders PNG charts: a page with no script to fetch, so it opens offline
+    dvc(root, "plots", "show", "-o", "plots_page")
+    page = (root / "plots_page" / "index.html").read_text()
+    charts = ["train_base.png", "train_sr32.png", "train_sr64.png", "guidance_sweep.png"]
+    assert all(f"reports_{name}" in page or f"reports/{name}" in page for name in charts), page
+    assert "<script" not in page and "http" not in page
 
     # the three-stage model through the CLI and the served (pyfunc) model: the same image
     out = root / "samples" / "red.png"
@@ -243,7 +247,11 @@ def test_three_stage_cascade_runs_skips_and_reruns_only_what_changed(tmp_path, m
     # a code dependency of evaluate only: evaluate alone
     report = root / "src/imagen_ops/eval/report.py"
     report.write_text(report.read_text() + "\n# touched\n")
+    evaluated = yaml.safe_load((root / "dvc.lock").read_text())["stages"]["evaluate"]
     assert ran_stages(dvc(root, "repro")) == {"evaluate"}
+    # the same weights and settings: every tracked output (numbers, charts) byte-identical
+    again = yaml.safe_load((root / "dvc.lock").read_text())["stages"]["evaluate"]
+    assert again["outs"] == evaluated["outs"]
     assert "Data and pipelines are up to date." in dvc(root, "status")
 
 

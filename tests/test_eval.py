@@ -16,6 +16,7 @@ from PIL import Image
 from imagen_ops.cascade import Cascade, cascade_digest
 from imagen_ops.config import SynthConfig
 from imagen_ops.eval import evaluate as evaluate_module
+from imagen_ops.eval.alignment import CATEGORIES
 from imagen_ops.eval.fid import (
     FEATURES,
     InceptionFeatures,
@@ -23,6 +24,7 @@ from imagen_ops.eval.fid import (
     fid_kid,
     frechet_distance,
 )
+from imagen_ops.images import FAIL, PASS
 
 from .conftest import tiny_params
 
@@ -242,7 +244,7 @@ def test_report_without_alignment_or_kid(tmp_path) -> None:
 def run_evaluate(params, tiny_data, tiny_models, paths) -> dict:
     """The evaluate stage on the tiny models, as the CLI wires it."""
     prompts = evaluate_module.held_out(
-        tiny_data["prepared"], tiny_data["cache"], params.text, params.eval.num_samples
+        tiny_data["prepared"], tiny_data["cache"], params.text, params.eval
     )
     cascade = Cascade.from_dir(tiny_models, params.stage_names(), params.text)
     digest = cascade_digest(tiny_models, params.stage_names())
@@ -290,7 +292,7 @@ def test_evaluate_stage_end_to_end(tiny_data, tiny_models, tmp_path, monkeypatch
     # metrics.json: what was returned, with the documented schema
     metrics = json.loads(paths.metrics.read_text())
     assert metrics == json.loads(json.dumps(result))
-    n = params.eval.num_samples
+    n = len(CATEGORIES) * params.eval.per_category  # scene data: balanced per category
     assert metrics["version"] == evaluate_module.METRICS_VERSION
     assert metrics["resolution"] == 32 and metrics["num_images"] == n
     assert metrics["num_real"] == metrics["num_fake"] == n
@@ -299,7 +301,10 @@ def test_evaluate_stage_end_to_end(tiny_data, tiny_models, tmp_path, monkeypatch
     assert metrics["clip_score"] is None and "eval.clip_model" in metrics["clip_score_reason"]
     alignment = metrics["alignment"]
     assert 0.0 <= alignment["overall"] <= 1.0
-    assert "single" in alignment
+    # eval.per_category prompts of each category, whatever the data's mix
+    assert [alignment[f"n_{c}"] for c in CATEGORIES] == [params.eval.per_category] * 4
+    assert alignment["balanced"] == pytest.approx(np.mean([alignment[c] for c in CATEGORIES]))
+    assert set(alignment["failures"]) == set(CATEGORIES)
     sampling = metrics["sampling"]
     assert sampling["steps"] == [4, 4] and sampling["guidance"] == [2.0, 1.0]
     timings = json.loads(paths.timings.read_text())  # untracked: not in metrics.json
@@ -320,13 +325,19 @@ def test_evaluate_stage_end_to_end(tiny_data, tiny_models, tmp_path, monkeypatch
     assert all(Image.open(p).size == (32, 32) for p in samples)
     # the grid: eval.grid_size (4) samples in 2 x 2 cells of 128 px + a caption strip
     grid = np.asarray(Image.open(paths.out / "grid.png").convert("RGB"))
-    assert grid.shape == (2 * (128 + 28), 2 * 128, 3)
+    assert grid.shape == (2 * (128 + 28 + 12), 2 * 128, 3)  # + a line for the verdict
     first = Image.open(samples[0]).convert("RGB").resize((128, 128), Image.Resampling.NEAREST)
-    assert np.array_equal(grid[:128, :128], np.asarray(first))
+    assert np.array_equal(grid[3:125, 3:125], np.asarray(first)[3:125, 3:125])
+    # pass/fail frames: one prompt per category, interleaved in CATEGORIES order
+    for k, category in enumerate(CATEGORIES):
+        x, y = (k % 2) * 128, (k // 2) * (128 + 40)
+        frame = tuple(grid[y, x + 64])
+        assert frame == (PASS if alignment[category] == 1.0 else FAIL), (category, frame)
     assert Image.open(paths.out / "sweep.png").size == (500, 320)
     page = (paths.out / "report.html").read_text()
     assert "alignment.overall" in page and "data:image/png;base64," in page
     assert metrics["model_sha256"] in page and metrics["eval_set_sha256"] in page
+    assert "Alignment failures" in page and "colors_swapped" in page
     assert "<td>n/a</td>" in page and ">null<" not in page and ">None<" not in page
 
     # real features: cached by the first run and read back, not recomputed, by the second
@@ -352,7 +363,7 @@ def test_evaluate_stage_end_to_end(tiny_data, tiny_models, tmp_path, monkeypatch
     assert second.metrics.read_bytes() == paths.metrics.read_bytes()
     assert second.scores.read_bytes() == paths.scores.read_bytes()
     scores = json.loads(paths.scores.read_text())
-    assert scores["align_overall"] == round(alignment["overall"], 4) and len(scores) == 8
+    assert scores["align_balanced"] == round(alignment["balanced"], 4) and len(scores) == 9
     assert second.sweep.read_text() == paths.sweep.read_text()
     for file in sorted(p for p in paths.out.rglob("*") if p.is_file()):
         twin = second.out / file.relative_to(paths.out)

@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -26,21 +27,7 @@ from imagen_ops.config import SampleConfig, ServeConfig
 from imagen_ops.registry.promotion import decide, lookup_metric, primary_metric
 from imagen_ops.registry.pyfunc import validate_request
 
-from .conftest import tiny_params, tiny_raw
-
-
-def register_params(params, paths):
-    """`register` as the CLI calls it: the registry settings, the model spec, all params."""
-    from imagen_ops.registry.pyfunc import ModelSpec
-    from imagen_ops.registry.register import register
-
-    return register(
-        params.registry,
-        ModelSpec.from_params(params),
-        paths,
-        run_params=params.model_dump(mode="json"),
-    )
-
+from .conftest import register_params, tiny_params, tiny_raw, write_metrics, write_params
 
 # ------------------------------------------------------------------------ the gate
 
@@ -70,8 +57,8 @@ def test_decide(challenger, champion, greater, margin, promote) -> None:
 
 
 def test_primary_metric_auto_prefers_alignment() -> None:
-    metrics = {"fid": 40.0, "alignment": {"overall": 0.7, "single": 0.9}}
-    assert primary_metric(metrics) == ("alignment.overall", 0.7, True)
+    metrics = {"fid": 40.0, "alignment": {"balanced": 0.6, "overall": 0.7, "single": 0.9}}
+    assert primary_metric(metrics) == ("alignment.balanced", 0.6, True)
     # without alignment (real data, alignment null) auto falls back to FID, lower is better
     assert primary_metric({"fid": 40.0, "alignment": None}) == ("fid", 40.0, False)
     assert primary_metric({"fid": 40.0}) == ("fid", 40.0, False)
@@ -293,17 +280,6 @@ def test_pyfunc_log_load_predict(tiny_models, store) -> None:
         model.predict(pd.DataFrame({"prompt": ["  "]}))
 
 
-def write_metrics(path: Path, models: Path, overall: float | None, fid: float = 50.0) -> Path:
-    """metrics.json as evaluate writes it for the cascade in `models`."""
-    from imagen_ops.cascade import cascade_digest
-
-    alignment = None if overall is None else {"overall": overall, "single": overall}
-    metrics = {"version": 1, "fid": fid, "kid_mean": 0.1, "alignment": alignment}
-    metrics["model_sha256"] = cascade_digest(models, tiny_params().stage_names())
-    path.write_text(json.dumps(metrics))
-    return path
-
-
 def aliases(name: str = "imagen-ops") -> dict[str, str]:
     from mlflow import MlflowClient
 
@@ -335,10 +311,21 @@ def test_register_gates_the_champion(tiny_models, store, monkeypatch) -> None:
         return register_params(params, RegisterPaths(store, tiny_models, metrics, store / "eval"))
 
     first = run(0.5)
-    assert first["decision"]["promote"] and first["decision"]["metric"] == "alignment.overall"
+    assert first["decision"]["promote"] and first["decision"]["metric"] == "alignment.balanced"
     assert aliases() == {"champion": first["version"], "challenger": first["version"]}
-    run_data = MlflowClient().get_run(first["run_id"]).data
-    assert run_data.metrics["alignment.overall"] == 0.5 and run_data.metrics["fid"] == 50.0
+    client = MlflowClient()
+    run_data = client.get_run(first["run_id"]).data
+    assert run_data.metrics["alignment.balanced"] == 0.5 and run_data.metrics["fid"] == 50.0
+    # metrics are measurements; counts and schema facts are tags
+    assert "alignment.n_single" not in run_data.metrics and "version" not in run_data.metrics
+    assert run_data.tags["imagen_ops.eval.alignment.n_single"] == "64"
+    mv = client.get_model_version("imagen-ops", first["version"])
+    assert mv.tags["imagen_ops.data_version"] == "abc123.dir"
+    assert mv.tags["imagen_ops.recipe"] == "demo"
+    assert mv.tags["imagen_ops.metric.alignment.balanced"] == "0.5"
+    assert mv.tags["imagen_ops.metric.fid"] == "50"
+    model = client.get_registered_model("imagen-ops")
+    assert "champion" in model.description and model.tags["task"] == "text-to-image"
     assert run_data.params["stages.sr32.resolution"] == "32"
     assert run_data.tags["imagen_ops.data_version"] == "abc123.dir"
     assert run_data.tags["imagen_ops.promoted"] == "True"
@@ -808,3 +795,44 @@ def test_sample_a_registered_model_from_any_folder(tiny_models, store, monkeypat
     written = np.asarray(Image.open(elsewhere / "samples" / "sample.png"))
     assert np.array_equal(written, expected)
     assert sorted(p.name for p in elsewhere.iterdir()) == ["samples"]
+
+
+@pytest.mark.integration
+def test_the_store_works_after_the_project_folder_moved(tiny_models, tmp_path, monkeypatch):
+    """MLflow bakes absolute artifact URIs into the store; a moved project re-points them."""
+    from mlflow.tracking._tracking_service import utils
+
+    from imagen_ops.registry.register import RegisterPaths
+
+    monkeypatch.setattr(utils, "_tracking_uri", utils._tracking_uri)  # restored afterwards
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # params.yaml's relative store
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    monkeypatch.chdir(old)
+    params = tiny_params()
+    (old / "eval").mkdir()
+    metrics = write_metrics(old / "metrics.json", tiny_models, 0.5)
+    register_params(params, RegisterPaths(old, tiny_models, metrics, old / "eval"))
+    monkeypatch.chdir(tmp_path)
+    shutil.move(old, new)
+    write_params(new / "params.yaml")
+
+    # a fresh process in the moved project, as a user would run it
+    out = new / "red.png"
+    argv = ["sample", "a red circle", "--model", "models:/imagen-ops@champion", "--steps", "2"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "imagen_ops.cli", *argv, "--out", str(out), "-q"],
+        cwd=new,
+        env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert Image.open(out).size == (32, 32)
+    assert "the MLflow store moved" in proc.stderr
+    with sqlite3.connect(new / "mlflow" / "mlflow.db") as db:
+        stale = db.execute(
+            "SELECT count(*) FROM runs WHERE artifact_uri LIKE ?", (f"%{old}%",)
+        ).fetchone()
+    assert stale == (0,)

@@ -56,11 +56,13 @@ def test_same_image_through_python_cli_served_model_and_evaluation(
 
     params = tiny_params("sample.seed=5")
     settings = params.sample
-    prompts = held_out(tiny_data["prepared"], tiny_data["cache"], params.text, 3)
+    cfg = EvalConfig(
+        num_samples=3, per_category=None, fid=False, guidance_sweep=(1.0,), sweep_samples=2
+    )
+    prompts = held_out(tiny_data["prepared"], tiny_data["cache"], params.text, cfg)
     k = 2  # the third held-out prompt: evaluation samples it with seed 5 + 2, in a batch
 
     # evaluation (cached embeddings, batched with the other held-out prompts)
-    cfg = EvalConfig(num_samples=3, fid=False, guidance_sweep=(1.0,), sweep_samples=2)
     paths = EvalPaths(
         *(tmp_path / name for name in ("eval", "m.json", "scores.json", "s.csv", "f", "t"))
     )

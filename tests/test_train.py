@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from imagen_ops.cascade import load_stage
@@ -387,6 +388,8 @@ def test_adafactor_option_trains(tiny_data, tmp_path):
 
 
 class RecordingTracker:
+    enabled = True
+
     def __init__(self):
         self.params, self.metrics, self.images = {}, [], []
 
@@ -404,8 +407,9 @@ class RecordingTracker:
 
 
 def test_tracker_gets_params_metrics_and_sample_grids(tiny_data, tmp_path):
-    params = tiny_params("stages.sr32.train.sample_every=3")
+    params = tiny_params("stages.sr32.train.sample_every=4")
     tracker = RecordingTracker()
+    (tmp_path / "train_sr32.png").write_bytes(b"stale")
     Trainer(
         train_settings(params, "sr32"),
         paths_for(tiny_data, tmp_path, "sr32"),
@@ -416,7 +420,22 @@ def test_tracker_gets_params_metrics_and_sample_grids(tiny_data, tmp_path):
     assert [s for s, _ in tracker.metrics] == [2, 4, 6]
     assert {"loss", "lr", "grad_norm", "images_per_s"} <= set(tracker.metrics[-1][1])
     names = [n for n, _ in tracker.images]
-    assert names == ["samples/sr32_step_00000003.png", "samples/sr32_step_00000006.png"]
+    assert names == ["samples/sr32_step_00000004.png", "samples/sr32_step_00000006.png"]
+    # the loss chart beside the CSV (DVC's image plot of the stage), rewritten at the end
+    assert Image.open(tmp_path / "train_sr32.png").size == (500, 320)
+
+
+def test_no_previews_without_a_tracker(tiny_data, tmp_path, monkeypatch):
+    """Preview grids cost sampling time; nothing samples them when nothing keeps them."""
+
+    def refuse(self, step):
+        raise AssertionError(f"preview sampled at step {step} with tracking off")
+
+    monkeypatch.setattr(Trainer, "_preview", refuse)
+    params = tiny_params("stages.sr32.train.sample_every=1")
+    Trainer(
+        train_settings(params, "sr32"), paths_for(tiny_data, tmp_path, "sr32"), progress=False
+    ).fit()
 
 
 def test_init_from_warm_starts_and_checks_the_architecture(tiny_data, tmp_path):

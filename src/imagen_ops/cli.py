@@ -328,9 +328,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     params = _params(args)
     p, view = params.paths, view_for(params, "evaluate")
     cfg, text = view["eval"], view["text"]
-    prompts = held_out(
-        _path(args.prepared, p.prepared), _path(args.cache, p.text_cache), text, cfg.num_samples
-    )
+    prompts = held_out(_path(args.prepared, p.prepared), _path(args.cache, p.text_cache), text, cfg)
     models = _path(args.models, p.models)
     cascade = Cascade.from_dir(models, view.stage_names, text, resolve_device(args.device))
     paths = EvalPaths(

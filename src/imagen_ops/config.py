@@ -248,7 +248,12 @@ class TrainConfig(Section):
         2, ge=1, description="checkpoint folders kept of recent runs (fingerprints), this one too"
     )
     log_every: int = Field(25, ge=1)
-    sample_every: int = Field(0, ge=0, description="sample grid to the tracker (0: never)")
+    sample_every: int = Field(
+        500,
+        ge=0,
+        description="log a preview grid (8 validation prompts) to the experiment tracker every "
+        "N steps and at the last step; 0: never",
+    )
     max_nonfinite: int = Field(5, ge=1, description="consecutive skipped steps before stopping")
 
     @model_validator(mode="after")
@@ -401,7 +406,10 @@ class TrainSettings(Section):
 class EvalConfig(Section):
     """The evaluate stage: samples for held-out prompts, FID/KID, CLIP score, alignment."""
 
-    num_samples: int = Field(128, ge=2, description="held-out prompts sampled")
+    num_samples: int = Field(128, ge=2, description="held-out prompts sampled (no scene specs)")
+    per_category: int | None = Field(
+        64, ge=1, description="held-out prompts per category where the data has scene specs"
+    )
     fid: bool = True
     fid_batch_size: int = Field(32, ge=1)
     clip_model: str | None = Field(None, description="hub name or directory; None: skipped")
@@ -502,6 +510,9 @@ class PathsConfig(Section):
 class Params(Section):
     """The whole of params.yaml."""
 
+    recipe: str = Field(
+        "demo", min_length=1, description="the recipe's name (configs/<recipe>.yaml set it)"
+    )
     paths: PathsConfig = PathsConfig()
     data: DataConfig = DataConfig()
     text: TextConfig = TextConfig()

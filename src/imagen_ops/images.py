@@ -44,17 +44,24 @@ def read_image(data: bytes, *, mask: bool = False, max_pixels: int = 40_000_000)
     return from_uint8(np.asarray(im)[None])
 
 
+PASS, FAIL = (0, 140, 0), (200, 0, 0)
+
+
 def make_grid(
     images: np.ndarray,
     captions: Sequence[str] | None = None,
     columns: int | None = None,
     cell: int = 128,
+    verdicts: Sequence[str | None] | None = None,
 ) -> Image.Image:
-    """A grid of uint8 images, each upscaled to `cell` px (nearest) with its caption below."""
+    """A grid of uint8 images, each upscaled to `cell` px (nearest) with its caption below.
+
+    `verdicts` marks each cell: "pass" (a green frame), a failure reason (a red frame and
+    the reason under the caption) or None (no mark)."""
     n = len(images)
     columns = columns or math.ceil(math.sqrt(n))
     rows = math.ceil(n / columns)
-    label = 28 if captions is not None else 0
+    label = (28 if captions is not None else 0) + (12 if verdicts is not None else 0)
     grid = Image.new("RGB", (columns * cell, rows * (cell + label)), "white")
     draw, font = ImageDraw.Draw(grid), ImageFont.load_default()
     for k, image in enumerate(images):
@@ -65,4 +72,8 @@ def make_grid(
             draw.multiline_text(
                 (x + 2, y + cell + 1), "\n".join(lines), fill="black", font=font, spacing=1
             )
+        if verdicts is not None and verdicts[k] is not None:
+            color = PASS if verdicts[k] == "pass" else FAIL
+            draw.rectangle([x, y, x + cell - 1, y + cell - 1], outline=color, width=3)
+            draw.text((x + 2, y + cell + label - 12), verdicts[k], fill=color, font=font)
     return grid

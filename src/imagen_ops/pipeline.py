@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from imagen_ops.charts import chart_path
 from imagen_ops.config import Params, TrainSettings
 from imagen_ops.files import write_text_atomic
 
@@ -117,9 +118,9 @@ def pipeline_stages(params: Params) -> list[PipelineStage]:
                 ],
                 [p.prepared, p.text_cache, *TRAIN_CODE],
                 [f"stages.{name}", *lowres, "text"],
-                [p.model(name)],
+                [p.model(name), {p.train_metrics(name): {"cache": False}}],
                 untracked=["registry", "sample"],
-                plots=[{p.train_metrics(name): {"cache": False, "x": "step", "y": "loss"}}],
+                plots=[{str(chart_path(p.train_metrics(name))): {"cache": False}}],
             )
         )
     stages.append(
@@ -134,6 +135,7 @@ def pipeline_stages(params: Params) -> list[PipelineStage]:
             [p.prepared, p.text_cache, *(p.model(n) for n in names), *EVAL_CODE],
             ["sample", "eval", "text"],
             [p.eval, {p.metrics: {"cache": False}}, {p.guidance_sweep: {"cache": False}}],
+            plots=[{str(chart_path(p.guidance_sweep)): {"cache": False}}],
             metrics=[p.scores],
         )
     )
@@ -142,11 +144,9 @@ def pipeline_stages(params: Params) -> list[PipelineStage]:
 
 def render_dvc_yaml(params: Params) -> str:
     """The text of dvc.yaml for `params` (stable: same params, same bytes)."""
-    doc = {
-        "stages": {s.name: s.to_dvc() for s in pipeline_stages(params)},
-        # stage-level plots take one y column; the sweep's trade-off curve shows two
-        "plots": [{params.paths.guidance_sweep: {"x": "guidance", "y": ["alignment", "kid_mean"]}}],
-    }
+    # plots are PNG charts (imagen_ops.charts): `dvc plots show` renders them without
+    # JavaScript, so its page opens offline; the CSVs beside them hold the numbers
+    doc = {"stages": {s.name: s.to_dvc() for s in pipeline_stages(params)}}
     return HEADER + "\n" + yaml.safe_dump(doc, sort_keys=False, width=100)
 
 

@@ -59,11 +59,16 @@ from imagen_ops.data.shapes import (
 
 __all__ = [
     "CATEGORIES",
+    "FAILURES",
     "Detection",
+    "Judgement",
     "alignment_report",
     "classify_shape",
     "connected_components",
     "detect_objects",
+    "failure_of",
+    "judge",
+    "judge_all",
     "label_pixels",
     "score_detections",
     "score_image",
@@ -423,35 +428,132 @@ def score_detections(dets: Sequence[Detection], scene: dict[str, Any]) -> dict[s
     }
 
 
+FAILURES = (
+    "object_missing",
+    "objects_merged",
+    "extra_object",
+    "wrong_count",
+    "color_leaked",
+    "wrong_color",
+    "colors_swapped",
+    "wrong_shape",
+    "wrong_relation",
+)
+
+
+def failure_of(
+    dets: Sequence[Detection], scene: dict[str, Any], verdict: dict[str, bool | None]
+) -> str | None:
+    """Why an image failed its scene (None when it passed): the first of, in this order,
+
+    - the number of objects is off: `objects_merged` when fewer objects were found and one
+      of them fits no shape (two touching same-colored objects form one blob), else
+      `wrong_count` for counting prompts, `object_missing` / `extra_object` for the others;
+    - the colors are off: `color_leaked` when two colors were asked for and every object
+      took one of them, else `wrong_color`;
+    - the shapes are off: `colors_swapped` when two objects were drawn with each other's
+      color (a red square and a blue circle for "a red circle and a blue square"), else
+      `wrong_shape`;
+    - `wrong_relation`: the right two objects, in the wrong place.
+    """
+    if verdict["correct"]:
+        return None
+    objects, category = scene["objects"], scene["category"]
+    if len(dets) < len(objects):
+        if any(d.shape == "unknown" for d in dets):
+            return "objects_merged"
+        return "wrong_count" if category == "counting" else "object_missing"
+    if len(dets) > len(objects):
+        return "wrong_count" if category == "counting" else "extra_object"
+    wanted_colors = {o["color"] for o in objects}
+    found_colors = {d.color for d in dets}
+    if found_colors != wanted_colors:
+        leaked = len(wanted_colors) > 1 and len(found_colors) == 1 and found_colors <= wanted_colors
+        return "color_leaked" if leaked else "wrong_color"
+    if not verdict["shape"]:
+        if len(objects) == 2:
+            (c1, s1), (c2, s2) = ((o["color"], o["shape"]) for o in objects)
+            if s1 != s2 and {(d.color, d.shape) for d in dets} == {(c1, s2), (c2, s1)}:
+                return "colors_swapped"
+        return "wrong_shape"
+    return "wrong_relation"
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """The oracle's reading of one image: its objects, verdicts and failure reason."""
+
+    detections: tuple[Detection, ...]
+    verdict: dict[str, bool | None]
+    failure: str | None
+
+    @property
+    def correct(self) -> bool:
+        return bool(self.verdict["correct"])
+
+
+def judge(image: np.ndarray, scene: dict[str, Any]) -> Judgement:
+    """Detect, score and explain one image against the scene its caption describes."""
+    scene = _check_scene(scene)
+    dets = detect_objects(image)
+    verdict = score_detections(dets, scene)
+    return Judgement(tuple(dets), verdict, failure_of(dets, scene, verdict))
+
+
 def score_image(image: np.ndarray, scene: dict[str, Any]) -> dict[str, bool | None]:
     """Does `image` show what the caption of `scene` asks for? See `score_detections`."""
-    _check_scene(scene)
-    return score_detections(detect_objects(image), scene)
+    return judge(image, scene).verdict
 
 
 def _mean(values: Sequence[bool]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def alignment_report(
-    images: Sequence[np.ndarray], scenes: Sequence[dict[str, Any]]
-) -> dict[str, float | int | None]:
-    """Accuracies over a set of generated images, overall, per category and per requirement."""
+def judge_all(images: Sequence[np.ndarray], scenes: Sequence[dict[str, Any]]) -> list[Judgement]:
     if len(images) != len(scenes):
         raise ValueError(
             f"got {len(images)} images but {len(scenes)} scenes; pass one scene per image"
         )
+    return [judge(im, sc) for im, sc in zip(images, scenes, strict=True)]
+
+
+def alignment_report(
+    images: Sequence[np.ndarray],
+    scenes: Sequence[dict[str, Any]],
+    judgements: Sequence[Judgement] | None = None,
+) -> dict[str, Any]:
+    """Accuracies over a set of generated images: per category, their balanced mean (the
+    headline: a category mix cannot hide a failing category), the pooled mean, per
+    requirement, single-object exactness, and the failure reasons per category."""
     if not images:
         raise ValueError("alignment_report needs at least one image")
-    scores = [score_image(im, sc) for im, sc in zip(images, scenes, strict=True)]
-    report: dict[str, float | int | None] = {
-        "overall": _mean([s["correct"] for s in scores]),
-        "n": len(scores),
-    }
+    judged = list(judgements) if judgements is not None else judge_all(images, scenes)
+    if len(judged) != len(images) or len(scenes) != len(images):
+        raise ValueError(
+            f"got {len(images)} images, {len(scenes)} scenes and {len(judged)} judgements; "
+            "pass one of each per image"
+        )
+    report: dict[str, Any] = {"overall": _mean([j.correct for j in judged]), "n": len(judged)}
+    failures: dict[str, dict[str, int]] = {}
+    present = []
     for cat in CATEGORIES:
-        hits = [s["correct"] for s, sc in zip(scores, scenes, strict=True) if sc["category"] == cat]
-        report[cat], report[f"n_{cat}"] = _mean(hits), len(hits)
+        mine = [j for j, sc in zip(judged, scenes, strict=True) if sc["category"] == cat]
+        report[cat], report[f"n_{cat}"] = _mean([j.correct for j in mine]), len(mine)
+        if mine:
+            present.append(report[cat])
+            reasons = [j.failure for j in mine if j.failure is not None]
+            failures[cat] = {r: reasons.count(r) for r in FAILURES if r in reasons}
+    report["balanced"] = float(np.mean(present))
+    singles = [j for j, sc in zip(judged, scenes, strict=True) if sc["category"] == "single"]
+    report["single_exact"] = _mean([len(j.detections) == 1 for j in singles])
     for req in ("color", "shape", "count", "position"):
-        report[f"{req}_accuracy"] = _mean([s[req] for s in scores if s[req] is not None])
-    log.info("alignment over %d images: overall %.3f", len(scores), report["overall"])
+        values = [j.verdict[req] for j in judged if j.verdict[req] is not None]
+        report[f"{req}_accuracy"] = _mean(values)
+    report["failures"] = failures
+    log.info(
+        "alignment over %d images: balanced %.3f, pooled %.3f",
+        len(judged),
+        report["balanced"],
+        report["overall"],
+    )
     return report

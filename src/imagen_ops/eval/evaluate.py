@@ -28,10 +28,11 @@ import torch
 from PIL import Image
 
 from imagen_ops.cascade import Cascade
+from imagen_ops.charts import chart_path, save_chart, sweep_chart
 from imagen_ops.config import EvalConfig, SampleConfig, TextConfig
 from imagen_ops.data.prepare import PreparedData
 from imagen_ops.device import resolve_device
-from imagen_ops.eval.alignment import alignment_report
+from imagen_ops.eval.alignment import CATEGORIES, alignment_report, judge_all
 from imagen_ops.eval.fid import InceptionFeatures, cached_features, fid_kid
 from imagen_ops.eval.report import write_report
 from imagen_ops.files import atomic_dir, write_json_atomic, write_text_atomic
@@ -51,7 +52,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-METRICS_VERSION = 1
+METRICS_VERSION = 2  # 2: alignment.balanced, failures, single_exact; balanced sampling
 
 
 @dataclass(frozen=True)
@@ -88,17 +89,39 @@ SampleFn = Callable[[TextEmbeddings, SampleConfig, Sequence[int]], tuple[np.ndar
 """(embeddings, settings, seeds) -> (uint8 images, seconds per image in each stage)."""
 
 
-def held_out(prepared_dir: Path, cache_dir: Path, text: TextConfig, num: int) -> HeldOut:
-    """The first `num` validation records, with their cached embeddings."""
+def held_out(prepared_dir: Path, cache_dir: Path, text: TextConfig, cfg: EvalConfig) -> HeldOut:
+    """The validation records evaluation samples for, with their cached embeddings: the
+    first `eval.per_category` of each prompt category where the data has scene specs (every
+    category weighs the same whatever the data's mix), else the first `eval.num_samples`."""
     prepared = PreparedData.open(prepared_dir)
     table = prepared.table
     cache = EmbeddingCache.open(cache_dir, text, table["caption"].tolist())
     val = prepared.indices("val")
     if len(val) == 0:
         raise ValueError("the validation split is empty; raise data.prepare.val_fraction")
-    records = val[:num]
-    if len(records) < num:
-        log.warning("only %d validation prompts (eval.num_samples=%d)", len(records), num)
+    scenes = table["scene"].iloc[val]
+    num, per_category = cfg.num_samples, cfg.per_category
+    if per_category and all(isinstance(s, str) for s in scenes):
+        category = np.array([json.loads(s)["category"] for s in scenes])
+        chosen = [val[category == c][:per_category] for c in CATEGORIES]
+        # interleaved (single, binding, counting, position, single, ...), so the grid and
+        # the sweep's first prompts cover every category too
+        rank = np.concatenate([np.arange(len(ids)) for ids in chosen])
+        kind = np.concatenate([np.full(len(ids), k) for k, ids in enumerate(chosen)])
+        records = np.concatenate(chosen)[np.lexsort((kind, rank))]
+        for c in CATEGORIES:
+            if (found := int((category == c).sum())) < per_category:
+                log.warning(
+                    "only %d validation prompts of category %s (eval.per_category=%d); raise "
+                    "data.prepare.val_fraction",
+                    found,
+                    c,
+                    per_category,
+                )
+    else:
+        records = val[:num]
+        if len(records) < num:
+            log.warning("only %d validation prompts (eval.num_samples=%d)", len(records), num)
     return HeldOut(
         records,
         table["caption"].iloc[records].tolist(),
@@ -232,13 +255,13 @@ def evaluate(
             "thresholding": settings.thresholding,
         },
     }
-    _write_outputs(paths, result, sweep, images, captions, cfg)
+    _write_outputs(paths, result, sweep, images, prompts, cfg)
     write_json_atomic(paths.timings, {"seconds_per_image": seconds, "device": str(dev)})
     return result
 
 
 SCORES = ("fid", "kid_mean", "clip_score")
-ALIGNMENT_SCORES = ("overall", "single", "counting", "binding", "position")
+ALIGNMENT_SCORES = ("balanced", "overall", "single", "counting", "binding", "position")
 
 
 def headline(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -261,11 +284,19 @@ def _sweep_row(settings: SampleConfig, stage_count: int, point: dict[str, Any]) 
     return {
         "guidance": weights[0],
         "guidance_stages": " ".join(f"{w:g}" for w in weights),
-        "alignment": alignment.get("overall"),
+        "alignment": alignment.get("balanced"),
         "kid_mean": point.get("kid_mean"),
         "kid_std": point.get("kid_std"),
         "clip_score": point.get("clip_score"),
     }
+
+
+def grid_verdicts(images: np.ndarray, scenes: Sequence[str | None]) -> list[str | None] | None:
+    """The grid's marks: "pass" or the failure reason per image; None without scene specs."""
+    if not len(images) or any(s is None for s in scenes):
+        return None
+    judged = judge_all(list(images), [json.loads(s) for s in scenes])
+    return [j.failure or "pass" for j in judged]
 
 
 def _write_outputs(
@@ -273,21 +304,26 @@ def _write_outputs(
     result: dict[str, Any],
     sweep: list[dict[str, Any]],
     images: np.ndarray,
-    captions: list[str],
+    prompts: HeldOut,
     cfg: EvalConfig,
 ) -> None:
-    grid = make_grid(images[: cfg.grid_size], captions[: cfg.grid_size])
+    g = cfg.grid_size
+    grid = make_grid(
+        images[:g], prompts.captions[:g], verdicts=grid_verdicts(images[:g], prompts.scenes[:g])
+    )
+    chart = sweep_chart(sweep)  # empty axes without a sweep: DVC's plot file always exists
     with atomic_dir(paths.out) as tmp:
         (tmp / "samples").mkdir()
         for k, image in enumerate(images):
             Image.fromarray(image).save(tmp / "samples" / f"{k:04d}.png")
         grid.save(tmp / "grid.png")
-        write_report(tmp, result, sweep, grid)
+        write_report(tmp, result, sweep, grid, chart)
     columns = list(sweep[0]) if sweep else ["guidance"]
     lines = [",".join(columns)] + [
         ",".join("" if r[c] is None else f"{r[c]}" for c in columns) for r in sweep
     ]
     write_text_atomic(paths.sweep, "\n".join(lines) + "\n")
+    save_chart(chart, chart_path(paths.sweep))  # DVC's image plot of the sweep (offline)
     write_json_atomic(paths.metrics, result)
     write_json_atomic(paths.scores, headline(result))
     log.info("metrics: %s", json.dumps({k: result.get(k) for k in ("fid", "kid_mean")}))

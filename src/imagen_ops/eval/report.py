@@ -1,4 +1,4 @@
-"""The evaluation report: a guidance-sweep chart and one self-contained HTML page."""
+"""The evaluation report: one self-contained HTML page (images embedded)."""
 
 from __future__ import annotations
 
@@ -10,44 +10,12 @@ from typing import Any
 
 from PIL import Image
 
-__all__ = ["add_header", "sweep_chart", "write_report"]
+from imagen_ops.charts import sweep_chart
+from imagen_ops.eval.alignment import FAILURES
+
+__all__ = ["add_header", "write_report"]
 
 HEADER_END = "<!-- end of header -->"
-
-
-def sweep_chart(sweep: list[dict[str, Any]]) -> Image.Image:
-    """Alignment and KID against the guidance weight (the paper's trade-off curve)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
-    ws = [r["guidance"] for r in sweep]
-    if any(r["alignment"] is not None for r in sweep):
-        ax.plot(ws, [r["alignment"] for r in sweep], "o-", color="tab:blue", label="alignment")
-    ax.set_xlabel("guidance weight w (base stage)")
-    ax.set_ylabel("alignment (higher is better)")
-    if any(r["kid_mean"] is not None for r in sweep):
-        ax2 = ax.twinx()
-        ax2.errorbar(
-            ws,
-            [r["kid_mean"] for r in sweep],
-            yerr=[r["kid_std"] for r in sweep],
-            fmt="s--",
-            color="tab:red",
-            label="KID",
-        )
-        ax2.set_ylabel("KID (lower is better)")
-        handles, labels = ax.get_legend_handles_labels()
-        more, more_labels = ax2.get_legend_handles_labels()
-        ax.legend(handles + more, labels + more_labels, loc="best", fontsize=8)
-    ax.set_title("guidance sweep")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
 
 
 def _data_uri(image: Image.Image) -> str:
@@ -70,11 +38,30 @@ def _fmt(value: Any) -> str:
 def _rows(metrics: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
     rows = []
     for key, value in metrics.items():
+        if key == "failures":  # a table of its own
+            continue
         if isinstance(value, dict):
             rows += _rows(value, f"{prefix}{key}.")
         else:
             rows.append((prefix + key, _fmt(value)))
     return rows
+
+
+def _failure_table(metrics: dict[str, Any]) -> str:
+    """Failure reasons (columns) per category (rows): how many prompts failed that way."""
+    alignment = metrics.get("alignment") or {}
+    failures = alignment.get("failures")
+    if not failures:
+        return ""
+    head = "".join(f"<th>{html.escape(r)}</th>" for r in ("category", "n", "correct", *FAILURES))
+    rows = "".join(
+        f"<tr><td>{html.escape(cat)}</td><td>{alignment.get(f'n_{cat}')}</td>"
+        f"<td>{html.escape(_fmt(alignment.get(cat)))}</td>"
+        + "".join(f"<td>{counts.get(r, 0)}</td>" for r in FAILURES)
+        + "</tr>"
+        for cat, counts in failures.items()
+    )
+    return f"<h2>Alignment failures</h2><table><tr>{head}</tr>{rows}</table>"
 
 
 def _header_rows(fields: dict[str, Any]) -> str:
@@ -92,10 +79,15 @@ def add_header(page: str, fields: dict[str, Any]) -> str:
 
 
 def write_report(
-    out_dir: Path, metrics: dict[str, Any], sweep: list[dict[str, Any]], grid: Image.Image
+    out_dir: Path,
+    metrics: dict[str, Any],
+    sweep: list[dict[str, Any]],
+    grid: Image.Image,
+    chart: Image.Image | None = None,
 ) -> None:
     """Write sweep.png and report.html (images embedded, so the page travels alone)."""
-    chart = sweep_chart(sweep) if sweep else None
+    if chart is None and sweep:
+        chart = sweep_chart(sweep)
     if chart is not None:
         chart.save(out_dir / "sweep.png")
     table = "\n".join(
@@ -121,6 +113,7 @@ td,th{{padding:2px 10px;border-bottom:1px solid #ddd}}</style></head><body>
 <h1>imagen-ops evaluation</h1>
 <table>{header}{HEADER_END}</table>
 <h2>Samples</h2><img src="{_data_uri(grid)}" alt="sample grid">
+{_failure_table(metrics)}
 <h2>Metrics</h2><table>{table}</table>
 <h2>Guidance sweep</h2>{chart_img}<table><tr>{sweep_head}</tr>{sweep_rows}</table>
 </body></html>

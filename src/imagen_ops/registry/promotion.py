@@ -41,7 +41,7 @@ class Decision:
 
 
 def lookup_metric(metrics: dict[str, Any], name: str) -> float | None:
-    """Value of a dotted key (e.g. alignment.overall), None when absent or null."""
+    """Value of a dotted key (e.g. alignment.balanced), None when absent or null."""
     node: Any = metrics
     for part in name.split("."):
         if not isinstance(node, dict) or part not in node:
@@ -54,8 +54,8 @@ def primary_metric(metrics: dict[str, Any], configured: str = "auto") -> tuple[s
     """(name, value, greater_is_better) of the metric that decides promotions."""
     if configured == "auto":
         configured = (
-            "alignment.overall"
-            if lookup_metric(metrics, "alignment.overall") is not None
+            "alignment.balanced"
+            if lookup_metric(metrics, "alignment.balanced") is not None
             else "fid"
         )
     value = lookup_metric(metrics, configured)

@@ -39,14 +39,17 @@ __all__ = [
     "RegisterPaths",
     "champion_metric",
     "check_registrable",
+    "counts",
     "current_champion",
     "decision_tags",
     "gate",
+    "measurements",
     "move_champion",
     "promote",
     "register",
     "registered_version",
     "signature",
+    "version_tags",
 ]
 
 log = logging.getLogger(__name__)
@@ -118,13 +121,53 @@ def _data_version(root: Path) -> str | None:
     return outs[0].get("md5")
 
 
-def _flat_numbers(d: dict[str, Any]) -> dict[str, float]:
-    """Numeric leaves of nested metrics as MLflow metrics (dotted names)."""
+def measurements(d: dict[str, Any]) -> dict[str, float]:
+    """The float leaves of nested metrics (dotted names): MLflow metrics. Integer leaves are
+    counts and schema facts (images, per-category n, failures, resolution), not
+    measurements: they become run tags (`counts`)."""
+    return {k: v for k, v in flatten(d).items() if isinstance(v, float)}
+
+
+def counts(d: dict[str, Any]) -> dict[str, str]:
+    """The integer leaves of nested metrics as run tags `imagen_ops.eval.<dotted name>`."""
     return {
-        k: float(v)
+        f"imagen_ops.eval.{k}": str(v)
         for k, v in flatten(d).items()
-        if isinstance(v, int | float) and not isinstance(v, bool)
+        if isinstance(v, int) and not isinstance(v, bool)
     }
+
+
+KEY_METRICS = ("alignment.balanced", "alignment.overall", "fid", "kid_mean", "clip_score")
+MODEL_DESCRIPTION = (
+    "Imagen text-to-image cascade (frozen text encoder, base + super-resolution U-Nets) "
+    "trained by imagen-ops. Load: mlflow.pyfunc.load_model('models:/{name}@champion'), or "
+    "`imagen-ops sample --model models:/{name}@champion`. Aliases: `champion` serves, "
+    "`challenger` is the newest registration; promotions are decided by a paired test on "
+    "the golden prompt set (version tags imagen_ops.gate.*). Rebuild a version with "
+    "`imagen-ops reproduce models:/{name}/<version>`."
+)
+
+
+def version_tags(
+    run_tags: Mapping[str, str | None], metrics: dict[str, Any], run_params: Mapping[str, Any]
+) -> dict[str, str]:
+    """What a reviewer filters versions by: data version, recipe, commit, key metrics."""
+    flat = flatten(metrics)
+    tags = {k: v for k, v in run_tags.items() if v is not None and k != "imagen_ops.kind"}
+    tags["imagen_ops.recipe"] = str(run_params.get("recipe", "unknown"))
+    tags["imagen_ops.text_encoder"] = str((run_params.get("text") or {}).get("encoder"))
+    for key in KEY_METRICS:
+        if isinstance(flat.get(key), float):
+            tags[f"imagen_ops.metric.{key}"] = f"{flat[key]:.4g}"
+    return tags
+
+
+def _describe_registered_model(client: Any, name: str) -> None:
+    """The registered model's description and tags (the same on every registration; what
+    differs between versions is on the versions)."""
+    client.update_registered_model(name, MODEL_DESCRIPTION.format(name=name))
+    for key, value in {"task": "text-to-image", "framework": "imagen-ops"}.items():
+        client.set_registered_model_tag(name, key, value)
 
 
 def signature():
@@ -326,10 +369,10 @@ def move_champion(cfg: RegistryConfig, version: str, expected: str | None) -> st
 
 
 def _description(tags: dict[str, str | None], metrics: dict[str, Any], d: Decision) -> str:
-    alignment = (metrics.get("alignment") or {}).get("overall")
+    alignment = (metrics.get("alignment") or {}).get("balanced")
     return (
         f"commit {tags.get('imagen_ops.git_commit') or 'unknown'}, data "
-        f"{tags.get('imagen_ops.data_version') or 'unknown'}; alignment.overall "
+        f"{tags.get('imagen_ops.data_version') or 'unknown'}; alignment.balanced "
         f"{'n/a' if alignment is None else f'{alignment:.3f}'}, FID {metrics.get('fid')}; "
         f"gate: {d.reason}. Rebuild: imagen-ops reproduce models:/<name>/<version>"
     )
@@ -397,12 +440,13 @@ def register(
         run_name=None if run_id else "retrain",
     ) as run:
         mlflow.set_tags({k: v for k, v in tags.items() if v is not None})
+        mlflow.set_tags(counts(metrics))
         items = [(k, str(v)) for k, v in flatten(run_params).items()]
         for i in range(0, len(items), 100):
             mlflow.log_params(dict(items[i : i + 100]))
-        mlflow.log_metrics(_flat_numbers(metrics))
+        mlflow.log_metrics(measurements(metrics))
         if paths.timings is not None and paths.timings.is_file():
-            mlflow.log_metrics(_flat_numbers(json.loads(paths.timings.read_text())))
+            mlflow.log_metrics(measurements(json.loads(paths.timings.read_text())))
         for name in ("grid.png", "sweep.png"):
             if (paths.eval_dir / name).is_file():
                 mlflow.log_artifact(str(paths.eval_dir / name), artifact_path="eval")
@@ -415,6 +459,9 @@ def register(
         _log_report(paths.eval_dir / "report.html", cfg.model_name, version, tags)
         digest = metrics["model_sha256"]  # checked against the weights above
         client.set_model_version_tag(cfg.model_name, version, MODEL_DIGEST_TAG, digest)
+        for key, value in version_tags(tags, metrics, run_params).items():
+            client.set_model_version_tag(cfg.model_name, version, key, value)
+        _describe_registered_model(client, cfg.model_name)
         client.set_registered_model_alias(cfg.model_name, CHALLENGER, version)
         if decision.promote:
             moved_to = move_champion(cfg, version, expected=champion_version)

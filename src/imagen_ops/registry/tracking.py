@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ __all__ = [
     "MLflowTracker",
     "configure",
     "end_stale_runs",
+    "follow_moved_store",
     "open_store",
     "sqlite_file",
     "tracking_uri",
@@ -40,6 +43,48 @@ def sqlite_file(cfg: RegistryConfig) -> Path | None:
     return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
+def follow_moved_store(cfg: RegistryConfig) -> str | None:
+    """Re-point a local store's artifact URIs after its project folder was moved.
+
+    MLflow records absolute artifact locations (file:///old/project/mlflow/artifacts/...).
+    When the experiment's recorded location no longer exists and the configured
+    `artifact_root` (relative to the project) is elsewhere, every recorded URI and path
+    under the old root is rewritten to the new one, in one transaction. A location that
+    still exists is never touched. Returns the old root when something was rewritten."""
+    database = sqlite_file(cfg)
+    if database is None or not database.is_file() or "://" in cfg.artifact_root:
+        return None
+    new_path = Path(cfg.artifact_root).resolve()
+    with sqlite3.connect(database) as db:
+        row = db.execute(
+            "SELECT artifact_location FROM experiments WHERE name = ?", (cfg.experiment,)
+        ).fetchone()
+        recorded = row[0] if row else None
+        if not recorded or not recorded.startswith("file://"):
+            return None
+        old_path = Path(urllib.parse.unquote(urllib.parse.urlparse(recorded).path))
+        if old_path == new_path or old_path.exists() or not new_path.is_dir():
+            return None
+        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        for table in tables:
+            columns = [c[1] for c in db.execute(f'PRAGMA table_info("{table}")') if _texty(c[2])]
+            for column in columns:
+                for old, new in ((recorded, new_path.as_uri()), (str(old_path), str(new_path))):
+                    db.execute(
+                        f'UPDATE "{table}" SET "{column}" = ? || substr("{column}", ?) '
+                        f'WHERE substr("{column}", 1, ?) = ?',
+                        (new, len(old) + 1, len(old), old),
+                    )
+    log.warning(
+        "the MLflow store moved: artifact locations under %s now point to %s", old_path, new_path
+    )
+    return str(old_path)
+
+
+def _texty(sql_type: str) -> bool:
+    return any(t in sql_type.upper() for t in ("CHAR", "TEXT", "CLOB"))
+
+
 def open_store(cfg: RegistryConfig) -> None:
     """Point MLflow at an existing store to read from it; creates nothing (a missing
     sqlite file is an error that says how to get one)."""
@@ -51,6 +96,7 @@ def open_store(cfg: RegistryConfig) -> None:
             f"no MLflow store at {uri}: nothing is registered there yet (run `make demo` in "
             "the project) or point MLFLOW_TRACKING_URI at the team's store"
         )
+    follow_moved_store(cfg)
     mlflow.set_tracking_uri(uri)
 
 
@@ -62,6 +108,7 @@ def configure(cfg: RegistryConfig) -> str:
     uri = tracking_uri(cfg)
     if (database := sqlite_file(cfg)) is not None:
         database.parent.mkdir(parents=True, exist_ok=True)
+        follow_moved_store(cfg)
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.get_experiment_by_name(cfg.experiment)
     if experiment is not None:
@@ -74,6 +121,8 @@ def configure(cfg: RegistryConfig) -> str:
 
 class MLflowTracker:
     """Logs one training run; nested under the flow's run when PARENT_RUN_ENV is set."""
+
+    enabled = True
 
     def __init__(self, cfg: RegistryConfig, run_name: str, tags: dict[str, str]):
         import mlflow

@@ -1,4 +1,4 @@
-"""Where training metrics go: always a CSV (DVC plots), optionally an experiment tracker.
+"""Where training metrics go: always a CSV and its chart (DVC), optionally a tracker.
 
 The trainer talks to the small `Tracker` interface; the MLflow implementation lives in
 `imagen_ops.registry.tracking` and imports MLflow lazily, so training runs on machines
@@ -14,12 +14,15 @@ from typing import Any, Protocol
 
 from PIL import Image
 
+from imagen_ops.charts import chart_path, loss_chart, save_chart
 from imagen_ops.files import write_text_atomic
 
 __all__ = ["MetricsCSV", "NullTracker", "Tracker"]
 
 
 class Tracker(Protocol):
+    enabled: bool  # False: nothing is kept, so the trainer skips work done only for it
+
     def log_params(self, params: dict[str, Any]) -> None: ...
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
@@ -31,6 +34,8 @@ class Tracker(Protocol):
 
 class NullTracker:
     """Tracking disabled."""
+
+    enabled = False
 
     def log_params(self, params: dict[str, Any]) -> None:
         pass
@@ -64,3 +69,8 @@ class MetricsCSV:
         writer.writeheader()
         writer.writerows(self.rows)
         write_text_atomic(self.path, buf.getvalue())
+
+    def write_chart(self, title: str) -> None:
+        """The loss curve beside the CSV (DVC's image plot of the stage; renders offline)."""
+        if self.rows:
+            save_chart(loss_chart(self.rows, title), chart_path(self.path))

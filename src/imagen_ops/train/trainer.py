@@ -318,7 +318,8 @@ class Trainer:
                 window, t_window = [], time.perf_counter()
             if main and (done % tc.checkpoint_every == 0 or done == tc.steps):
                 self._save_checkpoint(done)
-            if main and tc.sample_every and done % tc.sample_every == 0:
+            previews = main and self.tracker.enabled and tc.sample_every > 0
+            if previews and (done % tc.sample_every == 0 or done == tc.steps):
                 self._preview(done)
         bar.close()
         seconds = time.perf_counter() - t_start
@@ -394,6 +395,7 @@ class Trainer:
             {"trained_steps": self.tcfg.steps, "fingerprint": self.fingerprint},
         )
         self.metrics.flush()
+        self.metrics.write_chart(f"training: stage {self.stage.name}")
         log.info("stage %s written to %s", self.stage.name, self.paths.out)
 
     def _preview(self, step: int) -> None:
