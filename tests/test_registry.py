@@ -733,10 +733,39 @@ def test_register_refuses_metrics_of_other_weights_and_non_finite_weights(
         check_registrable(models, names, metrics, metrics_path)
 
 
+@pytest.fixture(params=["local store", "tracking server"])
+def any_store(request, store, monkeypatch):
+    """The local sqlite store, or a real `mlflow server` that proxies artifacts over HTTP
+    (artifact URIs `mlflow-artifacts:/`, nothing the client reads as a local path)."""
+    if request.param == "local store":
+        yield store
+        return
+    bin_dir = Path(sys.executable).parent
+    port, log = free_port(), store / "server.log"
+    cmd = [
+        *(str(bin_dir / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port)),
+        *("--backend-store-uri", f"sqlite:///{store}/server/mlflow.db"),
+        *("--artifacts-destination", str(store / "server" / "artifacts"), "--workers", "1"),
+    ]
+    (store / "server").mkdir()
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=store, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/health", proc, log)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+        yield store
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
 @pytest.mark.integration
-def test_warm_start_from_the_registered_champion(tiny_data, tiny_models, store, caplog) -> None:
-    """`stages.base.train.init_from: champion` downloads the champion's stage; a second
-    run (a new download folder) has the same fingerprint, so it resumes, not restarts."""
+def test_warm_start_from_the_registered_champion(tiny_data, tiny_models, any_store, caplog):
+    """`stages.base.train.init_from: champion` downloads the champion's stage, from a local
+    store or through a tracking server; a second run (a new download folder) has the same
+    fingerprint, so it resumes, not restarts."""
     import logging
 
     import mlflow
@@ -754,6 +783,10 @@ def test_warm_start_from_the_registered_champion(tiny_data, tiny_models, store, 
         info = log_cascade_model(tiny_models, spec, registered_model_name="imagen-ops")
     version = info.registered_model_version
     MlflowClient().set_registered_model_alias("imagen-ops", "champion", version)
+    run = MlflowClient().get_run(MlflowClient().get_model_version("imagen-ops", version).run_id)
+    served = os.environ["MLFLOW_TRACKING_URI"].startswith("http")
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:" if served else "file://")
+    store = any_store
     params_file = store / "params.yaml"
     params_file.write_text(yaml_dump(tiny_params(*overrides).model_dump(mode="json")))
     argv = [

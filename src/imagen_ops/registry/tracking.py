@@ -102,7 +102,9 @@ def open_store(cfg: RegistryConfig) -> None:
 
 def configure(cfg: RegistryConfig) -> str:
     """Point MLflow at the store (MLFLOW_TRACKING_URI wins over params.yaml) and make sure
-    the experiment exists with its artifacts under `artifact_root`; returns its id."""
+    the experiment exists with its artifacts under `artifact_root` (a local folder only for
+    a local store: a tracking server stores them where it is configured to, e.g. proxied
+    `mlflow-artifacts:/`); returns its id."""
     import mlflow
 
     uri = tracking_uri(cfg)
@@ -113,10 +115,12 @@ def configure(cfg: RegistryConfig) -> str:
     experiment = mlflow.get_experiment_by_name(cfg.experiment)
     if experiment is not None:
         return experiment.experiment_id
-    location = None
+    location: str | None = cfg.artifact_root
     if "://" not in cfg.artifact_root:
-        location = Path(cfg.artifact_root).resolve().as_uri()
-    return mlflow.create_experiment(cfg.experiment, artifact_location=location or cfg.artifact_root)
+        # a folder beside a local store; a tracking server keeps its own (proxied) default
+        local = sqlite_file(cfg) is not None
+        location = Path(cfg.artifact_root).resolve().as_uri() if local else None
+    return mlflow.create_experiment(cfg.experiment, artifact_location=location)
 
 
 class MLflowTracker:
