@@ -40,6 +40,8 @@ TINY_TRAIN = {
     "channels_last": False,
 }
 
+TINY_SCORER = {"channels": 8, "embed_dim": 16, "text_width": 16, "steps": 40, "batch_size": 8}
+
 
 def tiny_raw() -> dict[str, Any]:
     """params.yaml content of the tiny configuration (a fresh dict each call)."""
@@ -58,6 +60,7 @@ def tiny_raw() -> dict[str, Any]:
             },
         },
         "sample": {"steps": 4, "guidance": [2.0, 1.0], "batch_size": 8},
+        "scorer": dict(TINY_SCORER),
         "eval": {
             "num_samples": 4,
             "per_category": 1,

@@ -171,7 +171,7 @@ def test_version_and_every_help_shows_an_example(capsys) -> None:
                 yield from leaves(sub, (*path, name))
 
     commands = list(leaves(build_parser()))
-    assert len(commands) == len(EXAMPLES) == 14
+    assert len(commands) == len(EXAMPLES) == 15
     for path, parser in commands:
         text = parser.format_help()
         assert "examples:\n  " in text and f"imagen-ops {path[0]}" in text, path

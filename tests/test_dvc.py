@@ -113,6 +113,7 @@ def test_graph_follows_the_cascade_and_the_paths() -> None:
     assert list(doc) == [
         "prepare",
         "encode_text",
+        "train_scorer",
         "train_base",
         "train_sr32",
         "train_sr64",
@@ -126,6 +127,9 @@ def test_graph_follows_the_cascade_and_the_paths() -> None:
         assert doc[f"train_{name}"]["plots"] == [{csv.replace(".csv", ".png"): {"cache": False}}]
         assert p.model(name) in doc["evaluate"]["deps"]
         assert f"--out {p.model(name)}" in doc[f"train_{name}"]["cmd"]
+    # the scorer reads the cached embeddings and scores at the base resolution
+    assert doc["train_scorer"]["params"] == ["scorer", "stages.base.resolution", "text"]
+    assert p.scorer in doc["evaluate"]["deps"] and f"--scorer {p.scorer}" in doc["evaluate"]["cmd"]
     # a stage conditions on the previous one's resolution, and reruns when it changes
     assert doc["train_sr64"]["params"] == ["stages.sr64", "stages.sr32.resolution", "text"]
     assert doc["train_base"]["params"] == ["stages.base", "text"]
@@ -199,7 +203,7 @@ def test_three_stage_cascade_runs_skips_and_reruns_only_what_changed(tmp_path, m
     (workspace,) = shown.values()
     assert list(workspace["data"]) == ["reports/scores.json"]
     scores = json.loads((root / "reports/scores.json").read_text())
-    assert len(scores) == 9
+    assert len(scores) == 10
     assert scores["align_balanced"] == round(metrics["alignment"]["balanced"], 4)
     shown_scores = workspace["data"]["reports/scores.json"]["data"]
     assert shown_scores == {k: v for k, v in scores.items() if v is not None}  # DVC hides nulls

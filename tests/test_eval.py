@@ -25,6 +25,7 @@ from imagen_ops.eval.fid import (
     frechet_distance,
 )
 from imagen_ops.images import FAIL, PASS
+from imagen_ops.scorer import Scorer
 
 from .conftest import tiny_params
 
@@ -248,6 +249,9 @@ def run_evaluate(params, tiny_data, tiny_models, paths) -> dict:
     )
     cascade = Cascade.from_dir(tiny_models, params.stage_names(), params.text)
     digest = cascade_digest(tiny_models, params.stage_names())
+    torch.manual_seed(0)
+    scorer = Scorer(params.scorer, 16, prompts.text.tokens.shape[-1]).eval()
+    cascade.scorer = scorer
     return evaluate_module.evaluate(
         params.eval,
         params.sample,
@@ -257,7 +261,22 @@ def run_evaluate(params, tiny_data, tiny_models, paths) -> dict:
         stage_count=len(params.stages),
         model_sha256=digest,
         device="cpu",
+        scorer=scorer,
     )
+
+
+@pytest.mark.integration
+def test_reranked_numbers_sit_beside_the_plain_ones(tiny_data, tiny_models, tmp_path) -> None:
+    """sample.rerank in the evaluate stage adds a `reranked` section; the headline numbers
+    stay those of plain sampling."""
+    plain = run_evaluate(tiny_params(), tiny_data, tiny_models, eval_paths(tmp_path / "a"))
+    params = tiny_params("sample.rerank=2")
+    both = run_evaluate(params, tiny_data, tiny_models, eval_paths(tmp_path / "b"))
+    reranked = both.pop("reranked")
+    assert "reranked" not in plain
+    assert both["alignment"] == plain["alignment"] and both["kid_mean"] == plain["kid_mean"]
+    assert reranked["rerank"] == 2 and set(reranked["alignment"]) == set(plain["alignment"])
+    assert reranked["in_domain_clip_score"] >= 0
 
 
 def eval_paths(out: Path) -> evaluate_module.EvalPaths:
@@ -337,6 +356,10 @@ def test_evaluate_stage_end_to_end(tiny_data, tiny_models, tmp_path, monkeypatch
     page = (paths.out / "report.html").read_text()
     assert "alignment.overall" in page and "data:image/png;base64," in page
     assert metrics["model_sha256"] in page and metrics["eval_set_sha256"] in page
+    # the in-domain CLIP score: 100 x mean max(cos, 0) of the scorer, and its validation
+    assert 0.0 <= metrics["in_domain_clip_score"] <= 100.0
+    assert set(metrics["scorer_validation"]) == {"auc", "spearman"}
+    assert all(r["in_domain_clip_score"] != "" for r in rows)
     assert "Alignment failures" in page and "colors_swapped" in page
     assert "<td>n/a</td>" in page and ">null<" not in page and ">None<" not in page
 
@@ -363,7 +386,7 @@ def test_evaluate_stage_end_to_end(tiny_data, tiny_models, tmp_path, monkeypatch
     assert second.metrics.read_bytes() == paths.metrics.read_bytes()
     assert second.scores.read_bytes() == paths.scores.read_bytes()
     scores = json.loads(paths.scores.read_text())
-    assert scores["align_balanced"] == round(alignment["balanced"], 4) and len(scores) == 9
+    assert scores["align_balanced"] == round(alignment["balanced"], 4) and len(scores) == 10
     assert second.sweep.read_text() == paths.sweep.read_text()
     for file in sorted(p for p in paths.out.rglob("*") if p.is_file()):
         twin = second.out / file.relative_to(paths.out)

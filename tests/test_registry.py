@@ -838,10 +838,13 @@ def test_the_store_works_after_the_project_folder_moved(tiny_models, tmp_path, m
     from imagen_ops.registry.register import RegisterPaths
 
     monkeypatch.setattr(utils, "_tracking_uri", utils._tracking_uri)  # restored afterwards
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # params.yaml's relative store
     old, new = tmp_path / "old", tmp_path / "new"
     old.mkdir()
     monkeypatch.chdir(old)
+    # params.yaml's store (mlflow/mlflow.db beside the project), named absolutely here only
+    # because MLflow caches stores by URI within a process; the moved project below uses
+    # the relative URI of params.yaml, in a fresh process
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{old}/mlflow/mlflow.db")
     params = tiny_params()
     (old / "eval").mkdir()
     metrics = write_metrics(old / "metrics.json", tiny_models, 0.5)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -37,6 +38,7 @@ from imagen_ops.diffusion.samplers import NoiseSource, sample
 from imagen_ops.diffusion.schedules import Schedule, alpha_sigma, make_schedule, time_grid
 from imagen_ops.files import atomic_dir, sha256_file
 from imagen_ops.models.unet import UNet
+from imagen_ops.scorer import Scorer, load_scorer
 from imagen_ops.text.encoders import TextEmbeddings, TextEncoder
 
 __all__ = [
@@ -54,6 +56,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 STAGE_FORMAT = 1
 CASCADE_FILE = "cascade.json"
+SCORER_DIR = "scorer"  # a packaged cascade's scorer, beside the stage folders
 StepCallback = Callable[[str, int, float, Tensor, Tensor], None]
 """(stage name, step index, t, x_t, x0 prediction), called at every denoising step."""
 
@@ -198,7 +201,7 @@ def cascade_digest(root: str | Path, stage_names: Sequence[str], weights: str = 
 class Cascade:
     """Stages in order of resolution, and the text encoder that conditions them all."""
 
-    def __init__(self, stages: Sequence[Stage], text: TextConfig):
+    def __init__(self, stages: Sequence[Stage], text: TextConfig, scorer: Scorer | None = None):
         if not stages:
             raise ValueError("a cascade needs at least one stage")
         for prev, nxt in itertools.pairwise(stages):
@@ -207,7 +210,7 @@ class Cascade:
                     f"stage {nxt.name} conditions on {nxt.lowres} px, "
                     f"but {prev.name} makes {prev.resolution} px"
                 )
-        self.stages, self.text = list(stages), text
+        self.stages, self.text, self.scorer = list(stages), text, scorer
         self._encoder: TextEncoder | None = None
 
     @classmethod
@@ -219,7 +222,8 @@ class Cascade:
         device: str | torch.device = "cpu",
     ) -> Cascade:
         """Load `root/<stage>/` for each stage. The order and the text encoder come from
-        `root/cascade.json` when present (a packaged model), else from the arguments."""
+        `root/cascade.json` when present (a packaged model), else from the arguments; a
+        scorer packaged in `root/scorer/` comes along (best-of-N reranking)."""
         root = Path(root)
         manifest = root / CASCADE_FILE
         if manifest.is_file():
@@ -230,7 +234,11 @@ class Cascade:
                 f"{root} has no {CASCADE_FILE}; give the stage order and "
                 "the text encoder (params.yaml)"
             )
-        return cls([load_stage(root / name, device=device) for name in stage_names], text)
+        stages = [load_stage(root / name, device=device) for name in stage_names]
+        scorer = None
+        if (root / SCORER_DIR / "config.json").is_file():
+            scorer = load_scorer(root / SCORER_DIR, device)
+        return cls(stages, text, scorer)
 
     def write_manifest(self, root: str | Path, **extra: Any) -> None:
         """`cascade.json`: the stage order and the text encoder (and `extra` sections, such
@@ -273,13 +281,14 @@ class Cascade:
         `from_image`, super-resolution of a `lowres_size` image): over the stages it runs,
         denoising steps x pixels, doubled where guidance runs the unconditional pass too
         (the serving budget's unit)."""
-        return float(
-            n
-            * sum(
-                steps * (1 if plan.guidance == 1 else 2) * stage.resolution**2
-                for stage, plan, steps in self._runs(settings, from_image, lowres_size)
-            )
-        )
+        runs = self._runs(settings, from_image, lowres_size)
+        cost = [
+            steps * (1 if plan.guidance == 1 else 2) * stage.resolution**2
+            for stage, plan, steps in runs
+        ]
+        # best of N: N candidates through the first stage, then the winner through all
+        candidates = settings.rerank * cost[0] if settings.rerank > 1 else 0
+        return float(n * (sum(cost) + candidates))
 
     def _runs(
         self, settings: SampleConfig, from_image: bool, lowres_size: int | None
@@ -339,34 +348,51 @@ class Cascade:
         runs = self._runs(settings, image is not None, None if lowres is None else lowres.shape[-1])
         if lowres is not None:  # a user image of any size: resized to the stage's input
             lowres = _resized(lowres, runs[0][0].lowres)
-        total = n * sum(steps for *_, steps in runs)
-        bar = tqdm(total=total, desc="sample", unit="img-step", disable=not progress)
+        rerank = settings.rerank
+        if rerank > 1 and self.scorer is None:
+            raise ValueError(
+                f"sample.rerank={rerank} needs the cascade's scorer (stage train_scorer; a "
+                "registered model carries it): none is loaded"
+            )
+        steps = sum(s for *_, s in runs) + (rerank * runs[0][2] if rerank > 1 else 0)
+        bar = tqdm(total=n * steps, desc="sample", unit="img-step", disable=not progress)
 
         def on_step(name: str, j: int, t: float, x: Tensor, x0: Tensor) -> None:
             bar.update(len(x))
             if callback is not None:
                 callback(name, j, t, x, x0)
 
-        # 2. batches of images, each through the stages
-        out = []
-        for start in range(0, n, settings.batch_size):
-            rows = slice(start, start + settings.batch_size)
-            out.append(
-                self._sample_batch(
-                    text[rows].to(self.device),
-                    negative,
-                    seeds[rows],
-                    *(
-                        None if t is None else t[rows].to(self.device)
-                        for t in (image, mask, lowres)
-                    ),
-                    settings=settings,
-                    runs=runs,
-                    callback=on_step,
+        def through(runs, text, seeds, inputs) -> Tensor:
+            """Batches of images, each through `runs`."""
+            out = []
+            for start in range(0, len(text), settings.batch_size):
+                rows = slice(start, start + settings.batch_size)
+                out.append(
+                    self._sample_batch(
+                        text[rows].to(self.device),
+                        negative,
+                        seeds[rows],
+                        *(None if t is None else t[rows].to(self.device) for t in inputs),
+                        settings=settings,
+                        runs=runs,
+                        callback=on_step,
+                    )
                 )
+            return torch.cat(out)
+
+        inputs = (image, mask, lowres)
+        if rerank > 1:  # 2. best of N: candidates through the first stage, scored
+            pick = torch.arange(n).repeat_interleave(rerank)
+            candidates = [candidate_seed(seeds[k], j) for k in range(n) for j in range(rerank)]
+            first = through(
+                runs[:1], text[pick], candidates, [None if t is None else t[pick] for t in inputs]
             )
+            scores = self.scorer.similarity(first, text[pick].to(self.device)).view(n, rerank)
+            seeds = [candidates[k * rerank + int(j)] for k, j in enumerate(scores.argmax(1))]
+        # 3. batches of images, each through the stages
+        images = through(runs, text, seeds, inputs)
         bar.close()
-        return torch.cat(out)
+        return images
 
     def _sample_batch(
         self,
@@ -423,6 +449,14 @@ class Cascade:
                 callback=lambda j, t, xt, x0, name=stage.name: callback(name, j, t, xt, x0),
             )
         return x.clamp(-1, 1)
+
+
+def candidate_seed(seed: int, j: int) -> int:
+    """Seed of candidate j of a prompt with seed `seed` (best-of-N): candidate 0 is the
+    prompt's own seed, so N = 1 is plain sampling; the others are derived, reproducibly."""
+    if j == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, j]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def image_roles(

@@ -110,6 +110,23 @@ def cmd_encode_text(args: argparse.Namespace) -> None:
     _out(json.dumps(manifest, indent=2))
 
 
+def cmd_train_scorer(args: argparse.Namespace) -> None:
+    from imagen_ops.train.scorer import ScorerPaths, train_scorer
+
+    params = _params(args)
+    p, view = params.paths, view_for(params, "train_scorer")
+    paths = ScorerPaths(
+        prepared=_path(args.prepared, p.prepared),
+        cache=_path(args.cache, p.text_cache),
+        out=_path(args.out, p.scorer),
+        metrics=_path(args.metrics, p.scorer_metrics),
+    )
+    base = view.stage_names[0]
+    resolution = view[f"stages.{base}.resolution"]
+    report = train_scorer(view["scorer"], view["text"], resolution, paths, progress=not args.quiet)
+    _out(json.dumps(report, indent=2))
+
+
 # --------------------------------------------------------------------------- model
 
 
@@ -180,6 +197,7 @@ SAMPLE_OPTIONS = (
     "batch_size",
     "negative_prompt",
     "strength",
+    "rerank",
 )
 """`imagen-ops sample` options that set the params.yaml key `sample.<option>`."""
 
@@ -210,6 +228,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     given = {k: getattr(args, k) for k in SAMPLE_OPTIONS}
     given = {k: v[0] if isinstance(v, list) and len(v) == 1 else v for k, v in given.items()}
     settings = defaults.updated(**given)
+    if settings.rerank > 1 and cascade.scorer is None and params is not None:
+        cascade.scorer = _optional_scorer(Path(params.paths.scorer))  # the project's
     prompts = [p for p in prompts for _ in range(args.num_images)]
     seeds = [settings.seed + k for k in range(len(prompts))]
     out = to_uint8(
@@ -339,6 +359,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         feature_cache=_path(args.feature_cache, p.fid_cache),
         timings=_path(args.timings, p.timings),
     )
+    cascade.scorer = _optional_scorer(_path(args.scorer, p.scorer))
     result = evaluate(
         cfg,
         view["sample"],
@@ -348,8 +369,19 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         stage_count=len(cascade.stages),
         model_sha256=cascade_digest(models, view.stage_names),
         device=args.device,
+        scorer=cascade.scorer,
     )
     _out(json.dumps(result, indent=2))
+
+
+def _optional_scorer(path: Path):
+    """The trained scorer at `path`, or None (with a log line) when there is none."""
+    from imagen_ops.scorer import load_scorer
+
+    if not (path / "config.json").is_file():
+        log.warning("no scorer at %s: in_domain_clip_score is null (dvc repro train_scorer)", path)
+        return None
+    return load_scorer(path)
 
 
 def cmd_register(args: argparse.Namespace) -> None:
@@ -364,6 +396,8 @@ def cmd_register(args: argparse.Namespace) -> None:
         root / _path(args.metrics, p.metrics),
         root / _path(args.eval_dir, p.eval),
         root / p.timings,
+        root / p.scorer,
+        root / p.scorer_metrics,
     )
     result = register(
         params.registry,
@@ -459,6 +493,7 @@ EXAMPLES = {
     "cmd_pipeline_write": ["imagen-ops pipeline write", "imagen-ops pipeline write --check"],
     "cmd_prepare": ["imagen-ops prepare"],
     "cmd_encode_text": ["imagen-ops encode-text -S text.batch_size=32"],
+    "cmd_train_scorer": ["imagen-ops train-scorer -S scorer.steps=300"],
     "cmd_summary": ["imagen-ops model summary"],
     "cmd_train": [
         "imagen-ops train --stage base -S stages.base.train.steps=200",
@@ -557,6 +592,16 @@ def build_parser() -> argparse.ArgumentParser:
     path(p, "--prepared", "paths.prepared", "the packed arrays")
     path(p, "--out", "paths.text_cache", "the embedding cache")
 
+    p = add(
+        "train-scorer",
+        cmd_train_scorer,
+        "train the contrastive text-image scorer (DVC stage train_scorer)",
+    )
+    path(p, "--prepared", "paths.prepared", "the packed arrays")
+    path(p, "--cache", "paths.text_cache", "the embedding cache")
+    path(p, "--out", "paths.scorer", "the trained scorer")
+    path(p, "--metrics", "paths.reports/scorer.json", "its held-out hard-negative accuracy")
+
     model = sub.add_parser("model", help="inspect the cascade's networks")
     model_sub = model.add_subparsers(dest="model_command", required=True)
     p = add("summary", cmd_summary, "parameters and FLOPs per stage", model_sub)
@@ -604,6 +649,9 @@ def build_parser() -> argparse.ArgumentParser:
     setting.add_argument(
         "--strength", type=float, help="image-to-image from --image: 1 = from pure noise"
     )
+    setting.add_argument(
+        "--rerank", type=int, metavar="N", help="best of N candidates by the scorer"
+    )
 
     p = add("evaluate", cmd_evaluate, "sample held-out prompts, FID/KID/CLIP/alignment, sweep")
     path(p, "--prepared", "paths.prepared", "the packed arrays")
@@ -615,6 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
     path(p, "--sweep", "paths.reports/guidance_sweep.csv", "the guidance sweep")
     path(p, "--feature-cache", "paths.fid_cache", "real-image Inception features")
     path(p, "--timings", "paths.reports/timings.json", "sampling speed (untracked)")
+    path(p, "--scorer", "paths.scorer", "the text-image scorer (in_domain_clip_score)")
     p.add_argument("--device", default="auto")
 
     p = add("register", cmd_register, "log the run and model to MLflow; gate the champion")

@@ -329,6 +329,13 @@ class SampleConfig(Section):
     strength: float = Field(
         1.0, gt=0, le=1, description="image-to-image: how far the input image is noised"
     )
+    rerank: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="best of N: N candidate seeds per prompt through the first stage, the "
+        "scorer's best one through the whole cascade (1: off)",
+    )
 
     @field_validator(*PER_STAGE)
     @classmethod
@@ -421,6 +428,24 @@ class EvalConfig(Section):
     grid_size: int = Field(16, ge=1, description="images in the labelled grid")
 
 
+class ScorerConfig(Section):
+    """The contrastive text-image scorer (stage train_scorer): a small image tower at the
+    base stage's resolution and a text head over the frozen encoder's cached token
+    embeddings, trained with symmetric InfoNCE on in-batch and hard negative captions."""
+
+    channels: int = Field(32, ge=4, description="width of the image tower's first level")
+    embed_dim: int = Field(128, ge=8, description="joint embedding width")
+    text_width: int = Field(128, ge=8, description="width of the text head's attention")
+    steps: int = Field(600, ge=1)
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    hard_negatives: int = Field(
+        2, ge=0, description="hard negative captions per image and step (0: in-batch only)"
+    )
+    seed: int = 0
+
+
 class RegistryConfig(Section):
     """MLflow tracking and the champion / challenger gate."""
 
@@ -472,6 +497,7 @@ class PathsConfig(Section):
     reports: str = Field("reports", description="small git-tracked metrics and plots files")
     lock: str = Field("artifacts/.retrain.lock", description="one retraining run at a time")
     golden: str = Field("golden", description="the golden prompt set (dvc add golden)")
+    scorer: str = Field("artifacts/scorer", description="the text-image scorer (train_scorer)")
 
     def model(self, stage: str) -> str:
         return f"{self.models}/{stage}"
@@ -491,6 +517,11 @@ class PathsConfig(Section):
         """The few headline numbers: DVC's metrics file (`dvc metrics show` fits a
         terminal); metrics.json holds everything."""
         return f"{self.reports}/scores.json"
+
+    @property
+    def scorer_metrics(self) -> str:
+        """The scorer's held-out accuracy against each kind of hard negative."""
+        return f"{self.reports}/scorer.json"
 
     @property
     def timings(self) -> str:
@@ -518,6 +549,7 @@ class Params(Section):
     text: TextConfig = TextConfig()
     stages: dict[str, StageConfig] = Field(min_length=1, description="the cascade, in order")
     sample: SampleConfig = SampleConfig()
+    scorer: ScorerConfig = ScorerConfig()
     eval: EvalConfig = EvalConfig()
     registry: RegistryConfig = RegistryConfig()
     serve: ServeConfig = ServeConfig()

@@ -52,7 +52,18 @@ TRAIN_CODE = (
     "src/imagen_ops/train",
     "src/imagen_ops/cascade.py",
 )
-EVAL_CODE = ("src/imagen_ops/eval", "src/imagen_ops/diffusion", "src/imagen_ops/cascade.py")
+SCORER_CODE = (
+    "src/imagen_ops/scorer.py",
+    "src/imagen_ops/train/scorer.py",
+    "src/imagen_ops/data/shapes.py",
+    "src/imagen_ops/text",
+)
+EVAL_CODE = (
+    "src/imagen_ops/eval",
+    "src/imagen_ops/diffusion",
+    "src/imagen_ops/cascade.py",
+    "src/imagen_ops/scorer.py",
+)
 
 
 @dataclass(frozen=True)
@@ -87,7 +98,8 @@ def train_stage_name(stage: str) -> str:
 
 
 def pipeline_stages(params: Params) -> list[PipelineStage]:
-    """prepare -> encode_text -> train_<stage> for each cascade stage -> evaluate."""
+    """prepare -> encode_text -> train_scorer, train_<stage> for each cascade stage ->
+    evaluate."""
     p, names = params.paths, params.stage_names()
     stages = [
         PipelineStage(
@@ -105,6 +117,19 @@ def pipeline_stages(params: Params) -> list[PipelineStage]:
             [p.text_cache],
         ),
     ]
+    stages.append(
+        PipelineStage(
+            "train_scorer",
+            [
+                *("imagen-ops", "train-scorer", "--prepared", p.prepared, "--cache", p.text_cache),
+                *("--out", p.scorer, "--metrics", p.scorer_metrics),
+            ],
+            [p.prepared, p.text_cache, *SCORER_CODE],
+            ["scorer", f"stages.{names[0]}.resolution", "text"],
+            # its report is a plain output: `dvc metrics show` stays the one headline row
+            [p.scorer, {p.scorer_metrics: {"cache": False}}],
+        )
+    )
     for i, name in enumerate(names):
         lowres = [f"stages.{names[i - 1]}.resolution"] if i else []
         stages.append(
@@ -131,8 +156,9 @@ def pipeline_stages(params: Params) -> list[PipelineStage]:
                 *("--models", p.models, "--out", p.eval, "--metrics", p.metrics),
                 *("--scores", p.scores),
                 *("--sweep", p.guidance_sweep, "--feature-cache", p.fid_cache),
+                *("--scorer", p.scorer),
             ],
-            [p.prepared, p.text_cache, *(p.model(n) for n in names), *EVAL_CODE],
+            [p.prepared, p.text_cache, *(p.model(n) for n in names), p.scorer, *EVAL_CODE],
             ["sample", "eval", "text"],
             [p.eval, {p.metrics: {"cache": False}}, {p.guidance_sweep: {"cache": False}}],
             plots=[{str(chart_path(p.guidance_sweep)): {"cache": False}}],

@@ -11,6 +11,7 @@ an object's bounding box.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 from collections.abc import Iterator
@@ -26,10 +27,12 @@ from imagen_ops.config import SynthConfig
 __all__ = [
     "COLORS",
     "GENERATOR_VERSION",
+    "NEGATIVE_KINDS",
     "SHAPES",
     "Scene",
     "SceneObject",
     "caption_for",
+    "hard_negatives",
     "render_scene",
     "rgb_to_lab",
     "sample_scene",
@@ -294,6 +297,46 @@ def caption_for(scene: Scene) -> str:
     if scene.category == "counting":
         return f"{NUMBERS[len(objs)]} {objs[0].color} {PLURALS[objs[0].shape]}"
     return f"{_phrase(objs[0])} {RELATIONS[scene.relation]} {_phrase(objs[1])}"
+
+
+NEGATIVE_KINDS = ("color_swap", "relation_flip", "count_change", "color_change", "shape_change")
+OPPOSITE = {"left_of": "right_of", "right_of": "left_of", "above": "below", "below": "above"}
+
+
+def hard_negatives(scene: Scene, rng: np.random.Generator) -> dict[str, str]:
+    """Captions that differ from the scene's in exactly one compositional fact, by kind:
+
+    - color_swap: two objects trade colors ("a blue circle and a red square" for "a red
+      circle and a blue square"); only where their colors and shapes differ;
+    - relation_flip: the opposite relation (position scenes);
+    - count_change: another number of objects (counting scenes);
+    - color_change / shape_change: one object takes a color / shape the scene lacks.
+
+    These are the negatives a bag-of-words text-image scorer cannot tell apart from the
+    true caption (the same words, other bindings), so training against them and measuring
+    on them is what makes a scorer useful for compositional prompts."""
+    objs, out = scene.objects, {}
+    replace = dataclasses.replace
+    if len(objs) == 2 and scene.category in ("binding", "position"):
+        a, b = objs
+        if a.color != b.color and a.shape != b.shape:
+            swapped = (replace(a, color=b.color), replace(b, color=a.color))
+            out["color_swap"] = caption_for(replace(scene, objects=swapped))
+    if scene.category == "position":
+        out["relation_flip"] = caption_for(replace(scene, relation=OPPOSITE[scene.relation]))
+    if scene.category == "counting":
+        n = int(rng.choice([k for k in NUMBERS if k != len(objs)]))
+        out["count_change"] = caption_for(replace(scene, objects=(objs[0],) * n))
+    k = int(rng.integers(len(objs)))
+    same = scene.category == "counting"  # every counted object shares color and shape
+    targets = range(len(objs)) if same else [k]
+    color = str(rng.choice([c for c in COLORS if c not in {o.color for o in objs}]))
+    recolored = tuple(replace(o, color=color) if i in targets else o for i, o in enumerate(objs))
+    out["color_change"] = caption_for(replace(scene, objects=recolored))
+    shape = str(rng.choice([s for s in SHAPES if s not in {o.shape for o in objs}]))
+    reshaped = tuple(replace(o, shape=shape) if i in targets else o for i, o in enumerate(objs))
+    out["shape_change"] = caption_for(replace(scene, objects=reshaped))
+    return out
 
 
 # --------------------------------------------------------------------------- rendering

@@ -34,9 +34,11 @@ from imagen_ops.data.prepare import PreparedData
 from imagen_ops.device import resolve_device
 from imagen_ops.eval.alignment import CATEGORIES, alignment_report, judge_all
 from imagen_ops.eval.fid import InceptionFeatures, cached_features, fid_kid
+from imagen_ops.eval.ranking import auc, spearman
 from imagen_ops.eval.report import write_report
 from imagen_ops.files import atomic_dir, write_json_atomic, write_text_atomic
-from imagen_ops.images import make_grid, to_uint8
+from imagen_ops.images import from_uint8, make_grid, to_uint8
+from imagen_ops.scorer import Scorer
 from imagen_ops.text.cache import EmbeddingCache
 from imagen_ops.text.encoders import TextEmbeddings
 
@@ -168,8 +170,14 @@ def score_images(
     *,
     with_fid: bool,
     device: torch.device,
+    text: TextEmbeddings | None = None,
+    scorer: Scorer | None = None,
 ) -> dict[str, Any]:
-    """Every metric of one set of generated images (None, with a reason, where unavailable)."""
+    """Every metric of one set of generated images (None, with a reason, where unavailable).
+
+    With a `scorer` (and the captions' `text` embeddings): the in-domain CLIP score, and
+    where the exact oracle judges the images, how well the scorer's cosine separates
+    correct from incorrect images (AUC) and ranks them (Spearman)."""
     metrics: dict[str, Any] = {"num_images": len(images)}
     if extractor is not None and real_features is not None:
         metrics.update(fid_kid(real_features, extractor(images), with_fid=with_fid))
@@ -184,12 +192,45 @@ def score_images(
     else:
         metrics["clip_score"] = None
         metrics["clip_score_reason"] = "no CLIP model configured (eval.clip_model)"
+    judged = None
     if all(s is not None for s in scenes):
-        metrics["alignment"] = alignment_report(list(images), [json.loads(s) for s in scenes])
+        specs = [json.loads(s) for s in scenes]
+        judged = judge_all(list(images), specs)
+        metrics["alignment"] = alignment_report(list(images), specs, judged)
     else:
         metrics["alignment"] = None
         metrics["alignment_reason"] = "the data carries no scene specs (not synthetic shapes)"
+    if scorer is not None and text is not None:
+        cosine = scorer_cosines(scorer, images, text, device)
+        metrics["in_domain_clip_score"] = float(100 * np.clip(cosine, 0, None).mean())
+        if judged is not None:
+            correct = np.array([j.correct for j in judged])
+            metrics["scorer_validation"] = {
+                "auc": auc(cosine, correct),
+                "spearman": spearman(cosine, correct),
+            }
+    else:
+        metrics["in_domain_clip_score"] = None
+        metrics["in_domain_clip_score_reason"] = "no scorer (stage train_scorer)"
     return metrics
+
+
+@torch.no_grad()
+def scorer_cosines(
+    scorer: Scorer,
+    images: np.ndarray,
+    text: TextEmbeddings,
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+) -> np.ndarray:
+    """The scorer's cosine of each uint8 image with its caption."""
+    scorer = scorer.to(device)
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = from_uint8(images[start : start + batch_size]).to(device)
+        t = text[start : start + batch_size].to(device)
+        out.append(scorer.similarity(x, t).cpu())
+    return torch.cat(out).numpy()
 
 
 def evaluate(
@@ -202,14 +243,17 @@ def evaluate(
     stage_count: int,
     model_sha256: str,
     device: str = "auto",
+    scorer: Scorer | None = None,
 ) -> dict[str, Any]:
     """Run the evaluate stage; returns the metrics written to `paths.metrics`.
 
     `model_sha256` (cascade.cascade_digest of the weights sample_fn uses) and the eval
-    set's digest are recorded, so registration can refuse metrics of other weights."""
+    set's digest are recorded, so registration can refuse metrics of other weights.
+    `scorer` (stage train_scorer) adds the in-domain CLIP score."""
     dev = resolve_device(device)
     n = len(prompts.records)
     seeds = [settings.seed + k for k in range(n)]
+    rerank, settings = settings.rerank, settings.updated(rerank=1)  # headline: plain samples
     images, seconds = sample_fn(prompts.text, settings, seeds)
     resolution = images.shape[1]
     extractor = InceptionFeatures(device=dev, batch_size=cfg.fid_batch_size) if cfg.fid else None
@@ -222,7 +266,16 @@ def evaluate(
         )
     captions, scenes = prompts.captions, prompts.scenes
     metrics = score_images(
-        images, captions, scenes, real, extractor, cfg, with_fid=True, device=dev
+        images,
+        captions,
+        scenes,
+        real,
+        extractor,
+        cfg,
+        with_fid=True,
+        device=dev,
+        text=prompts.text,
+        scorer=scorer,
     )
 
     sweep = []
@@ -239,8 +292,27 @@ def evaluate(
             cfg,
             with_fid=False,
             device=dev,
+            text=prompts.text[:n_sweep],
+            scorer=scorer,
         )
         sweep.append(_sweep_row(point_settings, stage_count, point))
+
+    if rerank > 1 and scorer is not None:  # best of N, beside the plain numbers
+        reranked, _ = sample_fn(prompts.text, settings.updated(rerank=rerank), seeds)
+        point = score_images(
+            reranked,
+            captions,
+            scenes,
+            real,
+            extractor,
+            cfg,
+            with_fid=False,
+            device=dev,
+            text=prompts.text,
+            scorer=scorer,
+        )
+        keys = ("kid_mean", "kid_std", "in_domain_clip_score", "alignment")
+        metrics["reranked"] = {"rerank": rerank, **{k: point.get(k) for k in keys}}
 
     result = {
         "version": METRICS_VERSION,
@@ -260,7 +332,7 @@ def evaluate(
     return result
 
 
-SCORES = ("fid", "kid_mean", "clip_score")
+SCORES = ("fid", "kid_mean", "clip_score", "in_domain_clip_score")
 ALIGNMENT_SCORES = ("balanced", "overall", "single", "counting", "binding", "position")
 
 
@@ -288,6 +360,7 @@ def _sweep_row(settings: SampleConfig, stage_count: int, point: dict[str, Any]) 
         "kid_mean": point.get("kid_mean"),
         "kid_std": point.get("kid_std"),
         "clip_score": point.get("clip_score"),
+        "in_domain_clip_score": point.get("in_domain_clip_score"),
     }
 
 

@@ -29,10 +29,11 @@ from typing import Any
 
 import torch
 
-from imagen_ops.cascade import Cascade, check_prompt, image_roles
+from imagen_ops.cascade import SCORER_DIR, Cascade, check_prompt, image_roles
 from imagen_ops.config import ConfigError, Params, SampleConfig, ServeConfig, TextConfig
 from imagen_ops.device import resolve_device
 from imagen_ops.registry.loading import ARTIFACT, packaged_settings
+from imagen_ops.scorer import load_scorer
 
 __all__ = [
     "IMAGE_COLUMNS",
@@ -48,7 +49,15 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SETTING_COLUMNS = ("negative_prompt", "seed", "steps", "guidance", "strength", "sampler")
+SETTING_COLUMNS = (
+    "negative_prompt",
+    "seed",
+    "steps",
+    "guidance",
+    "strength",
+    "sampler",
+    "rerank",
+)
 IMAGE_COLUMNS = ("image", "mask")
 
 
@@ -67,9 +76,15 @@ class ModelSpec:
         return cls(tuple(params.stage_names()), params.text, params.sample, params.serve)
 
 
-def package_cascade(models_dir: Path, spec: ModelSpec, out: Path) -> Path:
-    """Copy each stage's config and EMA weights into `out` and write cascade.json."""
+def package_cascade(
+    models_dir: Path, spec: ModelSpec, out: Path, scorer: Path | None = None
+) -> Path:
+    """Copy each stage's config and EMA weights (and the `scorer`, for best-of-N
+    reranking) into `out` and write cascade.json."""
     out.mkdir(parents=True, exist_ok=True)
+    if scorer is not None:
+        load_scorer(scorer)  # a clear error for a folder that holds no scorer
+        shutil.copytree(scorer, out / SCORER_DIR, dirs_exist_ok=True)
     for name in spec.stage_names:
         src = models_dir / name
         if not (src / "config.json").is_file():
@@ -152,6 +167,8 @@ def validate_request(
             )
         except ValueError as err:
             raise _bad_request(f"row {i}: {err}") from None
+        if cascade is not None and settings.rerank > 1 and cascade.scorer is None:
+            raise _bad_request(f"row {i}: rerank needs a scorer, and this model carries none")
         rows.append(Row(prompt, settings, *roles))
     if cascade is not None:
         work = sum(

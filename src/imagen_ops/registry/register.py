@@ -96,6 +96,8 @@ class RegisterPaths:
     metrics: Path  # reports/metrics.json
     eval_dir: Path  # artifacts/eval: grid.png, report.html, sweep.png
     timings: Path | None = None  # reports/timings.json: sampling speed, logged if present
+    scorer: Path | None = None  # artifacts/scorer: packaged with the model when present
+    scorer_report: Path | None = None  # reports/scorer.json: logged as scorer.* metrics
 
 
 def _git_commit(root: Path) -> str | None:
@@ -193,16 +195,22 @@ def signature():
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
-def log_cascade_model(models: Path, spec: ModelSpec, registered_model_name: str | None = None):
+def log_cascade_model(
+    models: Path,
+    spec: ModelSpec,
+    registered_model_name: str | None = None,
+    scorer: Path | None = None,
+):
     """Log the cascade in `models` as a pyfunc model into the active MLflow run: the code
     (served_model.py and this package, as source files), every stage (EMA weights +
-    config), the text encoder reference, the sampling defaults and the serving limits."""
+    config), the scorer when given, the text encoder reference, the sampling defaults and
+    the serving limits."""
     import mlflow
     import pandas as pd
 
     code = Path(imagen_ops.__file__).parent
     with tempfile.TemporaryDirectory() as tmp:  # MLflow copies the artifacts it logs
-        cascade_dir = package_cascade(models, spec, Path(tmp) / ARTIFACT)
+        cascade_dir = package_cascade(models, spec, Path(tmp) / ARTIFACT, scorer)
         return mlflow.pyfunc.log_model(
             name="model",
             python_model=str(code / "registry" / "served_model.py"),
@@ -447,6 +455,11 @@ def register(
         mlflow.log_metrics(measurements(metrics))
         if paths.timings is not None and paths.timings.is_file():
             mlflow.log_metrics(measurements(json.loads(paths.timings.read_text())))
+        if paths.scorer_report is not None and paths.scorer_report.is_file():
+            report = {"scorer": json.loads(paths.scorer_report.read_text())}
+            mlflow.log_metrics(measurements(report))
+            mlflow.set_tags(counts(report))
+            mlflow.log_artifact(str(paths.scorer_report), artifact_path="eval")
         for name in ("grid.png", "sweep.png"):
             if (paths.eval_dir / name).is_file():
                 mlflow.log_artifact(str(paths.eval_dir / name), artifact_path="eval")
@@ -454,7 +467,10 @@ def register(
         for name in LINEAGE_FILES:  # what `imagen-ops reproduce` rebuilds the version from
             if (paths.root / name).is_file():
                 mlflow.log_artifact(str(paths.root / name), artifact_path=LINEAGE)
-        info = log_cascade_model(paths.models, spec, registered_model_name=cfg.model_name)
+        scorer = paths.scorer if paths.scorer and (paths.scorer / "config.json").is_file() else None
+        info = log_cascade_model(
+            paths.models, spec, registered_model_name=cfg.model_name, scorer=scorer
+        )
         version = str(info.registered_model_version)
         _log_report(paths.eval_dir / "report.html", cfg.model_name, version, tags)
         digest = metrics["model_sha256"]  # checked against the weights above

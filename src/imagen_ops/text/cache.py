@@ -38,6 +38,8 @@ __all__ = [
     "EmbeddingCache",
     "build_cache",
     "captions_digest",
+    "encode_captions",
+    "stored_rows",
 ]
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,38 @@ def build_cache(
     unique = list(dict.fromkeys(captions))
     row = {c: i for i, c in enumerate(unique)}
     index = np.array([row[c] for c in captions], dtype=np.int32)
+    tokens, lengths, truncated = encode_captions(unique, encoder, batch_size, progress)
+    if np.isinf(tokens).any():
+        raise FloatingPointError("embeddings overflow float16; use a smaller encoder dtype range")
+    manifest = {
+        "version": CACHE_VERSION,
+        **_expected(encoder.cfg),
+        "kind": encoder.kind,
+        "weights_id": encoder.weights_id,
+        "dim": encoder.dim,
+        "stored_length": tokens.shape[1],
+        "captions_sha256": captions_digest(captions),
+        "num_records": len(captions),
+        "num_unique": len(unique),
+        "num_truncated": truncated,
+    }
+    with atomic_dir(out_dir) as tmp:
+        np.save(tmp / "tokens.npy", tokens)
+        np.save(tmp / "lengths.npy", lengths)
+        np.save(tmp / "index.npy", index)
+        (tmp / "captions.json").write_text(json.dumps(unique, indent=0))
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    log.info(
+        "encoded %d distinct captions of %d records into %s", len(unique), len(captions), out_dir
+    )
+    return manifest
+
+
+def encode_captions(
+    unique: Sequence[str], encoder: TextEncoder, batch_size: int = 64, progress: bool = True
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Token embeddings (N, W, D) as stored (float16), lengths (N,) and the number of
+    captions truncated to max_length, for captions in the given order."""
     lengths_full = encoder.token_lengths(unique)
     truncated = sum(n > encoder.max_length for n in lengths_full)
     if truncated:
@@ -99,30 +133,16 @@ def build_cache(
         lengths[rows] = emb.mask.sum(1).numpy()
         bar.update(len(rows))
     bar.close()
-    if np.isinf(tokens).any():
-        raise FloatingPointError("embeddings overflow float16; use a smaller encoder dtype range")
-    manifest = {
-        "version": CACHE_VERSION,
-        **_expected(encoder.cfg),
-        "kind": encoder.kind,
-        "weights_id": encoder.weights_id,
-        "dim": encoder.dim,
-        "stored_length": width,
-        "captions_sha256": captions_digest(captions),
-        "num_records": len(captions),
-        "num_unique": len(unique),
-        "num_truncated": truncated,
-    }
-    with atomic_dir(out_dir) as tmp:
-        np.save(tmp / "tokens.npy", tokens)
-        np.save(tmp / "lengths.npy", lengths)
-        np.save(tmp / "index.npy", index)
-        (tmp / "captions.json").write_text(json.dumps(unique, indent=0))
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    log.info(
-        "encoded %d distinct captions of %d records into %s", len(unique), len(captions), out_dir
-    )
-    return manifest
+    return tokens, lengths, truncated
+
+
+def stored_rows(tokens: np.ndarray, lengths: np.ndarray, rows: np.ndarray) -> TextEmbeddings:
+    """Rows of stored (N, W, D) tokens as embeddings, trimmed to the longest of them."""
+    rows = np.asarray(rows)
+    width = max(int(lengths[rows].max()), 1)
+    values = torch.from_numpy(np.ascontiguousarray(tokens[rows, :width])).float()
+    mask = torch.arange(width)[None, :] < torch.from_numpy(lengths[rows])[:, None].long()
+    return TextEmbeddings(values, mask)
 
 
 class EmbeddingCache:
@@ -172,11 +192,7 @@ class EmbeddingCache:
 
     def rows(self, rows: np.ndarray) -> TextEmbeddings:
         """Embeddings of distinct-caption rows, trimmed to the longest of them."""
-        rows = np.asarray(rows)
-        width = max(int(self.lengths[rows].max()), 1)
-        tokens = torch.from_numpy(np.ascontiguousarray(self.tokens[rows, :width])).float()
-        mask = torch.arange(width)[None, :] < torch.from_numpy(self.lengths[rows])[:, None].long()
-        return TextEmbeddings(tokens, mask)
+        return stored_rows(self.tokens, self.lengths, rows)
 
     def lookup(self, record_indices: np.ndarray) -> TextEmbeddings:
         """Embeddings of prepared records (by their index in the prepared table)."""

@@ -1,0 +1,134 @@
+"""A contrastive text-image scorer: CLIP's recipe, at this project's scale and without CLIP.
+
+Two towers map an image and a caption into one unit sphere (Radford et al. 2021): a small
+CNN over the image at the base stage's resolution, and a text head over the frozen
+encoder's token embeddings, the same cached embeddings the cascade is conditioned on (no
+second text encoder). The image tower ends in a linear layer over the whole final feature
+map, not a global pool, so where things are survives into the embedding (relations need
+it); the text head runs one self-attention layer over the tokens and pools them with a
+learned query, so which word goes with which can matter.
+
+`Scorer.similarity` gives the cosine of image and caption, the basis of the in-domain CLIP
+score (100 x max(cos, 0), CLIP score's convention) and of best-of-N reranking.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from imagen_ops.config import ScorerConfig
+from imagen_ops.files import atomic_dir
+from imagen_ops.text.encoders import TextEmbeddings
+
+__all__ = ["SCORER_FORMAT", "Scorer", "load_scorer"]
+
+SCORER_FORMAT = 1
+MIN_SIZE = 4  # the image tower halves the resolution down to this
+
+
+class ImageTower(nn.Module):
+    def __init__(self, cfg: ScorerConfig, resolution: int):
+        super().__init__()
+        c = cfg.channels
+        layers: list[nn.Module] = [nn.Conv2d(3, c, 3, padding=1), nn.GELU()]
+        size, width = resolution, c
+        while size > MIN_SIZE:
+            out = min(2 * width, 4 * c)
+            layers += [
+                nn.Conv2d(width, out, 3, stride=2, padding=1),
+                nn.GroupNorm(8, out),
+                nn.GELU(),
+                nn.Conv2d(out, out, 3, padding=1),
+                nn.GroupNorm(8, out),
+                nn.GELU(),
+            ]
+            size, width = size // 2, out
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(width * size * size, cfg.embed_dim)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.head(self.body(images).flatten(1))
+
+
+class TextHead(nn.Module):
+    def __init__(self, cfg: ScorerConfig, text_dim: int):
+        super().__init__()
+        w = cfg.text_width
+        self.proj = nn.Linear(text_dim, w)
+        self.layer = nn.TransformerEncoderLayer(
+            w, nhead=4, dim_feedforward=2 * w, dropout=0.0, batch_first=True, norm_first=True
+        )
+        self.query = nn.Parameter(torch.randn(1, 1, w) * 0.02)
+        self.pool = nn.MultiheadAttention(w, 4, batch_first=True)
+        self.out = nn.Sequential(nn.LayerNorm(w), nn.Linear(w, cfg.embed_dim))
+
+    def forward(self, text: TextEmbeddings) -> Tensor:
+        pad = ~text.mask
+        x = self.layer(self.proj(text.tokens), src_key_padding_mask=pad)
+        pooled, _ = self.pool(self.query.expand(len(x), -1, -1), x, x, key_padding_mask=pad)
+        return self.out(pooled[:, 0])
+
+
+class Scorer(nn.Module):
+    """Image and caption embeddings on the unit sphere, and a learned temperature."""
+
+    def __init__(self, cfg: ScorerConfig, resolution: int, text_dim: int):
+        super().__init__()
+        self.cfg, self.resolution, self.text_dim = cfg, resolution, text_dim
+        self.image = ImageTower(cfg, resolution)
+        self.text = TextHead(cfg, text_dim)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's init
+
+    def embed_images(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) in [-1, 1], any size (resized to the scorer's resolution)."""
+        if images.shape[-1] != self.resolution or images.shape[-2] != self.resolution:
+            images = F.interpolate(images, size=self.resolution, mode="area")
+        return F.normalize(self.image(images), dim=-1)
+
+    def embed_text(self, text: TextEmbeddings) -> Tensor:
+        return F.normalize(self.text(text), dim=-1)
+
+    @property
+    def scale(self) -> Tensor:
+        return self.log_scale.clamp(max=math.log(100)).exp()
+
+    @torch.no_grad()
+    def similarity(self, images: Tensor, text: TextEmbeddings) -> Tensor:
+        """Cosine of each image with its own caption, (B,)."""
+        return (self.embed_images(images) * self.embed_text(text)).sum(-1)
+
+    def save(self, path: str | Path) -> None:
+        config = {
+            "format": SCORER_FORMAT,
+            "scorer": self.cfg.model_dump(mode="json"),
+            "resolution": self.resolution,
+            "text_dim": self.text_dim,
+        }
+        with atomic_dir(path) as tmp:
+            state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+            save_file(state, str(tmp / "scorer.safetensors"))
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def load_scorer(path: str | Path, device: str | torch.device = "cpu") -> Scorer:
+    """A trained scorer from its folder (config.json + scorer.safetensors), frozen."""
+    path = Path(path)
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"{path} holds no scorer (no config.json): run `imagen-ops train-scorer` "
+            "(or `dvc repro train_scorer`)"
+        )
+    cfg = json.loads(config_path.read_text())
+    if cfg.get("format") != SCORER_FORMAT:
+        raise ValueError(f"{config_path}: scorer format {cfg.get('format')}, expected 1")
+    scorer = Scorer(ScorerConfig.model_validate(cfg["scorer"]), cfg["resolution"], cfg["text_dim"])
+    scorer.load_state_dict(load_file(str(path / "scorer.safetensors")))
+    return scorer.to(device).eval().requires_grad_(False)
