@@ -224,11 +224,12 @@ def test_data_synth_writes_data_and_report(params_file, tmp_path, capsys) -> Non
     assert len(set(ids)) == 8 and ids[:6] == table["id"].tolist()
 
 
-def test_params_apply_merges_a_recipe_and_validates(tmp_path) -> None:
+def test_params_apply_merges_a_recipe_and_validates(tmp_path, monkeypatch) -> None:
     params = write_params(tmp_path / "params.yaml")
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("stages:\n  base:\n    train:\n      steps: 77\n")
-    assert main(["params", "apply", str(recipe), "--params", str(params)]) == 0
+    monkeypatch.chdir(tmp_path)  # as the README says it: the project's params.yaml
+    assert main(["params", "apply", str(recipe)]) == 0
     merged = tiny_params("stages.base.train.steps=77")
     from imagen_ops.config import load_params
 
@@ -264,6 +265,9 @@ def test_repo_recipes_apply_to_the_repo_params(tmp_path) -> None:
             )
             == 0
         )
+        from imagen_ops.config import load_params
+
+        assert load_params(out).recipe == recipe.stem  # registered versions are tagged so
 
 
 def test_sample_from_a_folder_imports_no_mlflow(tiny_models, params_file, tmp_path) -> None:

@@ -300,18 +300,19 @@ def cmd_params_apply(args: argparse.Namespace) -> None:
     from imagen_ops.config import deep_merge, flatten, parse_params
     from imagen_ops.files import write_text_atomic
 
-    base = yaml.safe_load(Path(args.params).read_text()) or {}
+    source = Path(args.params or "params.yaml")
+    base = yaml.safe_load(source.read_text()) or {}
     recipe = yaml.safe_load(Path(args.recipe).read_text()) or {}
     merged = deep_merge(base, recipe)
-    parse_params(merged, f"{args.params} + {args.recipe}")  # validate before writing
+    parse_params(merged, f"{source} + {args.recipe}")  # validate before writing
     # Round-trip the file so its comments and layout survive; only the recipe's leaves change.
     rt = YAML()
     rt.preserve_quotes = True
-    document = rt.load(Path(args.params).read_text())
+    document = rt.load(source.read_text())
     _merge_in_place(document, recipe)
     text = io.StringIO()
     rt.dump(document, text)
-    out = Path(args.out or args.params)
+    out = Path(args.out) if args.out else source
     write_text_atomic(out, text.getvalue())
     changed = {k: v for k, v in flatten(merged).items() if flatten(base).get(k) != v}
     _out(f"wrote {out}; {len(changed)} value(s) from {args.recipe}:")
