@@ -441,14 +441,16 @@ def test_golden_set_is_stratified_seeded_and_frozen(tmp_path, capsys) -> None:
 @pytest.mark.integration
 def test_register_with_the_paired_gate(tiny_models, store) -> None:
     """First version: promoted (no champion); the same weights again: sampled side by side
-    on the golden set, identical verdicts, kept; decision and p-value in version tags."""
+    on the golden set, identical verdicts, kept; decision and p-value in version tags.
+    Best of N in params.yaml does not reach the gate: it compares the models' own samples
+    (and the challenger in artifacts/models carries no scorer)."""
     from mlflow import MlflowClient
 
     from imagen_ops.eval.golden import make_golden
     from imagen_ops.registry.pyfunc import ModelSpec
     from imagen_ops.registry.register import RegisterPaths, move_champion, register
 
-    params = tiny_params()
+    params = tiny_params("sample.rerank=4")
     golden = make_golden(2, seed=5)
     metrics = write_metrics(store / "metrics.json", tiny_models, 0.5)
     paths = RegisterPaths(store, tiny_models, metrics, store / "eval")

@@ -407,7 +407,8 @@ class RecordingTracker:
 
 
 def test_tracker_gets_params_metrics_and_sample_grids(tiny_data, tmp_path):
-    params = tiny_params("stages.sr32.train.sample_every=4")
+    # best of N in params.yaml does not reach previews: a stage in training has no scorer
+    params = tiny_params("stages.sr32.train.sample_every=4", "sample.rerank=4")
     tracker = RecordingTracker()
     (tmp_path / "train_sr32.png").write_bytes(b"stale")
     Trainer(

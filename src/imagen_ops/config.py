@@ -358,6 +358,12 @@ class SampleConfig(Section):
         except ValidationError as err:
             raise _config_error(err, "sample settings") from None
 
+    def plain(self) -> SampleConfig:
+        """These settings without best-of-N: what the evaluation headline, the promotion
+        gate and training previews measure (the model's own samples, not the scorer's
+        pick; the cascades they sample may carry no scorer)."""
+        return self.model_copy(update={"rerank": 1})
+
     def per_stage(self, key: str, count: int) -> list[Any]:
         """Setting `key` for each of `count` stages (a scalar broadcasts, a list's last
         value repeats)."""

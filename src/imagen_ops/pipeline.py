@@ -245,5 +245,5 @@ def train_settings(params: Params, name: str) -> TrainSettings:
         stage=view[f"stages.{name}"],
         text=view["text"],
         lowres=view.lowres_of(name),
-        preview=view["sample"].for_stages([names.index(name)], len(names)),
+        preview=view["sample"].plain().for_stages([names.index(name)], len(names)),
     )

@@ -308,10 +308,12 @@ def gate(
     champion_version: str | None,
 ) -> Decision:
     """The paired golden-set gate when a golden set is given (the challenger is loaded
-    and both models sampled with `settings`), else the metric gate (nothing is loaded)."""
+    and both models sampled with `settings`, plain: no best-of-N), else the metric gate
+    (nothing is loaded)."""
     if golden:
         if settings is None:
             raise ValueError("the paired gate samples both models: pass the sampling settings")
+        settings = settings.plain()
         challenger = load_challenger()
         mine = golden_correct(challenger, golden, settings, "challenger")
         if champion_version is None:
