@@ -32,7 +32,7 @@ from imagen_ops.charts import chart_path, save_chart, sweep_chart
 from imagen_ops.config import EvalConfig, SampleConfig, TextConfig
 from imagen_ops.data.prepare import PreparedData
 from imagen_ops.device import resolve_device
-from imagen_ops.eval.alignment import CATEGORIES, alignment_report, judge_all
+from imagen_ops.eval.alignment import CATEGORIES, Judgement, alignment_report, judge_all
 from imagen_ops.eval.fid import InceptionFeatures, cached_features, fid_kid
 from imagen_ops.eval.ranking import auc, spearman
 from imagen_ops.eval.report import write_report
@@ -172,12 +172,14 @@ def score_images(
     device: torch.device,
     text: TextEmbeddings | None = None,
     scorer: Scorer | None = None,
+    judged: Sequence[Judgement] | None = None,
 ) -> dict[str, Any]:
     """Every metric of one set of generated images (None, with a reason, where unavailable).
 
     With a `scorer` (and the captions' `text` embeddings): the in-domain CLIP score, and
     where the exact oracle judges the images, how well the scorer's cosine separates
-    correct from incorrect images (AUC) and ranks them (Spearman)."""
+    correct from incorrect images (AUC) and ranks them (Spearman). `judged`: the oracle's
+    verdicts when the caller already has them (`judge_scenes`)."""
     metrics: dict[str, Any] = {"num_images": len(images)}
     if extractor is not None and real_features is not None:
         metrics.update(fid_kid(real_features, extractor(images), with_fid=with_fid))
@@ -192,10 +194,10 @@ def score_images(
     else:
         metrics["clip_score"] = None
         metrics["clip_score_reason"] = "no CLIP model configured (eval.clip_model)"
-    judged = None
-    if all(s is not None for s in scenes):
+    if judged is None:
+        judged = judge_scenes(images, scenes)
+    if judged is not None:
         specs = [json.loads(s) for s in scenes]
-        judged = judge_all(list(images), specs)
         metrics["alignment"] = alignment_report(list(images), specs, judged)
     else:
         metrics["alignment"] = None
@@ -213,6 +215,13 @@ def score_images(
         metrics["in_domain_clip_score"] = None
         metrics["in_domain_clip_score_reason"] = "no scorer (stage train_scorer)"
     return metrics
+
+
+def judge_scenes(images: np.ndarray, scenes: Sequence[str | None]) -> list[Judgement] | None:
+    """The exact oracle's verdict on each image; None when the data has no scene specs."""
+    if any(s is None for s in scenes):
+        return None
+    return judge_all(list(images), [json.loads(s) for s in scenes])
 
 
 @torch.no_grad()
@@ -253,7 +262,7 @@ def evaluate(
     dev = resolve_device(device)
     n = len(prompts.records)
     seeds = [settings.seed + k for k in range(n)]
-    rerank, settings = settings.rerank, settings.updated(rerank=1)  # headline: plain samples
+    rerank, settings = settings.rerank, settings.plain()
     images, seconds = sample_fn(prompts.text, settings, seeds)
     resolution = images.shape[1]
     extractor = InceptionFeatures(device=dev, batch_size=cfg.fid_batch_size) if cfg.fid else None
@@ -264,53 +273,37 @@ def evaluate(
         real = cached_features(
             paths.feature_cache, key, lambda: prompts.real_images(resolution), extractor
         )
-    captions, scenes = prompts.captions, prompts.scenes
-    metrics = score_images(
-        images,
-        captions,
-        scenes,
-        real,
-        extractor,
-        cfg,
-        with_fid=True,
-        device=dev,
-        text=prompts.text,
-        scorer=scorer,
-    )
+
+    def score(sampled: np.ndarray, judged: list[Judgement] | None = None, **kw: Any) -> dict:
+        """score_images for images of the first len(sampled) held-out prompts."""
+        k = len(sampled)
+        return score_images(
+            sampled,
+            prompts.captions[:k],
+            prompts.scenes[:k],
+            None if real is None else real[:k],
+            extractor,
+            cfg,
+            device=dev,
+            text=prompts.text[:k],
+            scorer=scorer,
+            judged=judged,
+            **kw,
+        )
+
+    judged = judge_scenes(images, prompts.scenes)  # the metrics' and the grid's verdicts
+    metrics = score(images, judged, with_fid=True)
 
     sweep = []
     n_sweep = min(cfg.sweep_samples, n)
     for weight in cfg.guidance_sweep:
         point_settings = settings.updated(guidance=weight)
         swept, _ = sample_fn(prompts.text[:n_sweep], point_settings, seeds[:n_sweep])
-        point = score_images(
-            swept,
-            captions[:n_sweep],
-            scenes[:n_sweep],
-            None if real is None else real[:n_sweep],
-            extractor,
-            cfg,
-            with_fid=False,
-            device=dev,
-            text=prompts.text[:n_sweep],
-            scorer=scorer,
-        )
-        sweep.append(_sweep_row(point_settings, stage_count, point))
+        sweep.append(_sweep_row(point_settings, stage_count, score(swept, with_fid=False)))
 
     if rerank > 1 and scorer is not None:  # best of N, beside the plain numbers
         reranked, _ = sample_fn(prompts.text, settings.updated(rerank=rerank), seeds)
-        point = score_images(
-            reranked,
-            captions,
-            scenes,
-            real,
-            extractor,
-            cfg,
-            with_fid=False,
-            device=dev,
-            text=prompts.text,
-            scorer=scorer,
-        )
+        point = score(reranked, with_fid=False)
         keys = ("kid_mean", "kid_std", "in_domain_clip_score", "alignment")
         metrics["reranked"] = {"rerank": rerank, **{k: point.get(k) for k in keys}}
 
@@ -327,7 +320,8 @@ def evaluate(
             "thresholding": settings.thresholding,
         },
     }
-    _write_outputs(paths, result, sweep, images, prompts, cfg)
+    verdicts = None if judged is None else [j.failure or "pass" for j in judged]
+    _write_outputs(paths, result, sweep, images, verdicts, prompts, cfg)
     write_json_atomic(paths.timings, {"seconds_per_image": seconds, "device": str(dev)})
     return result
 
@@ -364,26 +358,20 @@ def _sweep_row(settings: SampleConfig, stage_count: int, point: dict[str, Any]) 
     }
 
 
-def grid_verdicts(images: np.ndarray, scenes: Sequence[str | None]) -> list[str | None] | None:
-    """The grid's marks: "pass" or the failure reason per image; None without scene specs."""
-    if not len(images) or any(s is None for s in scenes):
-        return None
-    judged = judge_all(list(images), [json.loads(s) for s in scenes])
-    return [j.failure or "pass" for j in judged]
-
-
 def _write_outputs(
     paths: EvalPaths,
     result: dict[str, Any],
     sweep: list[dict[str, Any]],
     images: np.ndarray,
+    verdicts: list[str] | None,
     prompts: HeldOut,
     cfg: EvalConfig,
 ) -> None:
+    """Samples, grid (marked "pass" or the failure reason where judged), report, sweep
+    table and chart, metrics and scores."""
     g = cfg.grid_size
-    grid = make_grid(
-        images[:g], prompts.captions[:g], verdicts=grid_verdicts(images[:g], prompts.scenes[:g])
-    )
+    marks = None if verdicts is None else verdicts[:g]
+    grid = make_grid(images[:g], prompts.captions[:g], verdicts=marks)
     chart = sweep_chart(sweep)  # empty axes without a sweep: DVC's plot file always exists
     with atomic_dir(paths.out) as tmp:
         (tmp / "samples").mkdir()
