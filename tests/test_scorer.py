@@ -112,6 +112,65 @@ def scorer_captions(tiny_data) -> list[str]:
     return PreparedData.open(tiny_data["prepared"]).table["caption"].tolist()
 
 
+def test_the_text_head_reads_word_order() -> None:
+    """The same tokens in another order embed differently: "a red circle above a blue
+    square" and "a blue square above a red circle" must not be one caption to the scorer
+    (without position encodings the head is permutation-invariant)."""
+    from imagen_ops.text.encoders import TextEmbeddings
+
+    torch.manual_seed(0)
+    scorer = Scorer(scorer_config(), 16, 8)
+    tokens = torch.randn(1, 5, 8)
+    mask = torch.ones(1, 5, dtype=torch.bool)
+    order = torch.tensor([3, 4, 2, 0, 1])
+    first = scorer.embed_text(TextEmbeddings(tokens, mask))
+    swapped = scorer.embed_text(TextEmbeddings(tokens[:, order], mask))
+    assert (first - swapped).abs().max() > 1e-3
+
+
+def test_the_hard_loss_ranks_the_caption_against_its_own_negatives() -> None:
+    """With hard negatives equal to the true caption the hard term is exactly log(1 + k)
+    (k tied logits); weight 0 leaves plain InfoNCE."""
+    from imagen_ops.text.encoders import TextEmbeddings
+    from imagen_ops.train.scorer import _loss
+
+    torch.manual_seed(0)
+    scorer = Scorer(scorer_config(), 16, 8)
+    b, k = 4, 3
+    images = torch.rand(b, 3, 16, 16) * 2 - 1
+    pos = TextEmbeddings(torch.randn(b, 5, 8), torch.ones(b, 5, dtype=torch.bool))
+    neg = TextEmbeddings(pos.tokens.repeat_interleave(k, 0), pos.mask.repeat_interleave(k, 0))
+    ids = np.arange(b)
+    with torch.no_grad():
+        plain = _loss(scorer, images, pos, None, ids, 1.0)
+        zero = _loss(scorer, images, pos, neg, ids, 0.0)
+        one = _loss(scorer, images, pos, neg, ids, 1.0)
+        two = _loss(scorer, images, pos, neg, ids, 2.0)
+    assert float(zero) > float(plain)  # the negatives also join the batch's captions
+    assert float(one - zero) == pytest.approx(np.log(1 + k), rel=1e-5)
+    assert float(two - zero) == pytest.approx(2 * np.log(1 + k), rel=1e-5)
+
+
+def test_every_category_gets_the_same_share_of_batches() -> None:
+    import pandas as pd
+
+    from imagen_ops.train.scorer import category_weights
+
+    rng = np.random.default_rng(0)
+    cfg = SynthConfig(categories={"single": 0.4, "binding": 0.2, "counting": 0.3, "position": 0.1})
+    scenes = [sample_scene(rng, cfg) for _ in range(200)]
+    table = pd.DataFrame({"scene": [json.dumps(s.to_dict()) for s in scenes]})
+    records = np.arange(50, 200)
+    weights = category_weights(table, records)
+    share = Counter()
+    for r, w in zip(records, weights, strict=True):
+        share[scenes[r].category] += w
+    assert sum(weights) == pytest.approx(1.0)
+    assert all(v == pytest.approx(0.25) for v in share.values()) and len(share) == 4
+    table.loc[60, "scene"] = None  # data without scene specs (ingested): uniform
+    assert category_weights(table, records) is None
+
+
 def test_scorer_rejects_what_it_cannot_use(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="train-scorer"):
         load_scorer(tmp_path)

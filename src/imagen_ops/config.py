@@ -439,15 +439,21 @@ class ScorerConfig(Section):
     base stage's resolution and a text head over the frozen encoder's cached token
     embeddings, trained with symmetric InfoNCE on in-batch and hard negative captions."""
 
-    channels: int = Field(32, ge=4, description="width of the image tower's first level")
+    channels: int = Field(16, ge=4, description="width of the image tower's first level")
     embed_dim: int = Field(128, ge=8, description="joint embedding width")
-    text_width: int = Field(128, ge=8, description="width of the text head's attention")
-    steps: int = Field(600, ge=1)
+    text_width: int = Field(64, ge=8, description="width of the text head's attention")
+    steps: int = Field(1200, ge=1)
     batch_size: int = Field(64, ge=2)
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.05, ge=0)
     hard_negatives: int = Field(
-        2, ge=0, description="hard negative captions per image and step (0: in-batch only)"
+        3, ge=0, description="hard negative captions per image and step (0: in-batch only)"
+    )
+    hard_negative_weight: float = Field(
+        2.0,
+        ge=0,
+        description="weight of the loss that ranks each image's caption above its hard "
+        "negatives alone (besides InfoNCE over the batch)",
     )
     seed: int = 0
 

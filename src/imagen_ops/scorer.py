@@ -5,8 +5,10 @@ CNN over the image at the base stage's resolution, and a text head over the froz
 encoder's token embeddings, the same cached embeddings the cascade is conditioned on (no
 second text encoder). The image tower ends in a linear layer over the whole final feature
 map, not a global pool, so where things are survives into the embedding (relations need
-it); the text head runs one self-attention layer over the tokens and pools them with a
-learned query, so which word goes with which can matter.
+it); the text head adds position encodings to the tokens, runs one self-attention layer
+over them and pools them with a learned query, so word order and which word goes with
+which can matter (without positions, "a red circle above a blue square" and "a blue square
+above a red circle" would be one set of tokens: relations were read at chance).
 
 `Scorer.similarity` gives the cosine of image and caption, the basis of the in-domain CLIP
 score (100 x max(cos, 0), CLIP score's convention) and of best-of-N reranking.
@@ -29,7 +31,7 @@ from imagen_ops.text.encoders import TextEmbeddings
 
 __all__ = ["SCORER_FORMAT", "Scorer", "load_scorer"]
 
-SCORER_FORMAT = 1
+SCORER_FORMAT = 2  # 2: position encodings in the text head
 MIN_SIZE = 4  # the image tower halves the resolution down to this
 
 
@@ -57,6 +59,15 @@ class ImageTower(nn.Module):
         return self.head(self.body(images).flatten(1))
 
 
+def sinusoid(length: int, width: int) -> Tensor:
+    """Transformer position encodings (Vaswani et al. 2017), (length, width)."""
+    pos = torch.arange(length, dtype=torch.float32)[:, None]
+    freq = torch.exp(-math.log(10_000) * torch.arange(0, width, 2, dtype=torch.float32) / width)
+    out = torch.zeros(length, width)
+    out[:, 0::2], out[:, 1::2] = torch.sin(pos * freq), torch.cos(pos * freq)
+    return out
+
+
 class TextHead(nn.Module):
     def __init__(self, cfg: ScorerConfig, text_dim: int):
         super().__init__()
@@ -71,7 +82,8 @@ class TextHead(nn.Module):
 
     def forward(self, text: TextEmbeddings) -> Tensor:
         pad = ~text.mask
-        x = self.layer(self.proj(text.tokens), src_key_padding_mask=pad)
+        x = self.proj(text.tokens)
+        x = self.layer(x + sinusoid(x.shape[1], x.shape[2]).to(x), src_key_padding_mask=pad)
         pooled, _ = self.pool(self.query.expand(len(x), -1, -1), x, x, key_padding_mask=pad)
         return self.out(pooled[:, 0])
 
@@ -128,7 +140,10 @@ def load_scorer(path: str | Path, device: str | torch.device = "cpu") -> Scorer:
         )
     cfg = json.loads(config_path.read_text())
     if cfg.get("format") != SCORER_FORMAT:
-        raise ValueError(f"{config_path}: scorer format {cfg.get('format')}, expected 1")
+        raise ValueError(
+            f"{config_path}: scorer format {cfg.get('format')}, this version reads "
+            f"{SCORER_FORMAT}: retrain it (`imagen-ops train-scorer`)"
+        )
     scorer = Scorer(ScorerConfig.model_validate(cfg["scorer"]), cfg["resolution"], cfg["text_dim"])
     scorer.load_state_dict(load_file(str(path / "scorer.safetensors")))
     return scorer.to(device).eval().requires_grad_(False)

@@ -4,7 +4,9 @@ Symmetric InfoNCE (CLIP): for a batch of B images and their captions, each image
 its caption among the batch's captions and its own hard negatives, each caption its image
 among the batch's images. Captions repeat in this data ("a red circle" is hundreds of
 records), so a pair whose captions are equal is masked out of the other's negatives
-instead of being taught apart. Hard negatives differ from the true caption in one
+instead of being taught apart. Batches give each scene category the same share, and a
+second loss ranks each image's caption against its own hard negatives alone (weight
+`hard_negative_weight`). Hard negatives differ from the true caption in one
 compositional fact (`shapes.hard_negatives`: colors swapped, relation flipped, count or
 one attribute changed); captions without a scene spec get word-order swaps. They are
 encoded once by the frozen text encoder, like the cache.
@@ -90,10 +92,10 @@ class _NegativeBank:
             )
 
     def sample(self, positions: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-        """k negative rows per position, -1 where none. The first is a binding negative
-        (colors swapped, relation flipped, count changed) where the record has one: those
-        are what a bag of words cannot tell apart, and rarer than attribute changes; the
-        others are drawn from every kind."""
+        """k negative rows per position, -1 where none. The first ones are the record's
+        binding negatives (colors swapped, relation flipped, count changed) in random
+        order: those are what a bag of words cannot tell apart, and rarer than attribute
+        changes; the others are drawn from every kind."""
         out = np.full((len(positions), k), -1)
         for i, p in enumerate(positions):
             kinds = self.rows[p]
@@ -101,12 +103,24 @@ class _NegativeBank:
                 continue
             binding = [row for kind, row in kinds.items() if kind in BINDING_KINDS]
             out[i] = rng.choice(list(kinds.values()), size=k)
-            if binding:
-                out[i, 0] = rng.choice(binding)
+            first = rng.permutation(binding)[:k]
+            out[i, : len(first)] = first
         return out
 
     def embeddings(self, rows: np.ndarray):
         return stored_rows(self.tokens, self.lengths, rows)
+
+
+def category_weights(table: pd.DataFrame, records: np.ndarray) -> np.ndarray | None:
+    """Sampling probabilities that give every scene category the same share of batches
+    (single prompts would otherwise outnumber each two-object category); None (uniform)
+    for data without scene specs."""
+    scenes = table["scene"].iloc[records]
+    if not scenes.map(lambda s: isinstance(s, str)).all():
+        return None
+    category = scenes.map(lambda s: json.loads(s)["category"])
+    weights = 1.0 / category.map(category.value_counts()).to_numpy(dtype=float)
+    return weights / weights.sum()
 
 
 def _lr(step: int, cfg: ScorerConfig) -> float:
@@ -116,7 +130,13 @@ def _lr(step: int, cfg: ScorerConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, cfg.steps - warmup)))
 
 
-def _loss(model: Scorer, images: torch.Tensor, pos, neg, caption_ids: np.ndarray) -> torch.Tensor:
+def _loss(
+    model: Scorer, images: torch.Tensor, pos, neg, caption_ids: np.ndarray, hard_weight: float
+) -> torch.Tensor:
+    """Symmetric InfoNCE over the batch (the image's hard negatives among its captions),
+    plus `hard_weight` x the cross-entropy of each image's true caption against its hard
+    negatives alone: in-batch captions are easy and would otherwise drown out the few
+    negatives that teach binding and relations."""
     img, text = model.embed_images(images), model.embed_text(pos)
     b = len(img)
     same = torch.from_numpy(caption_ids[:, None] == caption_ids[None, :]) & ~torch.eye(
@@ -125,13 +145,17 @@ def _loss(model: Scorer, images: torch.Tensor, pos, neg, caption_ids: np.ndarray
     i2t = model.scale * img @ text.T
     t2i = i2t.T.clone()
     i2t, t2i = i2t.masked_fill(same, -torch.inf), t2i.masked_fill(same, -torch.inf)
+    target = torch.arange(b)
+    hard_loss = torch.zeros(())
     if neg is not None:
-        hard = model.scale * (img[:, None] * model.embed_text(neg).view(b, -1, img.shape[1])).sum(
-            -1
+        hard = model.scale * torch.einsum(
+            "bd,bkd->bk", img, model.embed_text(neg).view(b, -1, img.shape[1])
         )
         i2t = torch.cat([i2t, hard], dim=1)
-    target = torch.arange(b)
-    return (F.cross_entropy(i2t, target) + F.cross_entropy(t2i, target)) / 2
+        own = torch.cat([i2t[:, :b].diagonal()[:, None], hard], dim=1)
+        hard_loss = F.cross_entropy(own, torch.zeros(b, dtype=torch.long))
+    infonce = (F.cross_entropy(i2t, target) + F.cross_entropy(t2i, target)) / 2
+    return infonce + hard_weight * hard_loss
 
 
 def train_scorer(
@@ -163,6 +187,7 @@ def train_scorer(
         encoder = load_text_encoder(text)
     records = np.concatenate([train, val])
     bank = _NegativeBank(negatives_for(table, records, cfg.seed), encoder, text, progress)
+    weights = category_weights(table, train)
     model = Scorer(cfg, resolution, cache.dim)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     losses = []
@@ -170,7 +195,7 @@ def train_scorer(
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = _lr(step, cfg)
-        positions = rng.choice(len(train), size=cfg.batch_size, replace=False)
+        positions = rng.choice(len(train), size=cfg.batch_size, replace=False, p=weights)
         batch = train[positions]
         neg = None
         if cfg.hard_negatives:
@@ -178,7 +203,9 @@ def train_scorer(
             if (rows >= 0).all():
                 neg = bank.embeddings(rows.reshape(-1))
         x = from_uint8(images[batch])
-        loss = _loss(model, x, cache.lookup(batch), neg, cache.index[batch])
+        loss = _loss(
+            model, x, cache.lookup(batch), neg, cache.index[batch], cfg.hard_negative_weight
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
