@@ -728,6 +728,23 @@ def test_register_refuses_metrics_of_other_weights_and_non_finite_weights(
         check_registrable(models, names, metrics, metrics_path)
     assert metrics["model_sha256"] in str(err.value) and "dvc repro evaluate" in str(err.value)
 
+    # an in-domain CLIP score measured with another scorer than the one packaged: refused
+    from imagen_ops.config import ScorerConfig
+    from imagen_ops.scorer import Scorer, load_scorer
+
+    from .conftest import TINY_SCORER
+
+    scorer = tmp_path / "scorer"
+    Scorer(ScorerConfig(**TINY_SCORER), 16, 8).save(scorer)
+    metrics = json.loads(write_metrics(metrics_path, models, 0.5).read_text())
+    scored = {**metrics, "in_domain_clip_score": 20.0, "scorer_sha256": "0" * 64}
+    with pytest.raises(NotRegistrableError, match="another scorer") as err:
+        check_registrable(models, names, scored, metrics_path, scorer)
+    assert "dvc repro evaluate" in str(err.value)
+    scored["scorer_sha256"] = load_scorer(scorer).sha256  # what evaluate records
+    check_registrable(models, names, scored, metrics_path, scorer)
+    check_registrable(models, names, metrics, metrics_path, scorer)  # no score: nothing to check
+
     # non-finite weights: refused even with matching metrics
     save_file({**state, first: state[first] * float("nan")}, str(weights))
     metrics = json.loads(write_metrics(metrics_path, models, 0.5).read_text())

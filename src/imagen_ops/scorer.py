@@ -16,6 +16,7 @@ score (100 x max(cos, 0), CLIP score's convention) and of best-of-N reranking.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -26,10 +27,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from imagen_ops.config import ScorerConfig
-from imagen_ops.files import atomic_dir
+from imagen_ops.files import atomic_dir, sha256_file
 from imagen_ops.text.encoders import TextEmbeddings
 
-__all__ = ["SCORER_FORMAT", "Scorer", "load_scorer"]
+__all__ = ["SCORER_FORMAT", "Scorer", "load_scorer", "scorer_digest"]
 
 SCORER_FORMAT = 2  # 2: position encodings in the text head
 MIN_SIZE = 4  # the image tower halves the resolution down to this
@@ -97,6 +98,7 @@ class Scorer(nn.Module):
         self.image = ImageTower(cfg, resolution)
         self.text = TextHead(cfg, text_dim)
         self.log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's init
+        self.sha256: str | None = None  # scorer_digest of the files it was loaded from
 
     def embed_images(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) in [-1, 1], any size (resized to the scorer's resolution)."""
@@ -129,6 +131,15 @@ class Scorer(nn.Module):
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
+def scorer_digest(path: str | Path) -> str:
+    """sha256 over a saved scorer's config.json and weights: its identity, which metrics
+    measured with it carry (like cascade_digest for the cascade)."""
+    h = hashlib.sha256()
+    for name in ("config.json", "scorer.safetensors"):
+        h.update(f"{name}:{sha256_file(Path(path) / name)}\n".encode())
+    return h.hexdigest()
+
+
 def load_scorer(path: str | Path, device: str | torch.device = "cpu") -> Scorer:
     """A trained scorer from its folder (config.json + scorer.safetensors), frozen."""
     path = Path(path)
@@ -146,4 +157,5 @@ def load_scorer(path: str | Path, device: str | torch.device = "cpu") -> Scorer:
         )
     scorer = Scorer(ScorerConfig.model_validate(cfg["scorer"]), cfg["resolution"], cfg["text_dim"])
     scorer.load_state_dict(load_file(str(path / "scorer.safetensors")))
+    scorer.sha256 = scorer_digest(path)
     return scorer.to(device).eval().requires_grad_(False)

@@ -310,6 +310,7 @@ def evaluate(
     result = {
         "version": METRICS_VERSION,
         "model_sha256": model_sha256,
+        "scorer_sha256": None if scorer is None else scorer.sha256,
         "eval_set_sha256": prompts.digest,
         "resolution": resolution,
         **metrics,

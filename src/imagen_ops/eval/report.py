@@ -99,6 +99,7 @@ def write_report(
     header = _header_rows(
         {
             "model (sha256 of the weights)": metrics.get("model_sha256"),
+            "scorer (sha256)": metrics.get("scorer_sha256"),
             "evaluation set (sha256)": metrics.get("eval_set_sha256"),
             "images": metrics.get("num_images"),
             "resolution": metrics.get("resolution"),

@@ -33,6 +33,7 @@ from imagen_ops.registry.loading import ARTIFACT, load_cascade
 from imagen_ops.registry.promotion import Decision, decide, paired_decide, primary_metric
 from imagen_ops.registry.pyfunc import IMAGE_COLUMNS, SETTING_COLUMNS, ModelSpec, package_cascade
 from imagen_ops.registry.tracking import configure, open_store, sqlite_file
+from imagen_ops.scorer import scorer_digest
 
 __all__ = [
     "NotRegistrableError",
@@ -253,9 +254,14 @@ class NotRegistrableError(ValueError):
 
 
 def check_registrable(
-    models: Path, stage_names: tuple[str, ...], metrics: dict[str, Any], metrics_path: Path
+    models: Path,
+    stage_names: tuple[str, ...],
+    metrics: dict[str, Any],
+    metrics_path: Path,
+    scorer: Path | None = None,
 ) -> None:
-    """Refuse weights with non-finite values and metrics measured on other weights."""
+    """Refuse weights with non-finite values and metrics measured on other weights, or
+    whose in-domain CLIP score another scorer than the packaged one (`scorer`) gave."""
     for name in stage_names:
         weights = models / name / "ema.safetensors"
         if not weights.is_file():
@@ -272,6 +278,14 @@ def check_registrable(
             f"{metrics_path} was measured on other weights (model_sha256 {recorded}, the "
             f"cascade in {models} is {actual}); run `dvc repro evaluate` and register again"
         )
+    if scorer is not None and metrics.get("in_domain_clip_score") is not None:
+        recorded, actual = metrics.get("scorer_sha256"), scorer_digest(scorer)
+        if recorded != actual:
+            raise NotRegistrableError(
+                f"{metrics_path} has an in_domain_clip_score from another scorer "
+                f"(scorer_sha256 {recorded}, the scorer in {scorer} is {actual}); run "
+                "`dvc repro evaluate` and register again"
+            )
 
 
 def current_champion(cfg: RegistryConfig) -> str | None:
@@ -424,7 +438,8 @@ def register(
     metrics = json.loads(paths.metrics.read_text())
     if not golden:
         primary_metric(metrics, cfg.primary_metric)  # fail before logging
-    check_registrable(paths.models, spec.stage_names, metrics, paths.metrics)
+    scorer = paths.scorer if paths.scorer and (paths.scorer / "config.json").is_file() else None
+    check_registrable(paths.models, spec.stage_names, metrics, paths.metrics, scorer)
     experiment_id = configure(cfg)
     client = MlflowClient()
     # decide before anything is registered: a failure up to here changes no alias
@@ -469,7 +484,6 @@ def register(
         for name in LINEAGE_FILES:  # what `imagen-ops reproduce` rebuilds the version from
             if (paths.root / name).is_file():
                 mlflow.log_artifact(str(paths.root / name), artifact_path=LINEAGE)
-        scorer = paths.scorer if paths.scorer and (paths.scorer / "config.json").is_file() else None
         info = log_cascade_model(
             paths.models, spec, registered_model_name=cfg.model_name, scorer=scorer
         )
