@@ -8,7 +8,6 @@ stage's output, return the final images.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import logging
@@ -36,7 +35,7 @@ from imagen_ops.diffusion.guidance import (
 from imagen_ops.diffusion.objectives import to_x0
 from imagen_ops.diffusion.samplers import NoiseSource, sample
 from imagen_ops.diffusion.schedules import Schedule, alpha_sigma, make_schedule, time_grid
-from imagen_ops.files import atomic_dir, sha256_file
+from imagen_ops.files import atomic_dir, sha256_files
 from imagen_ops.models.unet import UNet
 from imagen_ops.scorer import Scorer, load_scorer
 from imagen_ops.text.encoders import TextEmbeddings, TextEncoder
@@ -188,14 +187,14 @@ def load_stage(path: str | Path, weights: str = "ema", device: str | torch.devic
 def cascade_digest(root: str | Path, stage_names: Sequence[str], weights: str = "ema") -> str:
     """sha256 over each stage's config.json and weights, in cascade order: the identity of
     a trained cascade, which metrics carry so they cannot be attached to other weights."""
-    h = hashlib.sha256()
+    files = {}
     for name in stage_names:
         for fname in ("config.json", f"{weights}.safetensors"):
             path = Path(root) / name / fname
             if not path.is_file():
                 raise FileNotFoundError(f"{path} is missing (stage {name!r} not trained?)")
-            h.update(f"{name}/{fname}:{sha256_file(path)}\n".encode())
-    return h.hexdigest()
+            files[f"{name}/{fname}"] = path
+    return sha256_files(files)
 
 
 class Cascade:

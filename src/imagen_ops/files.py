@@ -9,7 +9,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ __all__ = [
     "exclusive_lock",
     "sha256_bytes",
     "sha256_file",
+    "sha256_files",
     "write_bytes_atomic",
     "write_json_atomic",
     "write_text_atomic",
@@ -100,6 +101,15 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     with Path(path).open("rb") as f:
         while block := f.read(chunk):
             h.update(block)
+    return h.hexdigest()
+
+
+def sha256_files(files: Mapping[str, Path]) -> str:
+    """sha256 over labelled files' digests, in the mapping's order: the identity of a
+    model made of several files (a cascade, a scorer)."""
+    h = hashlib.sha256()
+    for label, path in files.items():
+        h.update(f"{label}:{sha256_file(path)}\n".encode())
     return h.hexdigest()
 
 

@@ -16,7 +16,6 @@ score (100 x max(cos, 0), CLIP score's convention) and of best-of-N reranking.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -27,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from imagen_ops.config import ScorerConfig
-from imagen_ops.files import atomic_dir, sha256_file
+from imagen_ops.files import atomic_dir, sha256_files
 from imagen_ops.text.encoders import TextEmbeddings
 
 __all__ = ["SCORER_FORMAT", "Scorer", "load_scorer", "scorer_digest"]
@@ -134,10 +133,7 @@ class Scorer(nn.Module):
 def scorer_digest(path: str | Path) -> str:
     """sha256 over a saved scorer's config.json and weights: its identity, which metrics
     measured with it carry (like cascade_digest for the cascade)."""
-    h = hashlib.sha256()
-    for name in ("config.json", "scorer.safetensors"):
-        h.update(f"{name}:{sha256_file(Path(path) / name)}\n".encode())
-    return h.hexdigest()
+    return sha256_files({name: Path(path) / name for name in ("config.json", "scorer.safetensors")})
 
 
 def load_scorer(path: str | Path, device: str | torch.device = "cpu") -> Scorer:
