@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from imagen_ops.cascade import load_stage
 from imagen_ops.pipeline import train_settings
 from imagen_ops.train import trainer as trainer_module
+from imagen_ops.train.loss import diffusion_loss
 from imagen_ops.train.trainer import Trainer, TrainingDivergedError, TrainPaths, lr_at
 
 from .conftest import tiny_params, write_params
@@ -457,3 +458,32 @@ def test_init_from_warm_starts_and_checks_the_architecture(tiny_data, tmp_path):
             init_from=source,
             progress=False,
         )
+
+
+def test_compiled_training_pads_text_to_one_length_that_changes_nothing(tiny_data, tmp_path):
+    """torch.compile specialises on shapes: with compile on, every batch carries the cache's
+    one text length (a batch of shorter captions recompiled, and inductor's backward then
+    failed on torch 2.13); the padding is masked, so the loss is the trimmed batch's."""
+    lengths = {}
+    for compile_ in (False, True):
+        trainer = Trainer(
+            train_settings(tiny_params(f"stages.base.train.compile={compile_}"), "base"),
+            paths_for(tiny_data, tmp_path / str(compile_)),
+            progress=False,
+        )
+        batches = [trainer._micro_batches(step)[0] for step in range(12)]
+        lengths[compile_] = {b.text.tokens.shape[1] for b, _ in batches}
+    stored = int(json.loads((tiny_data["cache"] / "manifest.json").read_text())["stored_length"])
+    assert lengths[True] == {stored}
+    assert min(lengths[False]) < stored  # without it, lengths vary by batch (what broke)
+
+    padded, noise = batches[0]  # compile on, step 0
+    plain = Trainer(
+        train_settings(tiny_params(), "base"), paths_for(tiny_data, tmp_path / "t"), progress=False
+    )
+    trimmed = plain._micro_batches(0)[0][0]  # the same step's batch without compile
+    assert trimmed.text.tokens.shape[1] < stored
+    with torch.no_grad():
+        a = diffusion_loss(trainer.stage, trainer.net, padded, noise)
+        b = diffusion_loss(trainer.stage, trainer.net, trimmed, noise)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

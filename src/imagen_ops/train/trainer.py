@@ -10,6 +10,7 @@ optimizer state and EMA are the whole state of a run: resuming is exact.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -127,6 +128,10 @@ class Trainer:
         lowres = settings.lowres
         self.data = StageData(prepared, cache, self.cfg.resolution, lowres, crop=self.tcfg.crop)
         self.captions = prepared.table["caption"].tolist()
+        # A compiled step specialises on the text length: padded to the cache's one length,
+        # every batch reuses one graph (per-batch lengths made inductor recompile with dynamic
+        # shapes, and its backward failed a stride check on torch 2.13)
+        self.text_length = int(cache.manifest["stored_length"]) if self.tcfg.compile else None
         self.val = (
             StageData(prepared, cache, self.cfg.resolution, lowres, split="val")
             if len(prepared.indices("val"))
@@ -210,6 +215,8 @@ class Trainer:
             positions = torch.arange(start, start + micro)
             gens = [step_generator(tc.seed, step, stream=3 + int(p)) for p in positions]
             batch = self.data.load(indices[start : start + micro], gens)
+            if self.text_length is not None:
+                batch = dataclasses.replace(batch, text=batch.text.padded(self.text_length))
             size = batch.images.shape[1:]
             noise = draw_noise(self.stage, gens, positions, tc.batch_size, offset, size)
             out.append((batch, noise))
