@@ -1,150 +1,371 @@
-"""A short GPU check: train each stage of a recipe briefly in bf16, sample, print throughput.
+"""The gpu recipe end to end on one GPU inside a wall-clock budget: throughput, MFU, alignment.
 
-    python benchmarks/gpu_check.py [--params params.yaml] [--recipe configs/gpu.yaml] [--steps 30]
+    python benchmarks/gpu_check.py encoder DIR        # here: an fp16 copy of the encoder
+    python benchmarks/gpu_check.py run --encoder DIR [--recipe configs/gpu.yaml]
+                                       [--minutes 9] [--work /tmp/gpu_check] [--out DIR]
 
-Runs on random data (no data set, no text encoder: 384-d random token embeddings), so it
-needs only torch on the GPU machine. For each stage: training images/s in bf16 with
-channels_last (and torch.compile when the recipe asks for it), the model FLOP utilisation
-against the card's dense bf16 peak, peak memory, and cascade sampling seconds per image.
+A lent GPU machine has no network and a few minutes, so `run` does in one process what
+`dvc repro` does, through the same library calls, and scales the recipe to the time left:
+
+1. data: the recipe's synthetic set (synth -> prepare -> encode_text);
+2. each stage: a short run of the real Trainer (compilation included), then its optimizer
+   step timed on one fixed batch (the model alone) and the trainer's own images/s (what
+   the data pipeline lets through); MFU against the card's dense bf16 peak, peak memory;
+3. training: every stage with its recipe steps and warm-up scaled down to its share of the
+   time left (the table says which fraction of the recipe each stage ran);
+4. alignment: the trained cascade samples the held-out prompts (eval.per_category of each
+   category, the evaluate stage's selection) and the exact evaluator scores them.
+
+The machine cannot download the text encoder, and the packaged MiniLM weights (91 MB)
+exceed what travels, so `encoder` writes the same weights in float16 (46 MB) to a folder
+that `run --encoder` loads as a local encoder (the cache records its own weights id).
+`--device cpu` with `-S` overrides runs the same path at toy size (a dry run off the GPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import os
+import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
 
-from imagen_ops.cascade import Cascade, Stage
-from imagen_ops.config import deep_merge, parse_params
-from imagen_ops.data.dataset import Batch
-from imagen_ops.models.summary import count_flops
-from imagen_ops.text.encoders import TextEmbeddings
-from imagen_ops.train.loss import TrainingNoise, diffusion_loss
+from imagen_ops.cascade import Cascade, load_stage
+from imagen_ops.config import Params, apply_overrides, deep_merge, parse_params
+from imagen_ops.data.ingest import ingest
+from imagen_ops.data.prepare import prepare
+from imagen_ops.data.sources import synth_source
+from imagen_ops.device import resolve_device
+from imagen_ops.eval.alignment import CATEGORIES, alignment_report, judge_all
+from imagen_ops.eval.evaluate import held_out
+from imagen_ops.images import make_grid, to_uint8
+from imagen_ops.models.summary import summarize
+from imagen_ops.pipeline import train_settings
+from imagen_ops.text.cache import build_cache
+from imagen_ops.text.encoders import load_text_encoder
+from imagen_ops.train.trainer import Trainer, TrainPaths
 
 from common import machine, table
 
-TEXT_DIM, TEXT_LEN = 384, 16
+log = logging.getLogger("gpu_check")
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s
+RESERVE_S = 75.0  # sampling and judging the held-out prompts, writing the results
+DRY_STEPS, DRY_LOG_EVERY, PROBE_STEPS = 20, 5, 10
 
 
-def peak_flops() -> float | None:
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+class Rates:
+    """A tracker that keeps the trainer's images/s per logging window (and nothing else)."""
+
+    enabled = False  # no previews
+
+    def __init__(self) -> None:
+        self.images_per_s: list[float] = []
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.images_per_s.append(metrics["images_per_s"])
+
+    def log_image(self, image: Any, name: str) -> None:
+        pass
+
+    def close(self, status: str = "FINISHED") -> None:
+        pass
+
+
+def export_encoder(params: Params, out: Path) -> None:
+    """The configured encoder's weights in float16, with its tokenizer, as a local folder."""
+    encoder = load_text_encoder(params.text)
+    encoder.model.half().save_pretrained(out)
+    encoder.tokenizer.save_pretrained(out)
+    log.info("wrote %s (%s)", out, encoder.name)
+
+
+def load_recipe(args: argparse.Namespace) -> tuple[dict[str, Any], Params]:
+    raw = yaml.safe_load(Path(args.params).read_text())
+    if args.recipe:
+        raw = deep_merge(raw, yaml.safe_load(Path(args.recipe).read_text()))
+    raw = apply_overrides(raw, [*args.set, f"text.encoder={Path(args.encoder).resolve()}"])
+    return raw, parse_params(raw, args.recipe or args.params)
+
+
+def make_data(params: Params, work: Path) -> dict[str, float]:
+    """synth -> prepare -> encode_text, as the DVC stages run them; seconds per step."""
+    seconds, start = {}, time.perf_counter()
+    records = synth_source(params.data.synth, workers=os.cpu_count() or 1)
+    ingest(records, work / "data", params.data.ingest, progress=False)
+    seconds["synth"] = time.perf_counter() - start
+    start = time.perf_counter()
+    sizes = sorted({s.resolution for s in params.stages.values()})
+    manifest = prepare(work / "data", work / "prepared", sizes, params.data.prepare, False)
+    seconds["prepare"] = time.perf_counter() - start
+    start = time.perf_counter()
+    from imagen_ops.data.prepare import PreparedData
+
+    captions = PreparedData.open(work / "prepared").table["caption"].tolist()
+    build_cache(
+        captions,
+        load_text_encoder(params.text),
+        work / "text_cache",
+        batch_size=params.text.batch_size,
+        progress=False,
+    )
+    seconds["encode_text"] = time.perf_counter() - start
+    log.info("data: %d images, %s", manifest["count"], manifest["splits"])
+    return seconds
+
+
+def trainer_for(raw: dict[str, Any], name: str, work: Path, run: str, **train: Any) -> Trainer:
+    """Stage `name`'s Trainer with `train` keys replaced, writing under work/run/."""
+    params = parse_params(deep_merge(raw, {"stages": {name: {"train": train}}}))
+    paths = TrainPaths(
+        prepared=work / "prepared",
+        cache=work / "text_cache",
+        out=work / run / name,
+        checkpoints=work / run / "checkpoints" / name,
+        metrics=work / run / f"{name}.csv",
+    )
+    return Trainer(train_settings(params, name), paths, tracker=Rates(), progress=False)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def probe(trainer: Trainer, steps: int) -> float:
+    """Seconds per optimizer step on one fixed batch already on the device (no data work)."""
+    dev, cl = trainer.device, trainer.tcfg.channels_last
+    micro = [(b.to(dev, cl), n.to(dev)) for b, n in trainer._micro_batches(0)]
+    trainer._optimize(0, micro)
+    sync(dev)
+    start = time.perf_counter()
+    for step in range(steps):
+        trainer._optimize(step, micro)
+    sync(dev)
+    return (time.perf_counter() - start) / steps
+
+
+def measure_stage(
+    raw: dict[str, Any], name: str, work: Path, flops: float, peak: float | None
+) -> dict[str, Any]:
+    """A short real run of stage `name` (compiles), then its optimizer step alone."""
+    tc = parse_params(raw).stages[name].train
+    start = time.perf_counter()
+    trainer = trainer_for(
+        raw,
+        name,
+        work,
+        "dry",
+        steps=DRY_STEPS,
+        log_every=DRY_LOG_EVERY,
+        checkpoint_every=DRY_STEPS,
+        warmup_steps=1,
+    )
+    trainer.fit()
+    dry = time.perf_counter() - start
+    trainer_rate = statistics.median(trainer.tracker.images_per_s[1:])  # [0]: compilation
+    cuda = trainer.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    model_rate = tc.batch_size / probe(trainer, PROBE_STEPS)
+    return {
+        "px": tc.crop or parse_params(raw).stages[name].resolution,
+        "batch": tc.batch_size,
+        "compile": tc.compile,
+        "model_images_per_s": model_rate,
+        "trainer_images_per_s": trainer_rate,
+        "tflops": flops * model_rate / 1e12,
+        "mfu": flops * model_rate / peak if peak else None,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "first_run_s": dry,
+        "overhead_s": max(0.0, dry - DRY_STEPS * tc.batch_size / trainer_rate),
+        "recipe_steps": tc.steps,
+        "recipe_minutes": tc.steps * tc.batch_size / trainer_rate / 60,
+    }
+
+
+def throughput(raw: dict[str, Any], work: Path, dev: torch.device) -> dict[str, Any]:
+    """Per stage; a stage whose compiled run fails is measured again eagerly (recorded)."""
+    params = parse_params(raw)
+    peak = None
+    if dev.type == "cuda":
+        peak = next((v for k, v in PEAK_BF16.items() if k in torch.cuda.get_device_name()), None)
+    flops = {r["stage"]: r["gflops_train_step"] * 1e9 for r in summarize(params.stages)}
+    stages = {}
+    for name, cfg in params.stages.items():
+        try:
+            stages[name] = measure_stage(raw, name, work, flops[name], peak)
+        except Exception as err:
+            if not cfg.train.compile:
+                raise
+            log.exception("stage %s failed compiled; measuring it eagerly", name)
+            raw = deep_merge(raw, {"stages": {name: {"train": {"compile": False}}}})
+            stages[name] = measure_stage(raw, name, work, flops[name], peak)
+            stages[name]["compile_error"] = f"{type(err).__name__}: {err}"[:2000]
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    rows = [
+        [
+            name,
+            s["px"],
+            s["batch"],
+            s["compile"],
+            round(s["model_images_per_s"]),
+            round(s["trainer_images_per_s"]),
+            round(s["tflops"], 1),
+            f"{s['mfu']:.1%}" if s["mfu"] is not None else "n/a",
+            round(s["peak_gib"], 1) if s["peak_gib"] is not None else "n/a",
+            round(s["first_run_s"], 1),
+            round(s["recipe_minutes"], 1),
+        ]
+        for name, s in stages.items()
+    ]
+    header = [
+        "stage",
+        "px",
+        "batch",
+        "compiled",
+        "images/s (step)",
+        "images/s (trainer)",
+        "TFLOP/s",
+        "MFU",
+        "peak GiB",
+        "first run s",
+        "recipe min",
+    ]
+    print(table(header, rows), flush=True)
+    return {"raw": raw, "stages": stages}
+
+
+def train_all(raw: dict[str, Any], work: Path, stages: dict[str, Any], deadline: float) -> None:
+    """Every stage with its recipe steps and warm-up scaled to fit the time left. Each stage
+    takes its share of what is left when it starts. A real run reuses the first run's
+    compiled code (on the CPU its set-up cost ~0 of the first run's 57 s), so its set-up is
+    first assumed to cost a quarter of the first run's, then what the last real run's did."""
+    ratio = 0.25  # a real run's set-up time over its first run's: compiled code is reused
+    names = list(stages)
+    for i, (name, cfg) in enumerate(parse_params(raw).stages.items()):
+        rest = [stages[n] for n in names[i:]]
+        left = deadline - time.monotonic() - RESERVE_S - ratio * sum(s["overhead_s"] for s in rest)
+        scale = max(0.0, min(1.0, left / sum(s["recipe_minutes"] * 60 for s in rest)))
+        tc, stage = cfg.train, stages[name]
+        steps = max(2, round(tc.steps * scale))
+        print(f"training {name}: {steps} of the recipe's {tc.steps} steps", flush=True)
+        start = time.perf_counter()
+        trainer = trainer_for(
+            raw,
+            name,
+            work,
+            "models",
+            steps=steps,
+            warmup_steps=min(steps - 1, round(tc.warmup_steps * scale)),
+        )
+        fit = trainer.fit()
+        seconds = time.perf_counter() - start
+        del trainer
+        overhead = seconds - steps * tc.batch_size / stage["trainer_images_per_s"]
+        ratio = max(0.0, overhead) / max(stage["overhead_s"], 1e-3)
+        stage.update(
+            {"steps": steps, "scale": scale, "train_s": seconds, "final_loss": fit.final_loss}
+        )
+
+
+def alignment(params: Params, work: Path, dev: torch.device, out: Path) -> dict[str, Any]:
+    """The trained cascade on the evaluate stage's held-out prompts, by the exact evaluator."""
+    cascade = Cascade(
+        [load_stage(work / "models" / name, device=dev) for name in params.stages], params.text
+    )
+    prompts = held_out(work / "prepared", work / "text_cache", params.text, params.eval)
+    settings = params.sample.plain()
+    seeds = [settings.seed + k for k in range(len(prompts.records))]
+    start = time.perf_counter()
+    images = to_uint8(cascade.sample(prompts.text, settings, seeds))
+    seconds = time.perf_counter() - start
+    scenes = [json.loads(s) for s in prompts.scenes]
+    report = alignment_report(list(images), scenes, judge_all(list(images), scenes))
+    make_grid(images[:32], prompts.captions[:32]).save(out / "gpu_check_grid.png")
+    print(
+        f"\nalignment ({len(images)} held-out prompts, {images.shape[1]} px, "
+        f"{settings.sampler} {settings.steps}): balanced {report['balanced']:.3f}, "
+        + ", ".join(f"{c} {report[c]:.3f}" for c in CATEGORIES if report[c] is not None)
+        + f", single_exact {report['single_exact']:.3f}; sampling "
+        f"{seconds / len(images) * 1e3:.1f} ms per image",
+        flush=True,
+    )
+    return {**report, "sampling_ms_per_image": seconds / len(images) * 1e3}
+
+
+def run(args: argparse.Namespace) -> None:
+    deadline = time.monotonic() + args.minutes * 60
+    raw, params = load_recipe(args)
+    dev = resolve_device(args.device)
+    work, out = Path(args.work), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"machine": machine(), "recipe": args.recipe}
+
+    def save() -> None:
+        result["total_s"] = args.minutes * 60 - (deadline - time.monotonic())
+        (out / "gpu_check.json").write_text(json.dumps(result, indent=2))
+
+    print(f"machine: {result['machine']}\n", flush=True)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    result["data_seconds"] = make_data(params, work)
+    save()
+    measured = throughput(raw, work, dev)
+    raw, result["stages"] = measured["raw"], measured["stages"]
+    save()
+    train_all(raw, work, result["stages"], deadline)
+    save()
+    rows = [
+        [
+            n,
+            s["steps"],
+            s["recipe_steps"],
+            f"{s['scale']:.0%}",
+            round(s["train_s"]),
+            s["final_loss"],
+        ]
+        for n, s in result["stages"].items()
+    ]
+    print(table(["stage", "steps", "recipe steps", "of recipe", "seconds", "final loss"], rows))
+    result["alignment"] = alignment(params, work, dev, out)
+    save()
+    print(f"total {result['total_s']:.0f} s", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--recipe", default="configs/gpu.yaml")
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE")
+    sub = parser.add_subparsers(dest="command", required=True)
+    enc = sub.add_parser("encoder", help="write an fp16 copy of the configured text encoder")
+    enc.add_argument("out", type=Path)
+    go = sub.add_parser("run", help="data, throughput, training and alignment in a budget")
+    go.add_argument("--encoder", required=True, help="a local encoder folder (see `encoder`)")
+    go.add_argument("--minutes", type=float, default=9.0, help="wall-clock budget")
+    go.add_argument("--device", default="cuda")
+    go.add_argument("--work", default="/tmp/gpu_check")
+    go.add_argument("--out", default=os.environ.get("OUT", "gpu_check_out"))
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("no CUDA device")
-    raw = yaml.safe_load(Path(args.params).read_text())
-    if args.recipe:
-        raw = deep_merge(raw, yaml.safe_load(Path(args.recipe).read_text()))
-    params = parse_params(raw, args.recipe or args.params)
-    dev = torch.device("cuda")
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    print(f"machine: {machine()}\n")
-
-    rows, stages = [], []
-    for name, cfg in params.stages.items():
-        tc = cfg.train
-        stage = Stage.build(name, cfg, TEXT_DIM, params.lowres_of(name))
-        stage.net.to(dev)
-        fmt = torch.channels_last if tc.channels_last else torch.contiguous_format
-        stage.net.to(memory_format=fmt)
-        model = torch.compile(stage.net) if tc.compile else stage.net
-        opt = torch.optim.AdamW(stage.net.parameters(), lr=tc.lr, fused=True)
-        size, n = tc.crop or cfg.resolution, tc.batch_size
-        images = (torch.rand(n, 3, size, size, device=dev) * 2 - 1).to(memory_format=fmt)
-        low = None
-        if stage.lowres:
-            low = (
-                torch.rand(
-                    n,
-                    3,
-                    size * stage.lowres // cfg.resolution,
-                    size * stage.lowres // cfg.resolution,
-                    device=dev,
-                )
-                * 2
-                - 1
-            )
-        text = TextEmbeddings(
-            torch.randn(n, TEXT_LEN, TEXT_DIM, device=dev),
-            torch.ones(n, TEXT_LEN, dtype=torch.bool, device=dev),
-        )
-        noise = TrainingNoise(
-            torch.rand(n, device=dev),
-            torch.randn_like(images),
-            torch.ones(n, dtype=torch.bool, device=dev),
-            torch.rand(n, device=dev) * 0.5 if low is not None else None,
-            torch.randn_like(images) if low is not None else None,
-        )
-        batch = Batch(images, low, text)
-
-        def step(model=model, stage=stage, batch=batch, noise=noise, opt=opt) -> None:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = diffusion_loss(stage, model, batch, noise)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        start = time.perf_counter()
-        for _ in range(5):  # warm-up (and compilation)
-            step()
-        torch.cuda.synchronize()
-        warm = time.perf_counter() - start
-        torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        torch.cuda.synchronize()
-        seconds = (time.perf_counter() - start) / args.steps
-        flops = count_flops(stage.net.float().cpu(), size, TEXT_DIM, TEXT_LEN, True) * n
-        stage.net.to(dev)
-        peak = peak_flops()
-        mfu = f"{flops / seconds / peak:.1%}" if peak else "n/a"
-        rows.append(
-            [
-                name,
-                size,
-                n,
-                round(n / seconds),
-                round(flops / seconds / 1e12, 1),
-                mfu,
-                round(torch.cuda.max_memory_allocated() / 2**30, 1),
-                round(warm, 1),
-            ]
-        )
-        stages.append(stage)
-    print(
-        table(["stage", "px", "batch", "images/s", "TFLOP/s", "MFU", "peak GiB", "warm-up s"], rows)
-    )
-
-    cascade = Cascade(stages, params.text)
-    n = 64
-    text = TextEmbeddings(
-        torch.randn(n, TEXT_LEN, TEXT_DIM), torch.ones(n, TEXT_LEN, dtype=torch.bool)
-    )
-    for s in stages:
-        s.net.eval()
-    settings = params.sample.model_copy(update={"precision": "bf16"})
-    cascade.sample(text[:2], settings)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    cascade.sample(text, settings)
-    torch.cuda.synchronize()
-    print(
-        f"\nsampling the cascade: {(time.perf_counter() - start) / n * 1e3:.1f} ms per image "
-        f"({settings.sampler}, {settings.steps} steps, batch {n})"
-    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.command == "encoder":
+        params = parse_params(yaml.safe_load(Path(args.params).read_text()), args.params)
+        export_encoder(params, args.out)
+        return
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device (use --device cpu for a dry run at toy size)")
+    run(args)
 
 
 if __name__ == "__main__":
