@@ -55,6 +55,40 @@ def test_hard_negatives_change_exactly_one_fact(category: str) -> None:
         )
 
 
+def test_the_caption_bank_encodes_only_what_the_cache_lacks(tiny_data) -> None:
+    """Captions the cache holds (the records' own, and negatives that happen to be other
+    records' captions) are copied, not encoded again; every row equals its encoding."""
+    from imagen_ops.data.prepare import PreparedData
+    from imagen_ops.text.encoders import load_text_encoder
+    from imagen_ops.train.scorer import _CaptionBank, negatives_for
+
+    params = tiny_params()
+    encoder, encoded = load_text_encoder(params.text), []
+    original = encoder.encode
+
+    def counting(texts):
+        encoded.extend(texts)
+        return original(texts)
+
+    encoder.encode = counting
+    table = PreparedData.open(tiny_data["prepared"]).table
+    cache = EmbeddingCache.open(tiny_data["cache"], params.text, table["caption"].tolist())
+    records = np.arange(len(table))
+    captions = table["caption"].tolist()
+    negatives = negatives_for(table, records, 0)
+    bank = _CaptionBank(captions, negatives, cache, encoder, params.text, False)
+    held = cache.row_of_caption()
+    assert encoded and not set(encoded) & set(held)  # only new captions were encoded
+    assert len(encoded) == len(set(encoded))  # each once
+    for r in records[:8]:
+        mine, theirs = bank.embeddings(bank.captions[[r]]), cache.lookup(np.array([r]))
+        torch.testing.assert_close(mine.tokens, theirs.tokens, rtol=0, atol=0)
+    some = [c for d in negatives for c in d.values() if c not in held][:4]
+    live = encoder.encode(some).as_stored()
+    stored = bank.embeddings(np.array([bank.row[c] for c in some]))
+    torch.testing.assert_close(stored.tokens, live.tokens, rtol=0, atol=1e-3)
+
+
 def test_word_swap() -> None:
     rng = np.random.default_rng(0)
     swapped = word_swap("a cat on a mat", rng)
@@ -110,6 +144,14 @@ def scorer_captions(tiny_data) -> list[str]:
     from imagen_ops.data.prepare import PreparedData
 
     return PreparedData.open(tiny_data["prepared"]).table["caption"].tolist()
+
+
+@pytest.mark.parametrize("map_size", [4, 8])
+def test_the_image_tower_ends_in_the_configured_map(map_size: int) -> None:
+    """`scorer.map_size` is the side of the map the head reads whole (relations need it)."""
+    tower = Scorer(scorer_config(map_size=map_size), 32, 8).image
+    assert tower.body(torch.zeros(2, 3, 32, 32)).shape[-2:] == (map_size, map_size)
+    assert tower.head.in_features % (map_size * map_size) == 0
 
 
 def test_the_text_head_reads_word_order() -> None:

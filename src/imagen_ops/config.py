@@ -440,6 +440,12 @@ class ScorerConfig(Section):
     embeddings, trained with symmetric InfoNCE on in-batch and hard negative captions."""
 
     channels: int = Field(16, ge=4, description="width of the image tower's first level")
+    map_size: int = Field(
+        8,
+        ge=1,
+        description="side of the image tower's last feature map, read whole by its head "
+        "(where objects are must survive for relations)",
+    )
     embed_dim: int = Field(128, ge=8, description="joint embedding width")
     text_width: int = Field(64, ge=8, description="width of the text head's attention")
     steps: int = Field(1200, ge=1)

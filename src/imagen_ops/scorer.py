@@ -5,7 +5,8 @@ CNN over the image at the base stage's resolution, and a text head over the froz
 encoder's token embeddings, the same cached embeddings the cascade is conditioned on (no
 second text encoder). The image tower ends in a linear layer over the whole final feature
 map, not a global pool, so where things are survives into the embedding (relations need
-it); the text head adds position encodings to the tokens, runs one self-attention layer
+it: an 8 x 8 map reads relation flips at 0.88-0.93 where 4 x 4 read 0.72-0.77); the text
+head adds position encodings to the tokens, runs one self-attention layer
 over them and pools them with a learned query, so word order and which word goes with
 which can matter (without positions, "a red circle above a blue square" and "a blue square
 above a red circle" would be one set of tokens: relations were read at chance).
@@ -31,8 +32,7 @@ from imagen_ops.text.encoders import TextEmbeddings
 
 __all__ = ["SCORER_FORMAT", "Scorer", "load_scorer", "scorer_digest"]
 
-SCORER_FORMAT = 2  # 2: position encodings in the text head
-MIN_SIZE = 4  # the image tower halves the resolution down to this
+SCORER_FORMAT = 3  # 2: position encodings in the text head; 3: scorer.map_size
 
 
 class ImageTower(nn.Module):
@@ -41,7 +41,7 @@ class ImageTower(nn.Module):
         c = cfg.channels
         layers: list[nn.Module] = [nn.Conv2d(3, c, 3, padding=1), nn.GELU()]
         size, width = resolution, c
-        while size > MIN_SIZE:
+        while size > cfg.map_size:
             out = min(2 * width, 4 * c)
             layers += [
                 nn.Conv2d(width, out, 3, stride=2, padding=1),

@@ -190,6 +190,11 @@ class EmbeddingCache:
     def __len__(self) -> int:
         return len(self.index)
 
+    def row_of_caption(self) -> dict[str, int]:
+        """The row of each distinct caption the cache holds."""
+        captions = json.loads((self.root / "captions.json").read_text())
+        return {c: i for i, c in enumerate(captions)}
+
     def rows(self, rows: np.ndarray) -> TextEmbeddings:
         """Embeddings of distinct-caption rows, trimmed to the longest of them."""
         return stored_rows(self.tokens, self.lengths, rows)

@@ -37,6 +37,7 @@ from imagen_ops.files import write_json_atomic
 from imagen_ops.images import from_uint8
 from imagen_ops.scorer import Scorer
 from imagen_ops.text.cache import EmbeddingCache, encode_captions, stored_rows
+from imagen_ops.text.encoders import TextEmbeddings
 
 __all__ = ["ScorerPaths", "negatives_for", "train_scorer", "word_swap"]
 
@@ -79,17 +80,43 @@ def negatives_for(table: pd.DataFrame, records: np.ndarray, seed: int) -> list[d
     return out
 
 
-class _NegativeBank:
-    """Every negative caption encoded once; rows by (record position, kind)."""
+class _CaptionBank:
+    """Every caption training uses (the records' own and their hard negatives) as token
+    embeddings: copied from the cache where it holds the caption (the records' own, and
+    negatives that are other records' captions), encoded once otherwise. A caption's row is
+    its identity: equal rows, equal captions. By record position: `captions` (rows) and
+    `rows` (negative rows by kind)."""
 
-    def __init__(self, negatives: list[dict[str, str]], encoder: Any, cfg: TextConfig, progress):
-        unique = list(dict.fromkeys(c for d in negatives for c in d.values()))
-        row = {c: i for i, c in enumerate(unique)}
-        self.rows = [{k: row[c] for k, c in d.items()} for d in negatives]
-        if unique:
-            self.tokens, self.lengths, _ = encode_captions(
-                unique, encoder, cfg.batch_size, progress
-            )
+    def __init__(
+        self,
+        captions: list[str],
+        negatives: list[dict[str, str]],
+        cache: EmbeddingCache,
+        encoder: Any,
+        cfg: TextConfig,
+        progress: bool,
+    ):
+        unique = list(dict.fromkeys(captions + [c for d in negatives for c in d.values()]))
+        self.row = {c: i for i, c in enumerate(unique)}
+        self.captions = np.array([self.row[c] for c in captions])
+        self.rows = [{k: self.row[c] for k, c in d.items()} for d in negatives]
+        cached = cache.row_of_caption()
+        held = [(i, cached[c]) for i, c in enumerate(unique) if c in cached]
+        new = [c for c in unique if c not in cached]
+        width = cache.tokens.shape[1]
+        if new:
+            tokens, lengths, _ = encode_captions(new, encoder, cfg.batch_size, progress)
+            width = max(width, tokens.shape[1])
+        self.tokens = np.zeros((len(unique), width, cache.dim), dtype=np.float16)
+        self.lengths = np.zeros(len(unique), dtype=np.int32)
+        if held:
+            rows, source = (np.array(v) for v in zip(*held, strict=True))
+            self.tokens[rows, : cache.tokens.shape[1]] = cache.tokens[source]
+            self.lengths[rows] = cache.lengths[source]
+        if new:
+            rows = np.array([self.row[c] for c in new])
+            self.tokens[rows, : tokens.shape[1]], self.lengths[rows] = tokens, lengths
+        log.info("scorer captions: %d from the cache, %d encoded", len(held), len(new))
 
     def sample(self, positions: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
         """k negative rows per position, -1 where none. The first ones are the record's
@@ -107,7 +134,7 @@ class _NegativeBank:
             out[i, : len(first)] = first
         return out
 
-    def embeddings(self, rows: np.ndarray):
+    def embeddings(self, rows: np.ndarray) -> TextEmbeddings:
         return stored_rows(self.tokens, self.lengths, rows)
 
 
@@ -186,7 +213,14 @@ def train_scorer(
 
         encoder = load_text_encoder(text)
     records = np.concatenate([train, val])
-    bank = _NegativeBank(negatives_for(table, records, cfg.seed), encoder, text, progress)
+    bank = _CaptionBank(
+        table["caption"].iloc[records].tolist(),
+        negatives_for(table, records, cfg.seed),
+        cache,
+        encoder,
+        text,
+        progress,
+    )
     weights = category_weights(table, train)
     model = Scorer(cfg, resolution, cache.dim)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -196,16 +230,14 @@ def train_scorer(
         for group in opt.param_groups:
             group["lr"] = _lr(step, cfg)
         positions = rng.choice(len(train), size=cfg.batch_size, replace=False, p=weights)
-        batch = train[positions]
+        captions = bank.captions[positions]
         neg = None
         if cfg.hard_negatives:
             rows = bank.sample(positions, cfg.hard_negatives, rng)
             if (rows >= 0).all():
                 neg = bank.embeddings(rows.reshape(-1))
-        x = from_uint8(images[batch])
-        loss = _loss(
-            model, x, cache.lookup(batch), neg, cache.index[batch], cfg.hard_negative_weight
-        )
+        x = from_uint8(images[train[positions]])
+        loss = _loss(model, x, bank.embeddings(captions), neg, captions, cfg.hard_negative_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -232,7 +264,7 @@ def held_out_accuracy(
     model: Scorer,
     images: Any,
     cache: EmbeddingCache,
-    bank: _NegativeBank,
+    bank: _CaptionBank,
     val: np.ndarray,
     offset: int,
     batch: int = 256,
