@@ -39,7 +39,7 @@ import yaml
 from imagen_ops.cascade import Cascade, load_stage
 from imagen_ops.config import Params, apply_overrides, deep_merge, parse_params
 from imagen_ops.data.ingest import ingest
-from imagen_ops.data.prepare import prepare
+from imagen_ops.data.prepare import PreparedData, prepare
 from imagen_ops.data.sources import synth_source
 from imagen_ops.device import resolve_device
 from imagen_ops.eval.alignment import CATEGORIES, alignment_report, judge_all
@@ -49,6 +49,7 @@ from imagen_ops.models.summary import summarize
 from imagen_ops.pipeline import train_settings
 from imagen_ops.text.cache import build_cache
 from imagen_ops.text.encoders import load_text_encoder
+from imagen_ops.train.tracking import NullTracker
 from imagen_ops.train.trainer import Trainer, TrainPaths
 
 from common import machine, table
@@ -59,25 +60,14 @@ RESERVE_S = 75.0  # sampling and judging the held-out prompts, writing the resul
 DRY_STEPS, DRY_LOG_EVERY, PROBE_STEPS = 20, 5, 10
 
 
-class Rates:
+class Rates(NullTracker):
     """A tracker that keeps the trainer's images/s per logging window (and nothing else)."""
-
-    enabled = False  # no previews
 
     def __init__(self) -> None:
         self.images_per_s: list[float] = []
 
-    def log_params(self, params: dict[str, Any]) -> None:
-        pass
-
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self.images_per_s.append(metrics["images_per_s"])
-
-    def log_image(self, image: Any, name: str) -> None:
-        pass
-
-    def close(self, status: str = "FINISHED") -> None:
-        pass
 
 
 def export_encoder(params: Params, out: Path) -> None:
@@ -107,8 +97,6 @@ def make_data(params: Params, work: Path) -> dict[str, float]:
     manifest = prepare(work / "data", work / "prepared", sizes, params.data.prepare, False)
     seconds["prepare"] = time.perf_counter() - start
     start = time.perf_counter()
-    from imagen_ops.data.prepare import PreparedData
-
     captions = PreparedData.open(work / "prepared").table["caption"].tolist()
     build_cache(
         captions,
@@ -141,7 +129,8 @@ def sync(device: torch.device) -> None:
 
 
 def probe(trainer: Trainer, steps: int) -> float:
-    """Seconds per optimizer step on one fixed batch already on the device (no data work)."""
+    """Seconds per optimizer step on one fixed batch already on the device (no data work):
+    the Trainer's own step, so the compiled graph and the optimizer are the real ones."""
     dev, cl = trainer.device, trainer.tcfg.channels_last
     micro = [(b.to(dev, cl), n.to(dev)) for b, n in trainer._micro_batches(0)]
     trainer._optimize(0, micro)
