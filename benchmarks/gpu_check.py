@@ -20,6 +20,7 @@ The machine cannot download the text encoder, and the packaged MiniLM weights (9
 exceed what travels, so `encoder` writes the same weights in float16 (46 MB) to a folder
 that `run --encoder` loads as a local encoder (the cache records its own weights id).
 `--device cpu` with `-S` overrides runs the same path at toy size (a dry run off the GPU).
+Every run starts from an empty `--work` folder: an earlier run's would be resumed, not timed.
 """
 
 from __future__ import annotations
@@ -146,7 +147,8 @@ def measure_stage(
     raw: dict[str, Any], name: str, work: Path, flops: float, peak: float | None
 ) -> dict[str, Any]:
     """A short real run of stage `name` (compiles), then its optimizer step alone."""
-    tc = parse_params(raw).stages[name].train
+    stage = parse_params(raw).stages[name]
+    tc = stage.train
     start = time.perf_counter()
     trainer = trainer_for(
         raw,
@@ -166,7 +168,7 @@ def measure_stage(
         torch.cuda.reset_peak_memory_stats()
     model_rate = tc.batch_size / probe(trainer, PROBE_STEPS)
     return {
-        "px": tc.crop or parse_params(raw).stages[name].resolution,
+        "px": tc.crop or stage.resolution,
         "batch": tc.batch_size,
         "compile": tc.compile,
         "model_images_per_s": model_rate,
@@ -297,6 +299,10 @@ def run(args: argparse.Namespace) -> None:
     raw, params = load_recipe(args)
     dev = resolve_device(args.device)
     work, out = Path(args.work), Path(args.out)
+    if work.exists() and any(work.iterdir()):
+        # An earlier run's data and checkpoints would be resumed, not measured: the dry
+        # runs would train no step and the budget would be spent on nothing.
+        raise SystemExit(f"--work {work} holds an earlier run: remove it or pass a new folder")
     out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"machine": machine(), "recipe": args.recipe}
 
