@@ -99,6 +99,26 @@ def test_packaged_minilm_is_pinned_and_deterministic(minilm):
     assert p[0] @ p[1] > p[0] @ p[2], "the encoder is pretrained: near-identical captions agree"
 
 
+@pytest.mark.parametrize("layer", [0, 1, 2])
+def test_text_layer_picks_that_hidden_state(tiny_t5_dir, layer):
+    """text.layer = k conditions on the model's k-th hidden state; -1 (the default) and the
+    last layer are the final, normalised output."""
+    encoder = load_text_encoder(TextConfig(encoder=str(tiny_t5_dir), layer=layer))
+    batch = encoder.tokenizer(CAPTIONS, padding="longest", return_tensors="pt")
+    with torch.no_grad():
+        hidden = encoder.model(**batch, output_hidden_states=True).hidden_states
+    mask = batch["attention_mask"].bool()
+    got = encoder.encode(CAPTIONS)
+    assert torch.equal(got.tokens, hidden[layer] * mask[..., None])
+    last = load_text_encoder(TextConfig(encoder=str(tiny_t5_dir))).encode(CAPTIONS)
+    assert torch.equal(got.tokens, last.tokens) == (layer == 2)
+
+
+def test_text_layer_beyond_the_model_is_refused(tiny_t5_dir):
+    with pytest.raises(ValueError, match=r"text\.layer is 3 but .* has 2 layers"):
+        load_text_encoder(TextConfig(encoder=str(tiny_t5_dir), layer=3))
+
+
 def test_empty_caption_names_its_index(minilm):
     with pytest.raises(ValueError, match="caption 1 is empty"):
         minilm.encode(["a red circle", "   "])
@@ -129,6 +149,7 @@ def test_cache_round_trip_equals_direct_encoding(minilm, tmp_path):
     ("cfg", "captions", "field"),
     [
         (TextConfig(max_length=64), CAPTIONS, "max_length"),
+        (TextConfig(layer=3), CAPTIONS, "layer"),
         (TextConfig(encoder="google/t5-v1_1-base"), CAPTIONS, "encoder"),
         (TextConfig(), [*CAPTIONS[:-1], "a different caption"], "captions_sha256"),
     ],

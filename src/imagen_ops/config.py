@@ -149,6 +149,12 @@ class TextConfig(Section):
         "auto", description="auto: from the checkpoint's model_type"
     )
     revision: str | None = Field(None, description="hub revision, recorded in the cache")
+    layer: int = Field(
+        -1,
+        ge=-1,
+        description="hidden layer whose tokens condition the model: -1 the last (Imagen's), "
+        "k the output of layer k (0: the input embeddings)",
+    )
     max_length: int = Field(128, ge=1, le=4096)
     batch_size: int = Field(64, ge=1)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"

@@ -61,7 +61,12 @@ def captions_digest(captions: Sequence[str]) -> str:
 
 def _expected(cfg: TextConfig) -> dict[str, Any]:
     """The manifest fields that must agree with params.yaml's text section."""
-    return {"encoder": cfg.encoder, "revision": cfg.revision, "max_length": cfg.max_length}
+    return {
+        "encoder": cfg.encoder,
+        "revision": cfg.revision,
+        "max_length": cfg.max_length,
+        "layer": cfg.layer,
+    }
 
 
 def build_cache(

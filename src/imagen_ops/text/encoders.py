@@ -171,7 +171,13 @@ def weights_fingerprint(model_dir: Path) -> str:
 class TextEncoder:
     """A frozen Hugging Face encoder: T5EncoderModel, a BERT-family AutoModel, or CLIPTextModel.
 
-    Use `load_text_encoder`; `encode` returns the last hidden states with padding zeroed.
+    Use `load_text_encoder`; `encode` returns the hidden states of `text.layer` (the last by
+    default, as in Imagen) with padding zeroed. An earlier layer can bind words better: a
+    sentence encoder's last layer is trained to be mean-pooled, and MiniLM's no longer tells
+    which color goes with which shape in captions whose color pair it has not seen
+    (BENCHMARKS.md, "which encoder layer"). Layer k is the model's `hidden_states[k]`; T5's
+    below the last and CLIP's at every k lack the final LayerNorm, and the U-Net normalises
+    the tokens it reads either way.
     """
 
     def __init__(self, cfg: TextConfig, model_dir: Path, weights_id: str):
@@ -186,6 +192,12 @@ class TextEncoder:
         self.model = model_cls.from_pretrained(model_dir, dtype=getattr(torch, cfg.dtype))
         self.model.eval().requires_grad_(False).to(self.device)
         self.dim = int(self.model.config.hidden_size)  # T5 maps hidden_size to d_model
+        layers = int(self.model.config.num_hidden_layers)  # T5: num_layers
+        if cfg.layer > layers:
+            raise ValueError(
+                f"text.layer is {cfg.layer} but {cfg.encoder} has {layers} layers: "
+                f"use -1 (the last) or 0..{layers}"
+            )
         self.max_length = min(cfg.max_length, _model_max_length(self.model))
         self.weights_id = weights_id
 
@@ -211,9 +223,12 @@ class TextEncoder:
             max_length=self.max_length,
             return_tensors="pt",
         ).to(self.device)
-        hidden = self.model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        ).last_hidden_state
+        out = self.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            output_hidden_states=self.cfg.layer >= 0,
+        )
+        hidden = out.last_hidden_state if self.cfg.layer < 0 else out.hidden_states[self.cfg.layer]
         mask = batch["attention_mask"].bool()
         return TextEmbeddings((hidden * mask[..., None]).float().cpu(), mask.cpu())
 
