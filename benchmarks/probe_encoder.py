@@ -26,25 +26,23 @@ import torch
 import torch.nn.functional as F
 
 from imagen_ops.config import load_params
-from imagen_ops.data.shapes import COLORS, RELATIONS, SHAPES
+from imagen_ops.data.shapes import COLORS, RELATIONS, SHAPES, Scene, SceneObject, caption_for
 from imagen_ops.text.encoders import load_text_encoder
 
 from common import machine, table
 
 
-def article(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"
-
-
 def captions() -> list[dict]:
-    """Every two-object caption the generator writes: binding and the four relations."""
+    """Every two-object caption the generator writes (`caption_for`): binding and the four
+    relations, each ordered color and shape pair."""
     rows = []
     for (c1, c2), (s1, s2) in itertools.product(
         itertools.permutations(COLORS, 2), itertools.permutations(SHAPES, 2)
     ):
-        for relation, words in [(None, "and"), *RELATIONS.items()]:
-            text = f"{article(c1)} {c1} {s1} {words} {article(c2)} {c2} {s2}"
-            rows.append({"text": text, "colors": (c1, c2), "relation": relation})
+        objects = (SceneObject(s1, c1, 0.3, (0.3, 0.5)), SceneObject(s2, c2, 0.3, (0.7, 0.5)))
+        for category, relation in [("binding", None)] + [("position", r) for r in RELATIONS]:
+            scene = Scene(category, objects, (255, 255, 255), "plain", relation)
+            rows.append({"text": caption_for(scene), "colors": (c1, c2), "relation": relation})
     return rows
 
 
