@@ -48,10 +48,10 @@ def main() -> None:
     print(f"machine: {machine()}\n")
 
     cfg = params.eval.model_copy(update={"per_category": args.per_category})
-    prompts = held_out(Path(args.prepared), Path(args.cache), params.text, cfg)
+    scorer = load_scorer(args.scorer)
+    prompts = held_out(Path(args.prepared), Path(args.cache), params.text, cfg, scorer.text_layer)
     scenes = [json.loads(s) for s in prompts.scenes]
     base_name = params.stage_names()[0]
-    scorer = load_scorer(args.scorer)
     cascade = Cascade([load_stage(Path(args.models) / base_name)], params.text, scorer)
     settings = params.sample.for_stages([0], len(params.stages))
     seeds = [settings.seed + k for k in range(len(prompts.records))]
@@ -61,7 +61,11 @@ def main() -> None:
     rows, validation = [], {}
     for n in args.n:
         start = time.perf_counter()
-        images = to_uint8(cascade.sample(prompts.text, settings.updated(rerank=n), seeds))
+        images = to_uint8(
+            cascade.sample(
+                prompts.text, settings.updated(rerank=n), seeds, scorer_text=prompts.scorer_text
+            )
+        )
         seconds = (time.perf_counter() - start) / len(images)
         judged = judge_all(list(images), scenes)
         report = alignment_report(list(images), scenes, judged)
@@ -76,7 +80,7 @@ def main() -> None:
             }
         )
         if n == 1:
-            cosine = scorer_cosines(scorer, images, prompts.text)
+            cosine = scorer_cosines(scorer, images, prompts.scorer_text)
             correct = np.array([j.correct for j in judged])
             validation = {
                 "images": len(images),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import string
@@ -245,7 +246,11 @@ def test_report_without_alignment_or_kid(tmp_path) -> None:
 def run_evaluate(params, tiny_data, tiny_models, paths) -> dict:
     """The evaluate stage on the tiny models, as the CLI wires it."""
     prompts = evaluate_module.held_out(
-        tiny_data["prepared"], tiny_data["cache"], params.text, params.eval
+        tiny_data["prepared"],
+        tiny_data["cache"],
+        params.text,
+        params.eval,
+        params.text.scorer_layer,
     )
     cascade = Cascade.from_dir(tiny_models, params.stage_names(), params.text)
     digest = cascade_digest(tiny_models, params.stage_names())
@@ -277,6 +282,50 @@ def test_reranked_numbers_sit_beside_the_plain_ones(tiny_data, tiny_models, tmp_
     assert both["alignment"] == plain["alignment"] and both["kid_mean"] == plain["kid_mean"]
     assert reranked["rerank"] == 2 and set(reranked["alignment"]) == set(plain["alignment"])
     assert isinstance(reranked["in_domain_clip_score"], float)  # scored, not left out
+
+
+class RecordingScorer(torch.nn.Module):
+    """A stand-in scorer reading `text_layer`: it keeps the text it was given."""
+
+    def __init__(self, text_layer: int):
+        super().__init__()
+        self.text_layer, self.sha256, self.seen = text_layer, "-", []
+
+    def similarity(self, images: torch.Tensor, text) -> torch.Tensor:
+        self.seen.append(text)
+        return torch.zeros(len(images))
+
+
+def test_evaluation_scores_the_prompts_at_the_scorers_layer(tiny_data, tmp_path) -> None:
+    """The in-domain CLIP score reads the held-out prompts at the scorer's layer (from the
+    cache's extra layer), not at the U-Net's; prompts without them are refused."""
+    from imagen_ops.data.prepare import PreparedData
+    from imagen_ops.text.cache import build_cache
+    from imagen_ops.text.encoders import load_text_encoder
+
+    params = tiny_params("eval.fid=false", "eval.guidance_sweep=[]")
+    captions = PreparedData.open(tiny_data["prepared"]).table["caption"].tolist()
+    encoder = load_text_encoder(params.text)
+    build_cache(captions, encoder, tmp_path / "cache", extra_layers=[2], progress=False)
+    prompts = evaluate_module.held_out(
+        tiny_data["prepared"], tmp_path / "cache", params.text, params.eval, scorer_layer=2
+    )
+    want = encoder.encode(prompts.captions, layer=2).as_stored()
+    assert torch.equal(prompts.scorer_text.tokens, want.tokens)
+    assert not torch.equal(prompts.scorer_text.tokens, prompts.text.tokens)
+
+    def sample_fn(text, settings, seeds, scorer_text=None):
+        return np.zeros((len(text), 32, 32, 3), np.uint8), {}
+
+    scorer = RecordingScorer(text_layer=2)
+    run = dict(stage_count=2, model_sha256="-", device="cpu", scorer=scorer)
+    paths = eval_paths(tmp_path / "run")
+    evaluate_module.evaluate(params.eval, params.sample, sample_fn, prompts, paths, **run)
+    (seen,) = scorer.seen
+    assert torch.equal(seen.tokens, prompts.scorer_text.tokens)
+    plain = dataclasses.replace(prompts, scorer_text=None)
+    with pytest.raises(ValueError, match=r"scorer_layer=scorer\.text_layer"):
+        evaluate_module.evaluate(params.eval, params.sample, sample_fn, plain, paths, **run)
 
 
 def eval_paths(out: Path) -> evaluate_module.EvalPaths:

@@ -382,9 +382,15 @@ def test_cli_sample_errors_are_one_line(tiny_models, tmp_path, caplog, args, mes
 
 
 class Brightness(torch.nn.Module):
-    """A stand-in scorer that prefers bright images: which candidate wins is known."""
+    """A stand-in scorer that prefers bright images: which candidate wins is known. It
+    records the text it was given."""
+
+    def __init__(self, text_layer: int = -1):
+        super().__init__()
+        self.text_layer, self.seen = text_layer, []
 
     def similarity(self, images: torch.Tensor, text) -> torch.Tensor:
+        self.seen.append(text)
         return images.mean(dim=(1, 2, 3))
 
 
@@ -421,6 +427,26 @@ def test_rerank_returns_the_scorers_best_candidate_through_the_whole_cascade(tin
     assert np.array_equal(
         sample_u8(cascade, prompts, params.sample.updated(rerank=1), seeds), plain
     )
+
+
+def test_best_of_n_reads_the_prompts_at_the_scorers_layer(tiny_models) -> None:
+    """A scorer with its own text layer scores the prompts embedded at that layer, whether
+    the prompts come as text or as embeddings with `scorer_text`; embeddings alone are
+    refused rather than scored at the U-Net's layer."""
+    params = tiny_params()
+    cascade = Cascade.from_dir(tiny_models, params.stage_names(), params.text)
+    cascade.scorer = Brightness(text_layer=2)
+    prompts, seeds, settings = ["a red circle", "two blue stars"], [3, 11], params.sample
+    settings = settings.updated(rerank=2)
+    from_text = sample_u8(cascade, prompts, settings, seeds)
+    want = cascade.encode(prompts, layer=2)
+    pick = torch.arange(2).repeat_interleave(2)
+    assert torch.equal(cascade.scorer.seen[-1].tokens, want[pick].tokens)
+    assert not torch.equal(want.tokens, cascade.encode(prompts).tokens)
+    with pytest.raises(ValueError, match=r"scorer's layer 2 \(text\.scorer_layer\)"):
+        cascade.sample(cascade.encode(prompts), settings, seeds)
+    given = cascade.sample(cascade.encode(prompts), settings, seeds, scorer_text=want)
+    assert np.array_equal(to_uint8(given), from_text)
 
 
 def test_rerank_counts_against_the_work_budget(cascade) -> None:

@@ -19,7 +19,7 @@ from imagen_ops.data.shapes import (
 )
 from imagen_ops.images import from_uint8
 from imagen_ops.scorer import Scorer, load_scorer
-from imagen_ops.text.cache import EmbeddingCache
+from imagen_ops.text.cache import CacheMismatchError, EmbeddingCache, build_cache
 from imagen_ops.train.scorer import ScorerPaths, train_scorer, word_swap
 
 from .conftest import TINY_SCORER, tiny_params
@@ -55,38 +55,48 @@ def test_hard_negatives_change_exactly_one_fact(category: str) -> None:
         )
 
 
-def test_the_caption_bank_encodes_only_what_the_cache_lacks(tiny_data) -> None:
+def test_the_caption_bank_encodes_only_what_the_cache_lacks(tiny_data, tmp_path) -> None:
     """Captions the cache holds (the records' own, and negatives that happen to be other
     records' captions) are copied, not encoded again; every row equals its encoding."""
     from imagen_ops.data.prepare import PreparedData
     from imagen_ops.text.encoders import load_text_encoder
     from imagen_ops.train.scorer import _CaptionBank, negatives_for
 
-    params = tiny_params()
+    layer = 2  # the scorer's own layer, not text.layer (the last)
+    params = tiny_params(f"text.scorer_layer={layer}")
     encoder, encoded = load_text_encoder(params.text), []
-    original = encoder.encode
+    original = encoder.encode_layers
 
-    def counting(texts):
+    def counting(texts, layers):
         encoded.extend(texts)
-        return original(texts)
+        return original(texts, layers)
 
-    encoder.encode = counting
     table = PreparedData.open(tiny_data["prepared"]).table
-    cache = EmbeddingCache.open(tiny_data["cache"], params.text, table["caption"].tolist())
-    records = np.arange(len(table))
     captions = table["caption"].tolist()
+    build_cache(captions, encoder, tmp_path / "cache", extra_layers=[layer], progress=False)
+    encoder.encode_layers = counting
+    cache = EmbeddingCache.open(tmp_path / "cache", params.text, captions)
+    records = np.arange(len(table))
     negatives = negatives_for(table, records, 0)
-    bank = _CaptionBank(captions, negatives, cache, encoder, params.text, False)
+    bank = _CaptionBank(captions, negatives, cache, encoder, params.text, layer, False)
     held = cache.row_of_caption()
     assert encoded and not set(encoded) & set(held)  # only new captions were encoded
     assert len(encoded) == len(set(encoded))  # each once
     for r in records[:8]:
-        mine, theirs = bank.embeddings(bank.captions[[r]]), cache.lookup(np.array([r]))
+        mine, theirs = bank.embeddings(bank.captions[[r]]), cache.lookup(np.array([r]), layer)
         torch.testing.assert_close(mine.tokens, theirs.tokens, rtol=0, atol=0)
     some = [c for d in negatives for c in d.values() if c not in held][:4]
-    live = encoder.encode(some).as_stored()
+    live = original(some, [layer])[0].as_stored()
     stored = bank.embeddings(np.array([bank.row[c] for c in some]))
     torch.testing.assert_close(stored.tokens, live.tokens, rtol=0, atol=1e-3)
+    # a cache without the scorer's layer is refused before training starts
+    paths = ScorerPaths(tiny_data["prepared"], tiny_data["cache"], tmp_path / "s", tmp_path / "m")
+    with pytest.raises(CacheMismatchError, match=r"text\.scorer_layer"):
+        train_scorer(scorer_config(), params.text, 16, paths, encoder=encoder)
+    # with it, the saved scorer records the layer it was trained on
+    paths = ScorerPaths(tiny_data["prepared"], tmp_path / "cache", tmp_path / "s", tmp_path / "m")
+    train_scorer(scorer_config(steps=2), params.text, 16, paths, encoder=encoder, progress=False)
+    assert load_scorer(paths.out).text_layer == layer
 
 
 def test_word_swap() -> None:
@@ -216,8 +226,9 @@ def test_every_category_gets_the_same_share_of_batches() -> None:
 def test_scorer_rejects_what_it_cannot_use(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="train-scorer"):
         load_scorer(tmp_path)
-    scorer = Scorer(scorer_config(), 16, 8)
+    scorer = Scorer(scorer_config(), 16, 8, text_layer=3)
     scorer.save(tmp_path / "s")
+    assert load_scorer(tmp_path / "s").text_layer == 3  # the layer it reads travels
     config = json.loads((tmp_path / "s" / "config.json").read_text())
     (tmp_path / "s" / "config.json").write_text(json.dumps({**config, "format": 99}))
     with pytest.raises(ValueError, match="format 99"):

@@ -117,6 +117,37 @@ def test_text_layer_picks_that_hidden_state(tiny_t5_dir, layer):
 def test_text_layer_beyond_the_model_is_refused(tiny_t5_dir):
     with pytest.raises(ValueError, match=r"text\.layer is 3 but .* has 2 layers"):
         load_text_encoder(TextConfig(encoder=str(tiny_t5_dir), layer=3))
+    encoder = load_text_encoder(TextConfig(encoder=str(tiny_t5_dir)))
+    with pytest.raises(ValueError, match=r"layer is 5 but .* has 2 layers"):
+        encoder.encode(CAPTIONS, layer=5)
+
+
+def test_one_pass_gives_every_layer_asked_for(tiny_t5_dir):
+    """encode_layers (the cache's U-Net and scorer layers) equals encode at each layer."""
+    encoder = load_text_encoder(TextConfig(encoder=str(tiny_t5_dir), layer=1))
+    first, last = encoder.encode_layers(CAPTIONS, [1, -1])
+    assert torch.equal(first.tokens, encoder.encode(CAPTIONS).tokens)
+    assert torch.equal(last.tokens, encoder.encode(CAPTIONS, layer=-1).tokens)
+    assert not torch.equal(first.tokens, last.tokens)
+
+
+def test_the_cache_holds_the_scorers_layer_beside_the_unets(minilm, tmp_path):
+    """extra_layers are stored beside text.layer's tokens (one encoder pass), looked up by
+    layer; a layer the cache lacks is an error that says how to rebuild it."""
+    manifest = build_cache(CAPTIONS, minilm, tmp_path / "c", extra_layers=[2], progress=False)
+    assert manifest["layer"] == -1 and manifest["extra_layers"] == [2]
+    cache = EmbeddingCache.open(tmp_path / "c", TextConfig(), CAPTIONS)
+    rows = np.array([2, 0, 5])
+    picked = [CAPTIONS[i] for i in rows]
+    for layer in (None, -1, 2):
+        got, want = cache.lookup(rows, layer), minilm.encode(picked, layer).as_stored()
+        assert torch.equal(got.mask, want.mask) and torch.equal(got.tokens, want.tokens)
+    assert not torch.equal(cache.lookup(rows, 2).tokens, cache.lookup(rows).tokens)
+    with pytest.raises(CacheMismatchError, match=r"layers \[-1, 2\], not 3 \(text\.scorer_layer"):
+        cache.lookup(rows, 3)
+    # the same layer twice is stored once
+    same = build_cache(CAPTIONS, minilm, tmp_path / "d", extra_layers=[-1], progress=False)
+    assert same["extra_layers"] == [] and not list((tmp_path / "d").glob("tokens_layer*"))
 
 
 def test_empty_caption_names_its_index(minilm):

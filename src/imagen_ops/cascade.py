@@ -253,9 +253,10 @@ class Cascade:
     def device(self) -> torch.device:
         return next(self.stages[0].net.parameters()).device
 
-    def encode(self, prompts: Sequence[str]) -> TextEmbeddings:
-        """Embed prompts with the cascade's frozen encoder (loaded on first use), rounded
-        as the embedding cache stores them, so a prompt gets the embedding it trained on."""
+    def encode(self, prompts: Sequence[str], layer: int | None = None) -> TextEmbeddings:
+        """Embed prompts with the cascade's frozen encoder (loaded on first use) at `layer`
+        (default text.layer; the scorer reads its own), rounded as the embedding cache
+        stores them, so a prompt gets the embedding it trained on."""
         if self._encoder is None:
             from imagen_ops.text.encoders import load_text_encoder
 
@@ -266,7 +267,7 @@ class Cascade:
                 checked.append(check_prompt(prompt))
             except ValueError as err:
                 raise ValueError(f"prompt {k + 1}: {err}") from None
-        return self._encoder.encode(checked).as_stored()
+        return self._encoder.encode(checked, layer).as_stored()
 
     def work(
         self,
@@ -319,6 +320,7 @@ class Cascade:
         image: Tensor | None = None,
         mask: Tensor | None = None,
         lowres: Tensor | None = None,
+        scorer_text: TextEmbeddings | None = None,
         callback: StepCallback | None = None,
         progress: bool = False,
     ) -> Tensor:
@@ -330,12 +332,16 @@ class Cascade:
           are generated, the others keep the image's pixels (exactly, at the last stage).
         - `lowres` (1 or B, 3, H, W): super-resolve a user image: the cascade starts at the
           first stage that conditions on an image, with `lowres` resized to its input.
+        - `scorer_text`: for best of N when `text` is embeddings, the prompts' embeddings at
+          the scorer's layer (`text.scorer_layer`) where it is not text.layer.
         Image k uses seed `seeds[k]` (default `settings.seed + k`) whatever batch it is in;
         `settings.batch_size` images go through the network at a time.
         """
         # 1. validate and encode the text once
+        prompts = None
         if not isinstance(text, TextEmbeddings):
-            text = self.encode(list(text))
+            prompts = list(text)
+            text = self.encode(prompts)
         n = len(text)
         seeds = list(seeds) if seeds is not None else [settings.seed + k for k in range(n)]
         if len(seeds) != n:
@@ -348,11 +354,8 @@ class Cascade:
         if lowres is not None:  # a user image of any size: resized to the stage's input
             lowres = _resized(lowres, runs[0][0].lowres)
         rerank = settings.rerank
-        if rerank > 1 and self.scorer is None:
-            raise ValueError(
-                f"sample.rerank={rerank} needs the cascade's scorer (stage train_scorer; a "
-                "registered model carries it): none is loaded"
-            )
+        if rerank > 1:
+            scorer_text = self._scorer_text(rerank, text, prompts, scorer_text)
         steps = sum(s for *_, s in runs) + (rerank * runs[0][2] if rerank > 1 else 0)
         bar = tqdm(total=n * steps, desc="sample", unit="img-step", disable=not progress)
 
@@ -386,12 +389,41 @@ class Cascade:
             first = through(
                 runs[:1], text[pick], candidates, [None if t is None else t[pick] for t in inputs]
             )
-            scores = self.scorer.similarity(first, text[pick].to(self.device)).view(n, rerank)
+            scores = self.scorer.similarity(first, scorer_text[pick].to(self.device))
+            scores = scores.view(n, rerank)
             seeds = [candidates[k * rerank + int(j)] for k, j in enumerate(scores.argmax(1))]
         # 3. batches of images, each through the stages
         images = through(runs, text, seeds, inputs)
         bar.close()
         return images
+
+    def _scorer_text(
+        self,
+        rerank: int,
+        text: TextEmbeddings,
+        prompts: list[str] | None,
+        scorer_text: TextEmbeddings | None,
+    ) -> TextEmbeddings:
+        """The prompts' embeddings at the scorer's layer, which best of N scores with."""
+        if self.scorer is None:
+            raise ValueError(
+                f"sample.rerank={rerank} needs the cascade's scorer (stage train_scorer; a "
+                "registered model carries it): none is loaded"
+            )
+        layer = self.scorer.text_layer
+        if scorer_text is not None:
+            if len(scorer_text) != len(text):
+                raise ValueError(f"{len(scorer_text)} scorer embeddings for {len(text)} prompts")
+            return scorer_text
+        if layer == self.text.layer:
+            return text
+        if prompts is None:
+            raise ValueError(
+                f"best of N reads the prompts at the scorer's layer {layer} (text.scorer_layer), "
+                f"not text.layer {self.text.layer}: pass the prompts as text, or their "
+                "embeddings at that layer as `scorer_text`"
+            )
+        return self.encode(prompts, layer)
 
     def _sample_batch(
         self,

@@ -104,6 +104,7 @@ def cmd_encode_text(args: argparse.Namespace) -> None:
         captions,
         load_text_encoder(text),
         _path(args.out, params.paths.text_cache),
+        extra_layers=[text.scorer_layer],  # the scorer reads its own layer
         batch_size=text.batch_size,
         progress=not args.quiet,
     )
@@ -349,9 +350,17 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     params = _params(args)
     p, view = params.paths, view_for(params, "evaluate")
     cfg, text = view["eval"], view["text"]
-    prompts = held_out(_path(args.prepared, p.prepared), _path(args.cache, p.text_cache), text, cfg)
+    scorer = _optional_scorer(_path(args.scorer, p.scorer))
+    prompts = held_out(
+        _path(args.prepared, p.prepared),
+        _path(args.cache, p.text_cache),
+        text,
+        cfg,
+        scorer_layer=None if scorer is None else scorer.text_layer,
+    )
     models = _path(args.models, p.models)
     cascade = Cascade.from_dir(models, view.stage_names, text, resolve_device(args.device))
+    cascade.scorer = scorer
     paths = EvalPaths(
         out=_path(args.out, p.eval),
         metrics=_path(args.metrics, p.metrics),
@@ -360,7 +369,6 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         feature_cache=_path(args.feature_cache, p.fid_cache),
         timings=_path(args.timings, p.timings),
     )
-    cascade.scorer = _optional_scorer(_path(args.scorer, p.scorer))
     result = evaluate(
         cfg,
         view["sample"],

@@ -155,6 +155,12 @@ class TextConfig(Section):
         description="hidden layer whose tokens condition the model: -1 the last (Imagen's), "
         "k the output of layer k (0: the input embeddings)",
     )
+    scorer_layer: int = Field(
+        -1,
+        ge=-1,
+        description="hidden layer the contrastive scorer reads (-1: the last, which a sentence "
+        "encoder trains for similarity); the cache holds it beside `layer`",
+    )
     max_length: int = Field(128, ge=1, le=4096)
     batch_size: int = Field(64, ge=1)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"

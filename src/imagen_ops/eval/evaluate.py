@@ -76,6 +76,7 @@ class HeldOut:
     scenes: list[str | None]  # JSON scene specs (synthetic data), else None
     text: TextEmbeddings  # cached encoder embeddings of the captions
     prepared: PreparedData  # their real images, and the data version
+    scorer_text: TextEmbeddings | None = None  # the same at the scorer's layer
 
     def real_images(self, resolution: int) -> np.ndarray:
         return self.prepared.images(resolution)[self.records]
@@ -87,14 +88,22 @@ class HeldOut:
         return hashlib.sha256(json.dumps(spec).encode()).hexdigest()
 
 
-SampleFn = Callable[[TextEmbeddings, SampleConfig, Sequence[int]], tuple[np.ndarray, dict]]
-"""(embeddings, settings, seeds) -> (uint8 images, seconds per image in each stage)."""
+SampleFn = Callable[..., tuple[np.ndarray, dict]]
+"""(embeddings, settings, seeds, scorer_text=None) -> (uint8 images, seconds per image in
+each stage); `scorer_text` (the embeddings at the scorer's layer) is given for best of N."""
 
 
-def held_out(prepared_dir: Path, cache_dir: Path, text: TextConfig, cfg: EvalConfig) -> HeldOut:
-    """The validation records evaluation samples for, with their cached embeddings: the
-    first `eval.per_category` of each prompt category where the data has scene specs (every
-    category weighs the same whatever the data's mix), else the first `eval.num_samples`."""
+def held_out(
+    prepared_dir: Path,
+    cache_dir: Path,
+    text: TextConfig,
+    cfg: EvalConfig,
+    scorer_layer: int | None = None,
+) -> HeldOut:
+    """The validation records evaluation samples for, with their cached embeddings (and at
+    `scorer_layer`, the scorer's, when given): the first `eval.per_category` of each prompt
+    category where the data has scene specs (every category weighs the same whatever the
+    data's mix), else the first `eval.num_samples`."""
     prepared = PreparedData.open(prepared_dir)
     table = prepared.table
     cache = EmbeddingCache.open(cache_dir, text, table["caption"].tolist())
@@ -130,12 +139,17 @@ def held_out(prepared_dir: Path, cache_dir: Path, text: TextConfig, cfg: EvalCon
         [s if isinstance(s, str) else None for s in table["scene"].iloc[records]],
         cache.lookup(records),
         prepared,
+        None if scorer_layer is None else cache.lookup(records, scorer_layer),
     )
 
 
 def cascade_sampler(cascade: Cascade, progress: bool = True) -> SampleFn:
     """The SampleFn of a cascade (batched by `settings.batch_size`)."""
-    return lambda text, settings, seeds: sample_images(cascade, text, settings, seeds, progress)
+
+    def sample_fn(text, settings, seeds, scorer_text=None):
+        return sample_images(cascade, text, settings, seeds, progress, scorer_text)
+
+    return sample_fn
 
 
 def sample_images(
@@ -144,6 +158,7 @@ def sample_images(
     settings: SampleConfig,
     seeds: Sequence[int],
     progress: bool = True,
+    scorer_text: TextEmbeddings | None = None,
 ) -> tuple[np.ndarray, dict[str, float]]:
     """uint8 images for every embedding row, and seconds per image spent in each stage."""
     spent = dict.fromkeys((s.name for s in cascade.stages), 0.0)
@@ -153,7 +168,9 @@ def sample_images(
         if i == 0:
             marks.append((stage, time.perf_counter()))
 
-    out = cascade.sample(text, settings, seeds, callback=on_step, progress=progress)
+    out = cascade.sample(
+        text, settings, seeds, scorer_text=scorer_text, callback=on_step, progress=progress
+    )
     marks.append(("end", time.perf_counter()))
     for (stage, t0), (_, t1) in itertools.pairwise(marks):
         spent[stage] += t1 - t0
@@ -176,9 +193,9 @@ def score_images(
 ) -> dict[str, Any]:
     """Every metric of one set of generated images (None, with a reason, where unavailable).
 
-    With a `scorer` (and the captions' `text` embeddings): the in-domain CLIP score, and
-    where the exact oracle judges the images, how well the scorer's cosine separates
-    correct from incorrect images (AUC) and ranks them (Spearman). `judged`: the oracle's
+    With a `scorer` (and the captions' `text` embeddings at its layer): the in-domain CLIP
+    score, and where the exact oracle judges the images, how well the scorer's cosine
+    separates correct from incorrect images (AUC) and ranks them (Spearman). `judged`: the oracle's
     verdicts when the caller already has them (`judge_scenes`)."""
     metrics: dict[str, Any] = {"num_images": len(images)}
     if extractor is not None and real_features is not None:
@@ -258,7 +275,13 @@ def evaluate(
 
     `model_sha256` (cascade.cascade_digest of the weights sample_fn uses) and the eval
     set's digest are recorded, so registration can refuse metrics of other weights.
-    `scorer` (stage train_scorer) adds the in-domain CLIP score."""
+    `scorer` (stage train_scorer) adds the in-domain CLIP score; `prompts` must then carry
+    their embeddings at its layer (`held_out(..., scorer_layer=scorer.text_layer)`)."""
+    if scorer is not None and prompts.scorer_text is None:
+        raise ValueError(
+            "a scorer reads the prompts at its own layer: build them with "
+            "held_out(..., scorer_layer=scorer.text_layer)"
+        )
     dev = resolve_device(device)
     n = len(prompts.records)
     seeds = [settings.seed + k for k in range(n)]
@@ -285,7 +308,7 @@ def evaluate(
             extractor,
             cfg,
             device=dev,
-            text=prompts.text[:k],
+            text=None if prompts.scorer_text is None else prompts.scorer_text[:k],
             scorer=scorer,
             judged=judged,
             **kw,
@@ -302,7 +325,9 @@ def evaluate(
         sweep.append(_sweep_row(point_settings, stage_count, score(swept, with_fid=False)))
 
     if rerank > 1 and scorer is not None:  # best of N, beside the plain numbers
-        reranked, _ = sample_fn(prompts.text, settings.updated(rerank=rerank), seeds)
+        reranked, _ = sample_fn(
+            prompts.text, settings.updated(rerank=rerank), seeds, scorer_text=prompts.scorer_text
+        )
         point = score(reranked, with_fid=False)
         keys = ("kid_mean", "kid_std", "in_domain_clip_score", "alignment")
         metrics["reranked"] = {"rerank": rerank, **{k: point.get(k) for k in keys}}

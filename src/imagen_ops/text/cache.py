@@ -2,9 +2,12 @@
 
 Layout of a cache directory (written atomically as a whole):
 
-    manifest.json   encoder name, kind, weights id, max_length, dim, stored length L,
-                    caption-table hash, counts
-    tokens.npy      (U, L, D) float16 token embeddings of the U distinct captions, padding 0
+    manifest.json   encoder name, kind, weights id, max_length, layer, extra layers, dim,
+                    stored length L, caption-table hash, counts
+    tokens.npy      (U, L, D) float16 token embeddings of the U distinct captions at
+                    text.layer, padding 0
+    tokens_layer<k>.npy   the same at each extra layer k (the scorer's, text.scorer_layer,
+                    where it differs): one pass through the encoder gives both
     lengths.npy     (U,) int32 number of real tokens per distinct caption
     index.npy       (N,) int32 row of each prepared record's caption in tokens.npy
     captions.json   the U distinct captions
@@ -69,35 +72,47 @@ def _expected(cfg: TextConfig) -> dict[str, Any]:
     }
 
 
+def _layer_file(layer: int) -> str:
+    return f"tokens_layer{layer}.npy"
+
+
 def build_cache(
     captions: Sequence[str],
     encoder: TextEncoder,
     out_dir: str | Path,
     *,
+    extra_layers: Sequence[int] = (),
     batch_size: int = 64,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Encode every distinct caption once and write the cache; returns the manifest."""
+    """Encode every distinct caption once, at `text.layer` and at each of `extra_layers`,
+    and write the cache; returns the manifest."""
     unique = list(dict.fromkeys(captions))
     row = {c: i for i, c in enumerate(unique)}
     index = np.array([row[c] for c in captions], dtype=np.int32)
-    tokens, lengths, truncated = encode_captions(unique, encoder, batch_size, progress)
+    extra = [k for k in dict.fromkeys(extra_layers) if k != encoder.cfg.layer]
+    tokens, lengths, truncated = encode_captions(
+        unique, encoder, batch_size, progress, [encoder.cfg.layer, *extra]
+    )
     if np.isinf(tokens).any():
         raise FloatingPointError("embeddings overflow float16; use a smaller encoder dtype range")
     manifest = {
         "version": CACHE_VERSION,
         **_expected(encoder.cfg),
+        "extra_layers": extra,
         "kind": encoder.kind,
         "weights_id": encoder.weights_id,
         "dim": encoder.dim,
-        "stored_length": tokens.shape[1],
+        "stored_length": tokens.shape[2],
         "captions_sha256": captions_digest(captions),
         "num_records": len(captions),
         "num_unique": len(unique),
         "num_truncated": truncated,
     }
     with atomic_dir(out_dir) as tmp:
-        np.save(tmp / "tokens.npy", tokens)
+        np.save(tmp / "tokens.npy", tokens[0])
+        for k, layer in enumerate(extra, start=1):
+            np.save(tmp / _layer_file(layer), tokens[k])
         np.save(tmp / "lengths.npy", lengths)
         np.save(tmp / "index.npy", index)
         (tmp / "captions.json").write_text(json.dumps(unique, indent=0))
@@ -109,10 +124,16 @@ def build_cache(
 
 
 def encode_captions(
-    unique: Sequence[str], encoder: TextEncoder, batch_size: int = 64, progress: bool = True
+    unique: Sequence[str],
+    encoder: TextEncoder,
+    batch_size: int = 64,
+    progress: bool = True,
+    layers: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Token embeddings (N, W, D) as stored (float16), lengths (N,) and the number of
-    captions truncated to max_length, for captions in the given order."""
+    """Token embeddings (K, N, W, D) at each of the K `layers` (default: text.layer) as
+    stored (float16), lengths (N,) and the number of captions truncated to max_length, for
+    captions in the given order."""
+    layers = [encoder.cfg.layer] if layers is None else list(layers)
     lengths_full = encoder.token_lengths(unique)
     truncated = sum(n > encoder.max_length for n in lengths_full)
     if truncated:
@@ -125,17 +146,17 @@ def encode_captions(
     # encode in order of length so each batch pads little; rows are restored afterwards
     order = np.argsort([-n for n in lengths_full], kind="stable")
     width = min(max(lengths_full), encoder.max_length)
-    tokens = np.zeros((len(unique), width, encoder.dim), dtype=np.float16)
+    tokens = np.zeros((len(layers), len(unique), width, encoder.dim), dtype=np.float16)
     lengths = np.zeros(len(unique), dtype=np.int32)
     bar = tqdm(total=len(unique), desc="encode_text", unit="caption", disable=not progress)
     for start in range(0, len(unique), batch_size):
         rows = order[start : start + batch_size]
-        emb = encoder.encode([unique[i] for i in rows])
-        values = emb.tokens.numpy()
-        if not np.isfinite(values).all():
-            raise FloatingPointError(f"{encoder.name} produced non-finite embeddings")
-        tokens[rows, : values.shape[1]] = emb.as_stored().tokens.numpy().astype(np.float16)
-        lengths[rows] = emb.mask.sum(1).numpy()
+        for k, emb in enumerate(encoder.encode_layers([unique[i] for i in rows], layers)):
+            values = emb.tokens.numpy()
+            if not np.isfinite(values).all():
+                raise FloatingPointError(f"{encoder.name} produced non-finite embeddings")
+            tokens[k, rows, : values.shape[1]] = values.astype(np.float16)
+            lengths[rows] = emb.mask.sum(1).numpy()
         bar.update(len(rows))
     bar.close()
     return tokens, lengths, truncated
@@ -151,7 +172,8 @@ def stored_rows(tokens: np.ndarray, lengths: np.ndarray, rows: np.ndarray) -> Te
 
 
 class EmbeddingCache:
-    """Read side of the cache: `lookup(record_indices)` gives the batch's embeddings."""
+    """Read side of the cache: `lookup(record_indices)` gives the batch's embeddings (at
+    text.layer, or at an extra layer the cache holds)."""
 
     def __init__(self, root: Path, manifest: dict[str, Any]):
         self.root, self.manifest = root, manifest
@@ -200,10 +222,25 @@ class EmbeddingCache:
         captions = json.loads((self.root / "captions.json").read_text())
         return {c: i for i, c in enumerate(captions)}
 
-    def rows(self, rows: np.ndarray) -> TextEmbeddings:
-        """Embeddings of distinct-caption rows, trimmed to the longest of them."""
-        return stored_rows(self.tokens, self.lengths, rows)
+    def layer_tokens(self, layer: int | None = None) -> np.ndarray:
+        """The stored (U, L, D) tokens at `layer` (None: text.layer's)."""
+        main = self.manifest.get("layer", -1)  # caches from before text.layer: the last
+        if layer is None or layer == main:
+            return self.tokens
+        held = self.manifest.get("extra_layers", [])
+        if layer not in held:
+            raise CacheMismatchError(
+                f"{self.root} holds the encoder's layers {[main, *held]}, not {layer} "
+                "(text.scorer_layer): rebuild it with `imagen-ops encode-text` "
+                "(or `dvc repro encode_text`)"
+            )
+        return np.load(self.root / _layer_file(layer), mmap_mode="r")
 
-    def lookup(self, record_indices: np.ndarray) -> TextEmbeddings:
+    def rows(self, rows: np.ndarray, layer: int | None = None) -> TextEmbeddings:
+        """Embeddings of distinct-caption rows at `layer` (None: text.layer), trimmed to the
+        longest of them."""
+        return stored_rows(self.layer_tokens(layer), self.lengths, rows)
+
+    def lookup(self, record_indices: np.ndarray, layer: int | None = None) -> TextEmbeddings:
         """Embeddings of prepared records (by their index in the prepared table)."""
-        return self.rows(self.index[np.asarray(record_indices)])
+        return self.rows(self.index[np.asarray(record_indices)], layer)

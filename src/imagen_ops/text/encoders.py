@@ -172,7 +172,8 @@ class TextEncoder:
     """A frozen Hugging Face encoder: T5EncoderModel, a BERT-family AutoModel, or CLIPTextModel.
 
     Use `load_text_encoder`; `encode` returns the hidden states of `text.layer` (the last by
-    default, as in Imagen) with padding zeroed. An earlier layer can bind words better: a
+    default, as in Imagen) with padding zeroed, or of another layer (the scorer's,
+    `text.scorer_layer`). An earlier layer can bind words better: a
     sentence encoder's last layer is trained to be mean-pooled, and MiniLM's no longer tells
     which color goes with which shape in captions whose color pair it has not seen
     (BENCHMARKS.md, "which encoder layer"). Layer k is the model's `hidden_states[k]`; T5's
@@ -192,12 +193,9 @@ class TextEncoder:
         self.model = model_cls.from_pretrained(model_dir, dtype=getattr(torch, cfg.dtype))
         self.model.eval().requires_grad_(False).to(self.device)
         self.dim = int(self.model.config.hidden_size)  # T5 maps hidden_size to d_model
-        layers = int(self.model.config.num_hidden_layers)  # T5: num_layers
-        if cfg.layer > layers:
-            raise ValueError(
-                f"text.layer is {cfg.layer} but {cfg.encoder} has {layers} layers: "
-                f"use -1 (the last) or 0..{layers}"
-            )
+        self.num_layers = int(self.model.config.num_hidden_layers)  # T5: num_layers
+        self.check_layer(cfg.layer, "text.layer")
+        self.check_layer(cfg.scorer_layer, "text.scorer_layer")
         self.max_length = min(cfg.max_length, _model_max_length(self.model))
         self.weights_id = weights_id
 
@@ -209,13 +207,29 @@ class TextEncoder:
         """Untruncated token counts (to report truncation)."""
         return [len(ids) for ids in self.tokenizer(list(texts), truncation=False)["input_ids"]]
 
+    def check_layer(self, layer: int, key: str) -> None:
+        """Refuse a hidden layer the model does not have, naming the setting (`key`)."""
+        if layer > self.num_layers:
+            raise ValueError(
+                f"{key} is {layer} but {self.name} has {self.num_layers} layers: "
+                f"use -1 (the last) or 0..{self.num_layers}"
+            )
+
+    def encode(self, texts: Sequence[str], layer: int | None = None) -> TextEmbeddings:
+        """Embed one batch of captions at `layer` (default `text.layer`): (B, L, D) tokens,
+        L the longest (truncated) caption."""
+        return self.encode_layers(texts, [self.cfg.layer if layer is None else layer])[0]
+
     @torch.no_grad()
-    def encode(self, texts: Sequence[str]) -> TextEmbeddings:
-        """Embed one batch of captions: (B, L, D) tokens, L the longest (truncated) caption."""
+    def encode_layers(self, texts: Sequence[str], layers: Sequence[int]) -> list[TextEmbeddings]:
+        """The captions' tokens at each of `layers`, from one pass through the model (the
+        embedding cache stores the U-Net's layer and the scorer's)."""
         texts = list(texts)
         for i, text in enumerate(texts):
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"caption {i} is empty; captions must be non-empty text")
+        for layer in layers:
+            self.check_layer(layer, "layer")
         batch = self.tokenizer(
             texts,
             padding="longest",
@@ -226,11 +240,11 @@ class TextEncoder:
         out = self.model(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
-            output_hidden_states=self.cfg.layer >= 0,
+            output_hidden_states=any(layer >= 0 for layer in layers),
         )
-        hidden = out.last_hidden_state if self.cfg.layer < 0 else out.hidden_states[self.cfg.layer]
         mask = batch["attention_mask"].bool()
-        return TextEmbeddings((hidden * mask[..., None]).float().cpu(), mask.cpu())
+        states = [out.last_hidden_state if k < 0 else out.hidden_states[k] for k in layers]
+        return [TextEmbeddings((h * mask[..., None]).float().cpu(), mask.cpu()) for h in states]
 
 
 def _kind_of(model_type: str) -> str:

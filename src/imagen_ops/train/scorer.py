@@ -82,8 +82,9 @@ def negatives_for(table: pd.DataFrame, records: np.ndarray, seed: int) -> list[d
 
 class _CaptionBank:
     """Every caption training uses (the records' own and their hard negatives) as token
-    embeddings: copied from the cache where it holds the caption (the records' own, and
-    negatives that are other records' captions), encoded once otherwise. A caption's row is
+    embeddings at the scorer's layer: copied from the cache where it holds the caption (the
+    records' own, and negatives that are other records' captions), encoded once otherwise.
+    A caption's row is
     its identity: equal rows, equal captions. By record position: `captions` (rows) and
     `rows` (negative rows by kind)."""
 
@@ -94,6 +95,7 @@ class _CaptionBank:
         cache: EmbeddingCache,
         encoder: Any,
         cfg: TextConfig,
+        layer: int,
         progress: bool,
     ):
         unique = list(dict.fromkeys(captions + [c for d in negatives for c in d.values()]))
@@ -103,15 +105,16 @@ class _CaptionBank:
         cached = cache.row_of_caption()
         held = [(i, cached[c]) for i, c in enumerate(unique) if c in cached]
         new = [c for c in unique if c not in cached]
-        width = cache.tokens.shape[1]
+        stored = cache.layer_tokens(layer)
+        width = stored.shape[1]
         if new:
-            tokens, lengths, _ = encode_captions(new, encoder, cfg.batch_size, progress)
+            (tokens,), lengths, _ = encode_captions(new, encoder, cfg.batch_size, progress, [layer])
             width = max(width, tokens.shape[1])
         self.tokens = np.zeros((len(unique), width, cache.dim), dtype=np.float16)
         self.lengths = np.zeros(len(unique), dtype=np.int32)
         if held:
             rows, source = (np.array(v) for v in zip(*held, strict=True))
-            self.tokens[rows, : cache.tokens.shape[1]] = cache.tokens[source]
+            self.tokens[rows, : stored.shape[1]] = stored[source]
             self.lengths[rows] = cache.lengths[source]
         if new:
             rows = np.array([self.row[c] for c in new])
@@ -202,6 +205,7 @@ def train_scorer(
     prepared = PreparedData.open(paths.prepared)
     table = prepared.table
     cache = EmbeddingCache.open(paths.cache, text, table["caption"].tolist())
+    cache.layer_tokens(text.scorer_layer)  # a cache without the scorer's layer fails here
     images = prepared.images(resolution)
     train, val = prepared.indices("train"), prepared.indices("val")
     if len(train) < cfg.batch_size:
@@ -219,10 +223,11 @@ def train_scorer(
         cache,
         encoder,
         text,
+        text.scorer_layer,
         progress,
     )
     weights = category_weights(table, train)
-    model = Scorer(cfg, resolution, cache.dim)
+    model = Scorer(cfg, resolution, cache.dim, text.scorer_layer)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     losses = []
     bar = tqdm(range(cfg.steps), desc="train scorer", unit="step", disable=not progress)
@@ -275,7 +280,7 @@ def held_out_accuracy(
     for start in range(0, len(val), batch):
         records = val[start : start + batch]
         img = model.embed_images(from_uint8(images[records]))
-        true = (img * model.embed_text(cache.lookup(records))).sum(-1)
+        true = (img * model.embed_text(cache.lookup(records, model.text_layer))).sum(-1)
         cosines += true.tolist()
         for kind in (*NEGATIVE_KINDS, SHUFFLE):
             which = [i for i in range(len(records)) if kind in bank.rows[offset + start + i]]
