@@ -140,6 +140,22 @@ def test_batches_do_not_change_images(cascade) -> None:
     assert not np.array_equal(one_batch[0], one_batch[1])
 
 
+def test_fp32_images_do_not_depend_on_the_thread_count(cascade) -> None:
+    """fp32 sampling gives the same pixels with 1 or 2 threads (bf16 autocast on a CPU
+    may not: its reductions split by thread; README, "Reproducing")."""
+    settings = tiny_params("sample.precision=fp32").sample
+    prompts = ["a red circle", "two blue squares"]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = sample_u8(cascade, prompts, settings)
+        torch.set_num_threads(2)
+        two = sample_u8(cascade, prompts, settings)
+    finally:
+        torch.set_num_threads(threads)
+    assert np.array_equal(one, two)
+
+
 def test_progress_bar_counts_every_denoising_step(cascade, capsys) -> None:
     settings = tiny_params().sample.updated(steps=[3, 2], batch_size=2)
     cascade.sample(["a", "b", "c"], settings, progress=True)
