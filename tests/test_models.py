@@ -83,6 +83,26 @@ def test_padded_text_tokens_do_not_change_the_output():
         torch.testing.assert_close(empty, net(x, logsnr, garbage, torch.zeros_like(mask)))
 
 
+def test_coordinate_channels_tell_the_network_where_it_is():
+    """`coordinates`: the first conv sees y and x ramps beside the image (a plain U-Net
+    knows where it is only from the zero padding)."""
+    cfg = UNET.model_copy(update={"coordinates": True})
+    net = randomize(UNet(cfg, text_dim=TEXT_DIM, super_resolution=False))
+    seen = []
+    net.conv_in.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    x, logsnr, text, mask = inputs()
+    with torch.no_grad():
+        net(x, logsnr, text, mask)
+    (stem,) = seen
+    assert stem.shape == (3, 5, 16, 16) and torch.equal(stem[:, :3], x)
+    ys, xs, ones = stem[:, 3], stem[:, 4], torch.ones(3, 16)
+    assert torch.equal(ys[:, 0], -ones) and torch.equal(ys[:, -1], ones), "y: top -1, bottom 1"
+    assert torch.equal(xs[..., 0], -ones) and torch.equal(xs[..., -1], ones), "x: left -1"
+    assert torch.equal(xs[:, 5], xs[:, 9]), "x is the same in every row"
+    assert UNet(UNET, text_dim=TEXT_DIM, super_resolution=False).conv_in.in_channels == 3
+    assert UNet(cfg, text_dim=TEXT_DIM, super_resolution=True).conv_in.in_channels == 8
+
+
 def test_super_resolution_needs_its_conditioning():
     net = randomize(UNet(UNET, text_dim=TEXT_DIM, super_resolution=True))
     x, logsnr, text, mask = inputs()

@@ -186,6 +186,9 @@ class UNetConfig(Section):
         False,
         description="Efficient U-Net: resample before/after the convs, skips scaled 1/sqrt(2)",
     )
+    coordinates: bool = Field(
+        False, description="x / y coordinate channels on the input: where things are"
+    )
 
     @model_validator(mode="after")
     def _per_level_lengths(self) -> UNetConfig:

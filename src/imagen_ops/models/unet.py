@@ -66,6 +66,15 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -
 # ----------------------------------------------------------------------------- blocks
 
 
+def _coordinates(x: Tensor) -> Tensor:
+    """(B, 2, H, W) y and x in [-1, 1]: without them a convolutional U-Net knows where it
+    is only from the zero padding, and "to the left of" needs a left."""
+    b, _, h, w = x.shape
+    ys = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype)
+    xs = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype)
+    return torch.stack(torch.meshgrid(ys, xs, indexing="ij")).expand(b, -1, -1, -1)
+
+
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv twice, with FiLM (scale-shift) from the conditioning embedding."""
 
@@ -243,7 +252,8 @@ class UNet(nn.Module):
         self.noise_emb = NoiseEmbedding(emb)
         self.aug_emb = NoiseEmbedding(emb) if super_resolution else None
         self.text = TextConditioning(text_dim, width, emb, cfg.attention_head_dim)
-        self.conv_in = nn.Conv2d(6 if super_resolution else 3, cfg.channels, 3, padding=1)
+        in_ch = (6 if super_resolution else 3) + (2 if cfg.coordinates else 0)
+        self.conv_in = nn.Conv2d(in_ch, cfg.channels, 3, padding=1)
 
         self.downs, self.down_levels = nn.ModuleList(), nn.ModuleList()
         skip_chans, ch = [], cfg.channels
@@ -300,6 +310,8 @@ class UNet(nn.Module):
             emb = emb + self.aug_emb(aug_logsnr)
             x = torch.cat([x, lowres], dim=1)
         emb = F.silu(emb)
+        if self.cfg.coordinates:
+            x = torch.cat([x, _coordinates(x)], dim=1)
 
         h = stem = self.conv_in(x)
         skips = []
