@@ -195,8 +195,8 @@ def score_images(
 
     With a `scorer` (and the captions' `text` embeddings at its layer): the in-domain CLIP
     score, and where the exact oracle judges the images, how well the scorer's cosine
-    separates correct from incorrect images (AUC) and ranks them (Spearman). `judged`: the oracle's
-    verdicts when the caller already has them (`judge_scenes`)."""
+    separates correct from incorrect images (AUC) and ranks them (Spearman). `judged`: the
+    oracle's verdicts when the caller already has them (`judge_scenes`)."""
     metrics: dict[str, Any] = {"num_images": len(images)}
     if extractor is not None and real_features is not None:
         metrics.update(fid_kid(real_features, extractor(images), with_fid=with_fid))

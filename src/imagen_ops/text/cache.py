@@ -151,12 +151,13 @@ def encode_captions(
     bar = tqdm(total=len(unique), desc="encode_text", unit="caption", disable=not progress)
     for start in range(0, len(unique), batch_size):
         rows = order[start : start + batch_size]
-        for k, emb in enumerate(encoder.encode_layers([unique[i] for i in rows], layers)):
+        embs = encoder.encode_layers([unique[i] for i in rows], layers)
+        for k, emb in enumerate(embs):
             values = emb.tokens.numpy()
             if not np.isfinite(values).all():
                 raise FloatingPointError(f"{encoder.name} produced non-finite embeddings")
             tokens[k, rows, : values.shape[1]] = values.astype(np.float16)
-            lengths[rows] = emb.mask.sum(1).numpy()
+        lengths[rows] = embs[0].mask.sum(1).numpy()  # one mask for every layer
         bar.update(len(rows))
     bar.close()
     return tokens, lengths, truncated
@@ -180,6 +181,7 @@ class EmbeddingCache:
         self.tokens = np.load(root / "tokens.npy", mmap_mode="r")
         self.lengths = np.load(root / "lengths.npy")
         self.index = np.load(root / "index.npy")
+        self._extra: dict[int, np.ndarray] = {}  # extra layers, mapped on first use
 
     @classmethod
     def open(
@@ -234,7 +236,9 @@ class EmbeddingCache:
                 "(text.scorer_layer): rebuild it with `imagen-ops encode-text` "
                 "(or `dvc repro encode_text`)"
             )
-        return np.load(self.root / _layer_file(layer), mmap_mode="r")
+        if layer not in self._extra:
+            self._extra[layer] = np.load(self.root / _layer_file(layer), mmap_mode="r")
+        return self._extra[layer]
 
     def rows(self, rows: np.ndarray, layer: int | None = None) -> TextEmbeddings:
         """Embeddings of distinct-caption rows at `layer` (None: text.layer), trimmed to the

@@ -84,9 +84,8 @@ class _CaptionBank:
     """Every caption training uses (the records' own and their hard negatives) as token
     embeddings at the scorer's layer: copied from the cache where it holds the caption (the
     records' own, and negatives that are other records' captions), encoded once otherwise.
-    A caption's row is
-    its identity: equal rows, equal captions. By record position: `captions` (rows) and
-    `rows` (negative rows by kind)."""
+    A caption's row is its identity: equal rows, equal captions. By record position:
+    `captions` (rows) and `rows` (negative rows by kind)."""
 
     def __init__(
         self,
