@@ -233,6 +233,12 @@ def test_scorer_rejects_what_it_cannot_use(tmp_path) -> None:
     (tmp_path / "s" / "config.json").write_text(json.dumps({**config, "format": 99}))
     with pytest.raises(ValueError, match="format 99"):
         load_scorer(tmp_path / "s")
+    # format 3 recorded no layer: it read the cache's text.layer, which the caller knows
+    old = {k: v for k, v in config.items() if k != "text_layer"}
+    (tmp_path / "s" / "config.json").write_text(json.dumps({**old, "format": 3}))
+    with pytest.raises(ValueError, match="format 3"):
+        load_scorer(tmp_path / "s")
+    assert load_scorer(tmp_path / "s", cache_layer=2).text_layer == 2
     assert torch.isfinite(scorer.scale)
 
 
@@ -257,3 +263,10 @@ def test_a_packaged_model_carries_its_scorer_and_reranks(tiny_models, tmp_path) 
     assert images.shape == (1, 3, 32, 32)
     with pytest.raises(FileNotFoundError, match="no scorer"):
         package_cascade(tiny_models, ModelSpec.from_params(params), tmp_path / "x", tmp_path)
+    # a model registered with a format-3 scorer (no recorded layer) still loads, as the
+    # champion the next scheduled run compares against: it read the cascade's text.layer
+    config_path = root / "scorer" / "config.json"
+    config = json.loads(config_path.read_text())
+    del config["text_layer"]
+    config_path.write_text(json.dumps({**config, "format": 3}))
+    assert Cascade.from_dir(root).scorer.text_layer == params.text.layer

@@ -236,7 +236,7 @@ class Cascade:
         stages = [load_stage(root / name, device=device) for name in stage_names]
         scorer = None
         if (root / SCORER_DIR / "config.json").is_file():
-            scorer = load_scorer(root / SCORER_DIR, device)
+            scorer = load_scorer(root / SCORER_DIR, device, cache_layer=text.layer)
         return cls(stages, text, scorer)
 
     def write_manifest(self, root: str | Path, **extra: Any) -> None:

@@ -230,7 +230,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     given = {k: v[0] if isinstance(v, list) and len(v) == 1 else v for k, v in given.items()}
     settings = defaults.updated(**given)
     if settings.rerank > 1 and cascade.scorer is None and params is not None:
-        cascade.scorer = _optional_scorer(Path(params.paths.scorer))  # the project's
+        project = Path(params.paths.scorer)  # its format-3 scorer read params text.layer
+        cascade.scorer = _optional_scorer(project, params.text.layer)
     prompts = [p for p in prompts for _ in range(args.num_images)]
     seeds = [settings.seed + k for k in range(len(prompts))]
     out = to_uint8(
@@ -350,7 +351,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     params = _params(args)
     p, view = params.paths, view_for(params, "evaluate")
     cfg, text = view["eval"], view["text"]
-    scorer = _optional_scorer(_path(args.scorer, p.scorer))
+    scorer = _optional_scorer(_path(args.scorer, p.scorer), text.layer)
     prompts = held_out(
         _path(args.prepared, p.prepared),
         _path(args.cache, p.text_cache),
@@ -383,14 +384,15 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     _out(json.dumps(result, indent=2))
 
 
-def _optional_scorer(path: Path):
-    """The trained scorer at `path`, or None (with a log line) when there is none."""
+def _optional_scorer(path: Path, text_layer: int):
+    """The trained scorer at `path` (a format-3 one read `text_layer`), or None (with a log
+    line) when there is none."""
     from imagen_ops.scorer import load_scorer
 
     if not (path / "config.json").is_file():
         log.warning("no scorer at %s: in_domain_clip_score is null (dvc repro train_scorer)", path)
         return None
-    return load_scorer(path)
+    return load_scorer(path, cache_layer=text_layer)
 
 
 def cmd_register(args: argparse.Namespace) -> None:

@@ -141,8 +141,14 @@ def scorer_digest(path: str | Path) -> str:
     return sha256_files({name: Path(path) / name for name in ("config.json", "scorer.safetensors")})
 
 
-def load_scorer(path: str | Path, device: str | torch.device = "cpu") -> Scorer:
-    """A trained scorer from its folder (config.json + scorer.safetensors), frozen."""
+def load_scorer(
+    path: str | Path, device: str | torch.device = "cpu", cache_layer: int | None = None
+) -> Scorer:
+    """A trained scorer from its folder (config.json + scorer.safetensors), frozen.
+
+    Format 3 (the same weights, no recorded layer) read the cache's `text.layer`: given it
+    as `cache_layer`, such a scorer still loads, so a champion registered before format 4
+    stays comparable on the next scheduled run."""
     path = Path(path)
     config_path = path / "config.json"
     if not config_path.is_file():
@@ -151,6 +157,8 @@ def load_scorer(path: str | Path, device: str | torch.device = "cpu") -> Scorer:
             "(or `dvc repro train_scorer`)"
         )
     cfg = json.loads(config_path.read_text())
+    if cfg.get("format") == 3 and cache_layer is not None:
+        cfg = {**cfg, "format": SCORER_FORMAT, "text_layer": cache_layer}
     if cfg.get("format") != SCORER_FORMAT:
         raise ValueError(
             f"{config_path}: scorer format {cfg.get('format')}, this version reads "
