@@ -67,8 +67,10 @@ def test_efficient_unet_runs_no_block_at_full_resolution():
     assert max(sizes) == 8 and net.skip_scale == pytest.approx(2**-0.5)
 
 
-def test_padded_text_tokens_do_not_change_the_output():
-    net = randomize(UNet(UNET, text_dim=TEXT_DIM, super_resolution=False))
+@pytest.mark.parametrize("text_layers", [0, 1])
+def test_padded_text_tokens_do_not_change_the_output(text_layers):
+    cfg = UNET.model_copy(update={"text_layers": text_layers})
+    net = randomize(UNet(cfg, text_dim=TEXT_DIM, super_resolution=False))
     x, logsnr, text, mask = inputs()
     garbage = text.clone()
     garbage[~mask] = torch.randn(int((~mask).sum()), TEXT_DIM) * 100
@@ -101,6 +103,44 @@ def test_coordinate_channels_tell_the_network_where_it_is():
     assert torch.equal(xs[:, 5], xs[:, 9]), "x is the same in every row"
     assert UNet(UNET, text_dim=TEXT_DIM, super_resolution=False).conv_in.in_channels == 3
     assert UNet(cfg, text_dim=TEXT_DIM, super_resolution=True).conv_in.in_channels == 8
+
+
+def test_text_layers_let_each_token_read_the_others_and_their_order():
+    """`text_layers`: cross-attention reads tokens one by one, so a noun's token must carry
+    the relation word itself ("left" vs "right" barely moves MiniLM's noun tokens)."""
+    _, _, text, mask = inputs(b=1)
+    mask = torch.ones_like(mask)
+    later = text.clone()
+    later[:, -1] = torch.randn(TEXT_DIM)  # another last word
+    swapped = text[:, [1, 0, 2, 3, 4]]  # the first two words in the other order
+    for layers in (0, 1):
+        cfg = UNET.model_copy(update={"text_layers": layers})
+        cond = UNet(cfg, text_dim=TEXT_DIM, super_resolution=False).text.eval()
+        with torch.no_grad():
+            (tokens, _, pooled), (tokens_later, *_), (_, _, pooled_swapped) = (
+                cond(t, mask) for t in (text, later, swapped)
+            )
+        first_word_moves = not torch.allclose(tokens[:, 1], tokens_later[:, 1])
+        order_matters = not torch.allclose(pooled, pooled_swapped)
+        assert first_word_moves == order_matters == (layers > 0), layers
+
+
+def test_without_pooled_text_the_film_embedding_sees_no_text():
+    """`pooled_text: false`: the text reaches the pixels through attention alone, so what
+    every residual block's FiLM reads is the noise level only."""
+    x, logsnr, text, mask = inputs()
+    other = torch.randn_like(text)
+    for pooled in (True, False):
+        cfg = UNET.model_copy(update={"pooled_text": pooled})
+        net = randomize(UNet(cfg, text_dim=TEXT_DIM, super_resolution=False))
+        seen: list[torch.Tensor] = []
+        film = net.down_levels[0].blocks[0].film
+        film.register_forward_hook(lambda m, i, o, seen=seen: seen.append(i[0]))
+        with torch.no_grad():
+            a, b = net(x, logsnr, text, mask), net(x, logsnr, other, mask)
+        assert not torch.allclose(a, b), "the text still matters"
+        assert torch.equal(seen[0], seen[1]) != pooled
+        assert hasattr(net.text, "query") == pooled, "no pooling weights to train for nothing"
 
 
 def test_super_resolution_needs_its_conditioning():

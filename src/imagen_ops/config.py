@@ -189,6 +189,12 @@ class UNetConfig(Section):
     coordinates: bool = Field(
         False, description="x / y coordinate channels on the input: where things are"
     )
+    text_layers: int = Field(
+        0, ge=0, description="trainable Transformer layers over the frozen encoder's tokens"
+    )
+    pooled_text: bool = Field(
+        True, description="the attention-pooled text joins the FiLM embedding (Imagen's)"
+    )
 
     @model_validator(mode="after")
     def _per_level_lengths(self) -> UNetConfig:

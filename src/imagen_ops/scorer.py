@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from imagen_ops.config import ScorerConfig
 from imagen_ops.files import atomic_dir, sha256_files
+from imagen_ops.models.unet import position_encoding
 from imagen_ops.text.encoders import TextEmbeddings
 
 __all__ = ["SCORER_FORMAT", "Scorer", "load_scorer", "scorer_digest"]
@@ -62,15 +63,6 @@ class ImageTower(nn.Module):
         return self.head(self.body(images).flatten(1))
 
 
-def sinusoid(length: int, width: int) -> Tensor:
-    """Transformer position encodings (Vaswani et al. 2017), (length, width)."""
-    pos = torch.arange(length, dtype=torch.float32)[:, None]
-    freq = torch.exp(-math.log(10_000) * torch.arange(0, width, 2, dtype=torch.float32) / width)
-    out = torch.zeros(length, width)
-    out[:, 0::2], out[:, 1::2] = torch.sin(pos * freq), torch.cos(pos * freq)
-    return out
-
-
 class TextHead(nn.Module):
     def __init__(self, cfg: ScorerConfig, text_dim: int):
         super().__init__()
@@ -86,7 +78,7 @@ class TextHead(nn.Module):
     def forward(self, text: TextEmbeddings) -> Tensor:
         pad = ~text.mask
         x = self.proj(text.tokens)
-        x = self.layer(x + sinusoid(x.shape[1], x.shape[2]).to(x), src_key_padding_mask=pad)
+        x = self.layer(x + position_encoding(*x.shape[1:]).to(x), src_key_padding_mask=pad)
         pooled, _ = self.pool(self.query.expand(len(x), -1, -1), x, x, key_padding_mask=pad)
         return self.out(pooled[:, 0])
 

@@ -202,24 +202,63 @@ class NoiseEmbedding(nn.Module):
         return self.mlp(sinusoidal(logsnr, self.dim))
 
 
+def position_encoding(length: int, width: int) -> Tensor:
+    """Transformer position encodings (Vaswani et al. 2017), (length, width)."""
+    pos = torch.arange(length, dtype=torch.float32)[:, None]
+    freq = torch.exp(-math.log(10_000) * torch.arange(0, width, 2, dtype=torch.float32) / width)
+    out = torch.zeros(length, width)
+    out[:, 0::2], out[:, 1::2] = torch.sin(pos * freq), torch.cos(pos * freq)
+    return out
+
+
 class TextConditioning(nn.Module):
     """LayerNorm + projection of the frozen encoder's tokens, a learned null token, and an
-    attention-pooled summary that joins the noise embedding (Imagen's pooled text)."""
+    attention-pooled summary that joins the noise embedding (Imagen's pooled text).
 
-    def __init__(self, text_dim: int, width: int, emb_dim: int, head_dim: int):
+    `layers` > 0 adds position encodings and runs that many trainable Transformer layers
+    over the null token and the projected tokens, as the scorer's text head does: the
+    relation word hardly changes a frozen encoder's noun tokens (cosine 0.998 between "left
+    of" and "right of" in MiniLM's layer 3), and cross-attention reads each token on its own.
+    Issue #13's experiment; off by default (BENCHMARKS.md: it did not make the layout follow
+    the relation word).
+    """
+
+    def __init__(
+        self,
+        text_dim: int,
+        width: int,
+        emb_dim: int,
+        head_dim: int,
+        layers: int = 0,
+        pooled: bool = True,
+    ):
         super().__init__()
         self.heads = max(1, width // head_dim)
         self.proj = nn.Sequential(nn.LayerNorm(text_dim), nn.Linear(text_dim, width))
         self.null = nn.Parameter(torch.randn(1, 1, width) * 0.02)
-        self.query = nn.Parameter(torch.randn(1, 1, width) * 0.02)
-        self.to_kv = nn.Linear(width, 2 * width)
-        self.to_emb = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, emb_dim))
+        self.pooled = pooled
+        if pooled:  # Imagen's pooled text; without it text reaches pixels by attention alone
+            self.query = nn.Parameter(torch.randn(1, 1, width) * 0.02)
+            self.to_kv = nn.Linear(width, 2 * width)
+            self.to_emb = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, emb_dim))
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(
+                width, self.heads, 2 * width, dropout=0.0, batch_first=True, norm_first=True
+            )
+            for _ in range(layers)
+        )
 
-    def forward(self, text: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Return (tokens with the null token first, their mask, pooled embedding)."""
+    def forward(self, text: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Return (tokens with the null token first, their mask, pooled embedding or None)."""
         b = text.shape[0]
         tokens = torch.cat([self.null.expand(b, -1, -1), self.proj(text)], dim=1)
         mask = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=mask.device), mask], dim=1)
+        if len(self.layers):  # the null token is always there: no row is fully masked
+            tokens = tokens + position_encoding(*tokens.shape[1:]).to(tokens)
+            for layer in self.layers:
+                tokens = layer(tokens, src_key_padding_mask=~mask)
+        if not self.pooled:
+            return tokens, mask, None
         k, v = self.to_kv(tokens).chunk(2, dim=-1)
 
         def split(t: Tensor) -> Tensor:
@@ -251,7 +290,14 @@ class UNet(nn.Module):
 
         self.noise_emb = NoiseEmbedding(emb)
         self.aug_emb = NoiseEmbedding(emb) if super_resolution else None
-        self.text = TextConditioning(text_dim, width, emb, cfg.attention_head_dim)
+        self.text = TextConditioning(
+            text_dim,
+            width,
+            emb,
+            cfg.attention_head_dim,
+            layers=cfg.text_layers,
+            pooled=cfg.pooled_text,
+        )
         in_ch = (6 if super_resolution else 3) + (2 if cfg.coordinates else 0)
         self.conv_in = nn.Conv2d(in_ch, cfg.channels, 3, padding=1)
 
@@ -305,7 +351,7 @@ class UNet(nn.Module):
                 "super-resolution stages need lowres and aug_logsnr; base stages neither"
             )
         tokens, mask, pooled = self.text(text, text_mask)
-        emb = self.noise_emb(logsnr) + pooled
+        emb = self.noise_emb(logsnr) if pooled is None else self.noise_emb(logsnr) + pooled
         if self.super_resolution:
             emb = emb + self.aug_emb(aug_logsnr)
             x = torch.cat([x, lowres], dim=1)
