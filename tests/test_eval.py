@@ -328,6 +328,39 @@ def test_evaluation_scores_the_prompts_at_the_scorers_layer(tiny_data, tmp_path)
         evaluate_module.evaluate(params.eval, params.sample, sample_fn, plain, paths, **run)
 
 
+def test_the_sweep_point_at_the_headline_setting_reuses_its_images(tiny_data, tmp_path) -> None:
+    """A sweep weight equal to sample.guidance is the headline's own setting on its first
+    prompts and seeds: those images are scored again, not sampled a second time."""
+    params = tiny_params(
+        "eval.fid=false", "eval.guidance_sweep=[[2.0, 1.0], 3.0]", "eval.sweep_samples=2"
+    )
+    prompts = evaluate_module.held_out(
+        tiny_data["prepared"], tiny_data["cache"], params.text, params.eval
+    )
+    calls = []
+
+    def sample_fn(text, settings, seeds, scorer_text=None):
+        guidance = settings.per_stage("guidance", 2)
+        calls.append((guidance, list(seeds)))
+        shade = np.array(seeds, np.uint8)[:, None, None, None] * 40 + int(guidance[0])
+        return np.broadcast_to(shade, (len(seeds), 32, 32, 3)).copy(), {}
+
+    run = dict(stage_count=2, model_sha256="-", device="cpu", scorer=None)
+    paths = eval_paths(tmp_path / "run")
+    evaluate_module.evaluate(params.eval, params.sample, sample_fn, prompts, paths, **run)
+    n, n_sweep = len(prompts.records), min(params.eval.sweep_samples, len(prompts.records))
+    assert n_sweep < n
+    first = params.sample.seed
+    assert calls == [
+        ([2.0, 1.0], list(range(first, first + n))),  # the headline
+        ([3.0, 3.0], list(range(first, first + n_sweep))),  # the other sweep point
+    ]
+    with paths.sweep.open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["guidance_stages"] for r in rows] == ["2 1", "3 3"]
+    assert all(r["alignment"] != "" for r in rows)
+
+
 def eval_paths(out: Path) -> evaluate_module.EvalPaths:
     return evaluate_module.EvalPaths(
         out=out / "eval",

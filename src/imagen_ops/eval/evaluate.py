@@ -321,7 +321,10 @@ def evaluate(
     n_sweep = min(cfg.sweep_samples, n)
     for weight in cfg.guidance_sweep:
         point_settings = settings.updated(guidance=weight)
-        swept, _ = sample_fn(prompts.text[:n_sweep], point_settings, seeds[:n_sweep])
+        if point_settings == settings:  # the headline's own images, not sampled twice
+            swept = images[:n_sweep]
+        else:
+            swept, _ = sample_fn(prompts.text[:n_sweep], point_settings, seeds[:n_sweep])
         sweep.append(_sweep_row(point_settings, stage_count, score(swept, with_fid=False)))
 
     if rerank > 1 and scorer is not None:  # best of N, beside the plain numbers
