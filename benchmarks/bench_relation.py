@@ -44,7 +44,7 @@ from imagen_ops.data.shapes import COLORS, OPPOSITE, Scene, caption_for, render_
 from imagen_ops.diffusion.objectives import to_x0
 from imagen_ops.diffusion.schedules import alpha_sigma
 from imagen_ops.eval.alignment import Detection, detect_objects, score_detections
-from imagen_ops.images import to_uint8
+from imagen_ops.images import from_uint8, to_uint8
 
 from common import machine
 
@@ -150,7 +150,7 @@ def mean_predictions(
 
 def rendered(scenes: list[dict], resolution: int) -> torch.Tensor:
     images = [np.asarray(render_scene(Scene.from_dict(s), resolution)) for s in scenes]
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return from_uint8(np.stack(images))
 
 
 def main() -> None:
@@ -176,8 +176,7 @@ def main() -> None:
 
     train = prepared.indices("train")
     images = prepared.images(base.resolution)
-    real = torch.from_numpy(np.stack([images[i] for i in train])).permute(0, 3, 1, 2)
-    real = real.float() / 127.5 - 1
+    real = from_uint8(images[train])  # one gathered read of the memory-mapped shards
     train_scenes = [json.loads(s) for s in table["scene"].iloc[train]]
     position = [i for i, s in enumerate(train_scenes) if s["category"] == "position"]
     data = float(contrast(real[position], [train_scenes[i] for i in position]).mean())

@@ -351,7 +351,9 @@ class UNet(nn.Module):
                 "super-resolution stages need lowres and aug_logsnr; base stages neither"
             )
         tokens, mask, pooled = self.text(text, text_mask)
-        emb = self.noise_emb(logsnr) if pooled is None else self.noise_emb(logsnr) + pooled
+        emb = self.noise_emb(logsnr)
+        if pooled is not None:
+            emb = emb + pooled
         if self.super_resolution:
             emb = emb + self.aug_emb(aug_logsnr)
             x = torch.cat([x, lowres], dim=1)
