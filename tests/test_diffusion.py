@@ -101,9 +101,11 @@ def test_objective_round_trip(objective):
     torch.testing.assert_close(to_eps(x0, x_t, alpha, sigma), eps, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize(("weighting", "floor"), [("min_snr", 0.0), ("truncated_min_snr", 1.0)])
 @pytest.mark.parametrize("objective", ["eps", "x0", "v"])
-def test_min_snr_weight_is_min_snr_in_x0_space(objective):
-    """Whatever the objective, weight * |out - target|^2 == min(snr, gamma) |x0_hat - x0|^2."""
+def test_snr_weightings_are_what_they_say_in_x0_space(objective, weighting, floor):
+    """Whatever the objective, weight * |out - target|^2 == clamp(snr, floor, gamma) times
+    |x0_hat - x0|^2: min-SNR's x0 weight vanishes at high noise, the truncated one keeps 1."""
     g = torch.Generator().manual_seed(1)
     x0, eps, noise = (torch.randn(16, 8, generator=g) for _ in range(3))
     logsnr = torch.linspace(-6, 6, 16)[:, None]
@@ -112,10 +114,10 @@ def test_min_snr_weight_is_min_snr_in_x0_space(objective):
     out = target(x0, eps, alpha, sigma, objective) + 0.1 * noise  # an imperfect prediction
     x0_hat = to_x0(out, x_t, alpha, sigma, objective)
     lhs = (
-        loss_weight(logsnr, objective, "min_snr", 5.0)
+        loss_weight(logsnr, objective, weighting, 5.0)
         * (out - target(x0, eps, alpha, sigma, objective)) ** 2
     )
-    rhs = logsnr.exp().clamp(max=5.0) * (x0_hat - x0) ** 2
+    rhs = logsnr.exp().clamp(min=floor, max=5.0) * (x0_hat - x0) ** 2
     torch.testing.assert_close(lhs.sum(1), rhs.sum(1), rtol=1e-4, atol=1e-5)
     assert torch.all(loss_weight(logsnr, objective, "none") == 1)
 

@@ -10,7 +10,7 @@ from imagen_ops.cascade import Cascade, Stage, augment_lowres
 from imagen_ops.config import TextConfig, UNetConfig
 from imagen_ops.diffusion.guidance import Conditioning, classifier_free_guidance
 from imagen_ops.diffusion.schedules import alpha_sigma
-from imagen_ops.models.unet import UNet, explicit_attention, masked_attention
+from imagen_ops.models.unet import AttentionBlock, UNet, explicit_attention, masked_attention
 from imagen_ops.text.encoders import TextEmbeddings
 
 from .conftest import tiny_params
@@ -141,6 +141,23 @@ def test_without_pooled_text_the_film_embedding_sees_no_text():
         assert not torch.allclose(a, b), "the text still matters"
         assert torch.equal(seen[0], seen[1]) != pooled
         assert hasattr(net.text, "query") == pooled, "no pooling weights to train for nothing"
+
+
+def test_attention_position_tells_the_attention_where_each_pixel_is():
+    """`attention_position`: on an image that is the same everywhere, attention without
+    position encodings answers the same at every pixel; with them left and right differ,
+    so a left pixel can look for the object the caption puts on the left."""
+    x = torch.randn(1, 64, 1, 1).expand(1, 64, 4, 4)
+    text, mask = torch.randn(1, 3, 32), torch.ones(1, 3, dtype=torch.bool)
+    for position in (False, True):
+        torch.manual_seed(0)
+        attn = AttentionBlock(64, 32, 32, self_attention=True, text=True, position=position)
+        nn.init.normal_(attn.out.weight)  # zero-initialised: the identity would hide it
+        with torch.no_grad():
+            out = attn(x, text, mask)
+        varies = not torch.allclose(out[..., 0], out[..., -1])
+        assert varies == position
+        assert hasattr(attn.position, "weight") == position
 
 
 def test_super_resolution_needs_its_conditioning():

@@ -189,6 +189,9 @@ class UNetConfig(Section):
     coordinates: bool = Field(
         False, description="x / y coordinate channels on the input: where things are"
     )
+    attention_position: bool = Field(
+        False, description="2D position encodings on every attention layer's pixel tokens"
+    )
     text_layers: int = Field(
         0, ge=0, description="trainable Transformer layers over the frozen encoder's tokens"
     )

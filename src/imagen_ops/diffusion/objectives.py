@@ -79,10 +79,16 @@ LOSS_WEIGHTINGS: Choices[Callable[[Tensor, float, Objective], Tensor]] = Choices
     {
         "none": lambda snr, gamma, objective: torch.ones_like(snr),
         "min_snr": lambda snr, gamma, objective: snr.clamp(max=gamma) / objective.x0_weight(snr),
+        "truncated_min_snr": lambda snr, gamma, objective: (
+            snr.clamp(min=1.0, max=gamma) / objective.x0_weight(snr)
+        ),
     },
 )
 """Loss weighting name -> (snr, gamma, objective) -> weight on the objective's squared error:
-"none" leaves the objective's own weighting, "min_snr" makes the x0 weight min(snr, gamma)."""
+"none" leaves the objective's own weighting, "min_snr" makes the x0 weight min(snr, gamma),
+"truncated_min_snr" clamps it to [1, gamma]: min-SNR's cap with the floor of Salimans & Ho
+(2022)'s truncated SNR weighting, max(snr, 1), so the high noise levels where the layout
+is decided keep an x0 weight of 1 instead of ~snr (0.02 at log-SNR -4)."""
 
 
 def loss_weight(logsnr: Tensor, objective: str, weighting: str, gamma: float = 5.0) -> Tensor:

@@ -75,6 +75,17 @@ def _coordinates(x: Tensor) -> Tensor:
     return torch.stack(torch.meshgrid(ys, xs, indexing="ij")).expand(b, -1, -1, -1)
 
 
+POSITION_FREQS = 4
+
+
+def _fourier_coordinates(x: Tensor) -> Tensor:
+    """(H * W, 4 * POSITION_FREQS) sin / cos of y and x in [-1, 1] at frequencies pi * k / 2
+    (the lowest is monotonic across the image: left and right differ)."""
+    yx = _coordinates(x[:1]).flatten(2)[0].T  # (HW, 2)
+    angles = (yx[:, :, None] * torch.arange(1, POSITION_FREQS + 1, device=x.device)).flatten(1)
+    return torch.cat([(angles * math.pi / 2).sin(), (angles * math.pi / 2).cos()], dim=1)
+
+
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv twice, with FiLM (scale-shift) from the conditioning embedding."""
 
@@ -100,14 +111,24 @@ class AttentionBlock(nn.Module):
     """Self-attention over pixels, with the text tokens appended to keys and values.
 
     `self_attention=False` attends to text only (cross-attention); `text=False` to pixels only.
+    `position=True` adds a learned projection of 2D position encodings to the pixel tokens,
+    so queries know where they are (issue #13's experiment; off by default).
     """
 
     def __init__(
-        self, channels: int, head_dim: int, text_width: int, *, self_attention: bool, text: bool
+        self,
+        channels: int,
+        head_dim: int,
+        text_width: int,
+        *,
+        self_attention: bool,
+        text: bool,
+        position: bool = False,
     ):
         super().__init__()
         self.heads, self.self_attention, self.text = channels // head_dim, self_attention, text
         self.norm = group_norm(channels)
+        self.position = nn.Linear(4 * POSITION_FREQS, channels) if position else None
         self.to_q = nn.Linear(channels, channels)
         self.to_kv = nn.Linear(channels, 2 * channels) if self_attention else None
         self.to_kv_text = nn.Linear(text_width, 2 * channels) if text else None
@@ -119,6 +140,8 @@ class AttentionBlock(nn.Module):
     def forward(self, x: Tensor, text: Tensor, text_mask: Tensor) -> Tensor:
         b, c, h, w = x.shape
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        if self.position is not None:
+            tokens = tokens + self.position(_fourier_coordinates(x))
         keys, masks = [], []
         if self.self_attention:
             keys.append(self.to_kv(tokens))
@@ -169,7 +192,12 @@ class Level(nn.Module):
         )
         self.attns = nn.ModuleList(
             AttentionBlock(
-                o, cfg.attention_head_dim, text_width, self_attention=self_attention, text=text
+                o,
+                cfg.attention_head_dim,
+                text_width,
+                self_attention=self_attention,
+                text=text,
+                position=cfg.attention_position,
             )
             if self_attention or text
             else nn.Identity()

@@ -1,0 +1,150 @@
+"""How many steps of layout signal does it take to learn where "left of" puts things? (#13)
+
+    python benchmarks/probe_relation.py readout [--steps 3000]
+    python benchmarks/probe_relation.py unet [--steps 1000] [--logsnr -6 -4] [-S key=value]
+
+Both probes train on the position scenes of the prepared training split alone, with their
+cached token embeddings (text.layer), and report every `--every` steps `relation`: the
+signed first-half minus second-half color contrast of the prediction along each held-out
+prompt's axis (bench_relation.contrast), as a fraction of the training images' contrast.
+0 is a bag of words (the words' places ignored), 1 the data's layout.
+
+- `readout`: the U-Net's text path (TextConditioning: LayerNorm, projection, null token,
+  pooled text) read by cross-attention from 16 learned queries, one per cell of a 4 x 4
+  grid, regressing the images' 4 x 4 mean. The frozen tokens carry the relation if this
+  learns it.
+- `unet`: the base stage's U-Net (params.yaml, overridable with -S like the CLI), its
+  output taken as x0 and trained on the x0 error at log-SNR uniform in `--logsnr` alone, where
+  the noisy image holds almost no layout and the caption must supply it (the denoiser's
+  optimum there is the conditional mean). Relation is read from its x0 prediction at
+  log-SNR -4 around the training images' mean image (4 noise draws).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from bench_relation import contrast
+from torch import Tensor, nn
+
+from imagen_ops.config import load_params
+from imagen_ops.data.prepare import PreparedData
+from imagen_ops.diffusion.schedules import alpha_sigma
+from imagen_ops.images import from_uint8
+from imagen_ops.models.unet import TextConditioning, UNet, masked_attention
+from imagen_ops.text.cache import EmbeddingCache
+
+from common import machine
+
+GRID = 4  # the readout's cells per side
+
+
+class Readout(nn.Module):
+    """Cross-attention from one learned query per grid cell to the conditioned tokens."""
+
+    def __init__(self, text_dim: int, width: int = 128, head_dim: int = 32):
+        super().__init__()
+        self.text = TextConditioning(text_dim, width, width, head_dim)
+        self.heads = width // head_dim
+        self.queries = nn.Parameter(torch.randn(1, GRID * GRID, width))
+        self.norm = nn.LayerNorm(width)
+        self.to_q, self.to_kv = nn.Linear(width, width), nn.Linear(width, 2 * width)
+        self.out = nn.Sequential(nn.Linear(2 * width, width), nn.SiLU(), nn.Linear(width, 3))
+
+    def forward(self, text: Tensor, mask: Tensor) -> Tensor:
+        tokens, mask, pooled = self.text(text, mask)
+        b = text.shape[0]
+        queries = self.norm(self.queries).expand(b, -1, -1)
+        k, v = self.to_kv(tokens).chunk(2, dim=-1)
+
+        def split(t: Tensor) -> Tensor:
+            return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
+        read = masked_attention(split(self.to_q(queries)), split(k), split(v), mask)
+        read = read.transpose(1, 2).flatten(2)
+        out = self.out(torch.cat([read, queries + pooled[:, None]], dim=-1))
+        return out.transpose(1, 2).unflatten(-1, (GRID, GRID))
+
+
+def position_split(prepared: PreparedData, cache: EmbeddingCache, split: str, res: int):
+    scenes = [json.loads(s) for s in prepared.table["scene"]]
+    rows = np.array([i for i in prepared.indices(split) if scenes[i]["category"] == "position"])
+    text = cache.lookup(rows)
+    images = from_uint8(prepared.images(res)[rows])
+    return images, text.tokens.float(), text.mask, [scenes[i] for i in rows]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("probe", choices=["readout", "unet"])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--prepared", default="artifacts/prepared")
+    parser.add_argument("--cache", default="artifacts/text_cache")
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--every", type=int, default=250)
+    parser.add_argument("--logsnr", type=float, nargs=2, default=(-6.0, -4.0))
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+    params = load_params(args.params, args.set)
+    print(f"machine: {machine()}\n")
+    torch.manual_seed(0)
+
+    stage = params.stages[params.stage_names()[0]]
+    prepared, cache = PreparedData.open(Path(args.prepared)), EmbeddingCache.open(args.cache)
+    x, text, mask, train_scenes = position_split(prepared, cache, "train", stage.resolution)
+    x_val, text_val, mask_val, val_scenes = position_split(prepared, cache, "val", stage.resolution)
+    data = float(contrast(x, train_scenes).mean())
+
+    if args.probe == "readout":
+        net: nn.Module = Readout(cache.dim)
+        x = F.avg_pool2d(x, stage.resolution // GRID)
+        steps = args.steps or 3000
+    else:
+        net = UNet(stage.unet, text_dim=cache.dim, super_resolution=False)
+        steps = args.steps or 1000
+    opt = torch.optim.AdamW(net.parameters(), args.lr)
+    gen = torch.Generator().manual_seed(0)
+    lo, hi = args.logsnr
+    mean_image = x.mean(0)
+    print(f"{args.probe}: {len(x)} training position scenes, data contrast {data:.3f}")
+    start = time.perf_counter()
+    for step in range(steps + 1):
+        if step % args.every == 0:
+            relation = evaluate(net, args.probe, mean_image, x_val, text_val, mask_val)
+            fraction = float(contrast(relation, val_scenes).mean()) / data
+            print(
+                f"step {step:5d}  relation {fraction:+.3f}  ({time.perf_counter() - start:.0f} s)"
+            )
+        idx = torch.randint(len(x), (32,), generator=gen)
+        if args.probe == "readout":
+            loss = F.mse_loss(net(text[idx], mask[idx]), x[idx])
+        else:
+            logsnr = lo + (hi - lo) * torch.rand(32, generator=gen)
+            alpha, sigma = alpha_sigma(logsnr, like=x[idx])
+            x_t = alpha * x[idx] + sigma * torch.randn(x[idx].shape, generator=gen)
+            loss = F.mse_loss(net(x_t, logsnr, text[idx], mask[idx]), x[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+@torch.no_grad()
+def evaluate(net: nn.Module, probe: str, mean_image: Tensor, x: Tensor, text, mask) -> Tensor:
+    if probe == "readout":
+        return net(text, mask)
+    logsnr = torch.full((len(x),), -4.0)
+    alpha, sigma = alpha_sigma(logsnr, like=x)
+    gen = torch.Generator().manual_seed(1)
+    draws = [alpha * mean_image + sigma * torch.randn(x.shape, generator=gen) for _ in range(4)]
+    return sum(net(x_t, logsnr, text, mask) for x_t in draws) / len(draws)
+
+
+if __name__ == "__main__":
+    main()
