@@ -1,6 +1,6 @@
 """How many steps of layout signal does it take to learn where "left of" puts things? (#13)
 
-    python benchmarks/probe_relation.py readout [--steps 3000]
+    python benchmarks/probe_relation.py readout [--steps 3000] [--layer K] [--seed S]
     python benchmarks/probe_relation.py unet [--steps 1000] [--logsnr -6 -4] [-S key=value]
 
 Both probes train on the position scenes of the prepared training split alone, with their
@@ -10,9 +10,9 @@ prompt's axis (bench_relation.contrast), as a fraction of the training images' c
 0 is a bag of words (the words' places ignored), 1 the data's layout.
 
 - `readout`: the U-Net's text path (TextConditioning: LayerNorm, projection, null token,
-  pooled text) read by cross-attention from 16 learned queries, one per cell of a 4 x 4
-  grid, regressing the images' 4 x 4 mean. The frozen tokens carry the relation if this
-  learns it.
+  pooled text, the base U-Net's `text_layers`) read by cross-attention from 16 learned
+  queries, one per cell of a 4 x 4 grid, regressing the images' 4 x 4 mean. The frozen
+  tokens (of `--layer`, one the cache holds) carry the relation if this learns it.
 - `unet`: the base stage's U-Net (params.yaml, overridable with -S like the CLI), its
   output taken as x0 and trained on the x0 error at log-SNR uniform in `--logsnr` alone, where
   the noisy image holds almost no layout and the caption must supply it (the denoiser's
@@ -48,9 +48,9 @@ GRID = 4  # the readout's cells per side
 class Readout(nn.Module):
     """Cross-attention from one learned query per grid cell to the conditioned tokens."""
 
-    def __init__(self, text_dim: int, width: int = 128, head_dim: int = 32):
+    def __init__(self, text_dim: int, text_layers: int, width: int = 128, head_dim: int = 32):
         super().__init__()
-        self.text = TextConditioning(text_dim, width, width, head_dim)
+        self.text = TextConditioning(text_dim, width, width, head_dim, layers=text_layers)
         self.heads = width // head_dim
         self.queries = nn.Parameter(torch.randn(1, GRID * GRID, width))
         self.norm = nn.LayerNorm(width)
@@ -72,10 +72,12 @@ class Readout(nn.Module):
         return out.transpose(1, 2).unflatten(-1, (GRID, GRID))
 
 
-def position_split(prepared: PreparedData, cache: EmbeddingCache, split: str, res: int):
+def position_split(
+    prepared: PreparedData, cache: EmbeddingCache, split: str, res: int, layer: int | None
+):
     scenes = [json.loads(s) for s in prepared.table["scene"]]
     rows = np.array([i for i in prepared.indices(split) if scenes[i]["category"] == "position"])
-    text = cache.lookup(rows)
+    text = cache.lookup(rows, layer)
     images = from_uint8(prepared.images(res)[rows])
     return images, text.tokens.float(), text.mask, [scenes[i] for i in rows]
 
@@ -90,27 +92,33 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=250)
     parser.add_argument("--logsnr", type=float, nargs=2, default=(-6.0, -4.0))
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--layer", type=int, help="the cache's encoder layer (text.layer)")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     params = load_params(args.params, args.set)
     print(f"machine: {machine()}\n")
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
 
     stage = params.stages[params.stage_names()[0]]
     prepared, cache = PreparedData.open(Path(args.prepared)), EmbeddingCache.open(args.cache)
-    x, text, mask, train_scenes = position_split(prepared, cache, "train", stage.resolution)
-    x_val, text_val, mask_val, val_scenes = position_split(prepared, cache, "val", stage.resolution)
+    train, val = (
+        position_split(prepared, cache, split, stage.resolution, args.layer)
+        for split in ("train", "val")
+    )
+    x, text, mask, train_scenes = train
+    x_val, text_val, mask_val, val_scenes = val
     data = float(contrast(x, train_scenes).mean())
 
     if args.probe == "readout":
-        net: nn.Module = Readout(cache.dim)
+        net: nn.Module = Readout(cache.dim, stage.unet.text_layers)
         x = F.avg_pool2d(x, stage.resolution // GRID)
         steps = args.steps or 3000
     else:
         net = UNet(stage.unet, text_dim=cache.dim, super_resolution=False)
         steps = args.steps or 1000
     opt = torch.optim.AdamW(net.parameters(), args.lr)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(args.seed)
     lo, hi = args.logsnr
     mean_image = x.mean(0)
     print(f"{args.probe}: {len(x)} training position scenes, data contrast {data:.3f}")
