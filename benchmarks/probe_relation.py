@@ -73,9 +73,14 @@ class Readout(nn.Module):
 
 
 def position_split(
-    prepared: PreparedData, cache: EmbeddingCache, split: str, res: int, layer: int | None
-):
-    scenes = [json.loads(s) for s in prepared.table["scene"]]
+    prepared: PreparedData,
+    scenes: list[dict],
+    cache: EmbeddingCache,
+    split: str,
+    res: int,
+    layer: int | None,
+) -> tuple[Tensor, Tensor, Tensor, list[dict]]:
+    """Images, tokens, mask and scenes of one split's position scenes."""
     rows = np.array([i for i in prepared.indices(split) if scenes[i]["category"] == "position"])
     text = cache.lookup(rows, layer)
     images = from_uint8(prepared.images(res)[rows])
@@ -102,8 +107,9 @@ def main() -> None:
 
     stage = params.stages[params.stage_names()[0]]
     prepared, cache = PreparedData.open(Path(args.prepared)), EmbeddingCache.open(args.cache)
+    scenes = [json.loads(s) for s in prepared.table["scene"]]
     train, val = (
-        position_split(prepared, cache, split, stage.resolution, args.layer)
+        position_split(prepared, scenes, cache, split, stage.resolution, args.layer)
         for split in ("train", "val")
     )
     x, text, mask, train_scenes = train
@@ -131,20 +137,24 @@ def main() -> None:
                 f"step {step:5d}  relation {fraction:+.3f}  ({time.perf_counter() - start:.0f} s)"
             )
         idx = torch.randint(len(x), (32,), generator=gen)
+        x0, tokens, tokens_mask = x[idx], text[idx], mask[idx]
         if args.probe == "readout":
-            loss = F.mse_loss(net(text[idx], mask[idx]), x[idx])
+            loss = F.mse_loss(net(tokens, tokens_mask), x0)
         else:
             logsnr = lo + (hi - lo) * torch.rand(32, generator=gen)
-            alpha, sigma = alpha_sigma(logsnr, like=x[idx])
-            x_t = alpha * x[idx] + sigma * torch.randn(x[idx].shape, generator=gen)
-            loss = F.mse_loss(net(x_t, logsnr, text[idx], mask[idx]), x[idx])
+            alpha, sigma = alpha_sigma(logsnr, like=x0)
+            x_t = alpha * x0 + sigma * torch.randn(x0.shape, generator=gen)
+            loss = F.mse_loss(net(x_t, logsnr, tokens, tokens_mask), x0)
         opt.zero_grad()
         loss.backward()
         opt.step()
 
 
 @torch.no_grad()
-def evaluate(net: nn.Module, probe: str, mean_image: Tensor, x: Tensor, text, mask) -> Tensor:
+def evaluate(
+    net: nn.Module, probe: str, mean_image: Tensor, x: Tensor, text: Tensor, mask: Tensor
+) -> Tensor:
+    """The probe's prediction for each held-out caption (x: their images, for the shape)."""
     if probe == "readout":
         return net(text, mask)
     logsnr = torch.full((len(x),), -4.0)
