@@ -328,10 +328,13 @@ class SampleConfig(Section):
 
     Per-stage settings (steps, guidance, aug_level) take one number for every stage or a
     list in cascade order; stages past the end of a list take its last value. The defaults
-    are the studied demo recipe (BENCHMARKS.md: sampler and guidance studies)."""
+    are the studied demo recipe (BENCHMARKS.md: sampler, super-resolution steps and
+    guidance studies)."""
 
     sampler: choice_of(SAMPLERS) = "ancestral"
-    steps: Steps | tuple[Steps, ...] = Field(25, description="denoising steps per stage")
+    steps: Steps | tuple[Steps, ...] = Field(
+        (25, 10), description="denoising steps per stage (super-resolution needs fewer)"
+    )
     guidance: GuidanceWeight | tuple[GuidanceWeight, ...] = Field(
         (1.5, 1.0), description="classifier-free guidance weight per stage; 1: no guidance"
     )
@@ -423,7 +426,7 @@ class ServeConfig(Section):
         gt=0,
         description="pixel-steps per request: rows x sum over stages of steps x pixels "
         "(x 2 where guidance needs the unconditional pass); the demo cascade's default "
-        "settings cost 153,600 per prompt",
+        "settings cost 92,160 per prompt",
     )
     timeout_s: float = Field(
         50.0, gt=0, description="sampling stops after this (MLflow answers 504 at 60 s)"

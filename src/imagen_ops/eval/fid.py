@@ -76,6 +76,7 @@ class InceptionFeatures(nn.Module):
             x = torch.from_numpy(images[start : start + self.batch_size]).to(self.device)
             x = x.permute(0, 3, 1, 2).float()
             x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+            x = x.contiguous(memory_format=torch.channels_last)  # 1.2x on CPU (bench_fid.py)
             feats.append(self.net((x - 128) / 128).double().cpu())
         return torch.cat(feats)
 

@@ -50,6 +50,11 @@ def explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> 
     return scores.softmax(dim=-1).to(v.dtype) @ v
 
 
+def split_heads(t: Tensor, heads: int) -> Tensor:
+    """(B, tokens, heads * dim) -> (B, heads, tokens, dim), the layout of masked_attention."""
+    return t.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
 def masked_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> Tensor:
     """Multi-head attention over (B, heads, tokens, dim); key_mask (B, S) is True to attend.
 
@@ -134,9 +139,6 @@ class AttentionBlock(nn.Module):
         self.to_kv_text = nn.Linear(text_width, 2 * channels) if text else None
         self.out = zero_init(nn.Linear(channels, channels))
 
-    def _split(self, t: Tensor) -> Tensor:
-        return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
-
     def forward(self, x: Tensor, text: Tensor, text_mask: Tensor) -> Tensor:
         b, c, h, w = x.shape
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
@@ -151,7 +153,8 @@ class AttentionBlock(nn.Module):
             masks.append(text_mask)
         k, v = torch.cat(keys, dim=1).chunk(2, dim=-1)
         mask = torch.cat(masks, dim=1) if self.text else None
-        out = masked_attention(self._split(self.to_q(tokens)), self._split(k), self._split(v), mask)
+        q, k, v = (split_heads(t, self.heads) for t in (self.to_q(tokens), k, v))
+        out = masked_attention(q, k, v, mask)
         out = self.out(out.transpose(1, 2).flatten(2))
         return x + out.transpose(1, 2).reshape(b, c, h, w)
 
@@ -287,12 +290,9 @@ class TextConditioning(nn.Module):
                 tokens = layer(tokens, src_key_padding_mask=~mask)
         if not self.pooled:
             return tokens, mask, None
-        k, v = self.to_kv(tokens).chunk(2, dim=-1)
-
-        def split(t: Tensor) -> Tensor:
-            return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
-
-        pooled = masked_attention(split(self.query.expand(b, -1, -1)), split(k), split(v), mask)
+        q = self.query.expand(b, -1, -1)
+        q, k, v = (split_heads(t, self.heads) for t in (q, *self.to_kv(tokens).chunk(2, dim=-1)))
+        pooled = masked_attention(q, k, v, mask)
         return tokens, mask, self.to_emb(pooled.transpose(1, 2).flatten(1))
 
 
