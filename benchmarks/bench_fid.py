@@ -2,10 +2,11 @@
 
     python benchmarks/bench_fid.py [--images 64] [--batch-size 32] [--repeats 5]
 
-InceptionFeatures feeds the network channels_last (NHWC): oneDNN's CPU convolutions run
-in that layout natively, so NCHW input pays a conversion in every layer. This prints both
-formats' throughput in one run, and how far apart their features are (float32 sums in
-another order, ~1e-5 on features of magnitude ~1).
+InceptionFeatures permutes NHWC uint8 images to (N, C, H, W), which leaves them
+channels_last in memory (interpolate keeps the layout): the layout oneDNN's CPU
+convolutions run natively. This prints both layouts' throughput in one run, and how far
+apart their features are (float32 sums in another order, ~1e-5 on features of ~1), so a
+change that made the input NCHW-contiguous (a `.contiguous()`) would show its cost here.
 """
 
 from __future__ import annotations

@@ -37,7 +37,13 @@ from imagen_ops.config import load_params
 from imagen_ops.data.prepare import PreparedData
 from imagen_ops.diffusion.schedules import alpha_sigma
 from imagen_ops.images import from_uint8
-from imagen_ops.models.unet import TextConditioning, UNet, masked_attention, split_heads
+from imagen_ops.models.unet import (
+    TextConditioning,
+    UNet,
+    masked_attention,
+    merge_heads,
+    split_heads,
+)
 from imagen_ops.text.cache import EmbeddingCache
 
 from common import machine
@@ -63,8 +69,7 @@ class Readout(nn.Module):
         queries = self.norm(self.queries).expand(b, -1, -1)
         k, v = self.to_kv(tokens).chunk(2, dim=-1)
         q, k, v = (split_heads(t, self.heads) for t in (self.to_q(queries), k, v))
-        read = masked_attention(q, k, v, mask)
-        read = read.transpose(1, 2).flatten(2)
+        read = merge_heads(masked_attention(q, k, v, mask))
         out = self.out(torch.cat([read, queries + pooled[:, None]], dim=-1))
         return out.transpose(1, 2).unflatten(-1, (GRID, GRID))
 

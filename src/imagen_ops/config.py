@@ -327,9 +327,9 @@ class SampleConfig(Section):
     CLI options or request columns), so one setting has one meaning everywhere.
 
     Per-stage settings (steps, guidance, aug_level) take one number for every stage or a
-    list in cascade order; stages past the end of a list take its last value. The defaults
-    are the studied demo recipe (BENCHMARKS.md: sampler, super-resolution steps and
-    guidance studies)."""
+    list in cascade order; stages past the end of a list take its last value (a third
+    stage samples 10 steps by default, unmeasured). The defaults are the studied demo
+    recipe (BENCHMARKS.md: sampler, super-resolution steps and guidance studies)."""
 
     sampler: choice_of(SAMPLERS) = "ancestral"
     steps: Steps | tuple[Steps, ...] = Field(

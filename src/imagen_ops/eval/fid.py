@@ -74,9 +74,10 @@ class InceptionFeatures(nn.Module):
             range(0, len(images), self.batch_size), desc="inception", disable=not progress
         ):
             x = torch.from_numpy(images[start : start + self.batch_size]).to(self.device)
+            # NHWC images permuted to NCHW are channels_last in memory, which interpolate
+            # keeps: the layout oneDNN's convolutions run 1.2x faster in (bench_fid.py)
             x = x.permute(0, 3, 1, 2).float()
             x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-            x = x.contiguous(memory_format=torch.channels_last)  # 1.2x on CPU (bench_fid.py)
             feats.append(self.net((x - 128) / 128).double().cpu())
         return torch.cat(feats)
 

@@ -55,6 +55,11 @@ def split_heads(t: Tensor, heads: int) -> Tensor:
     return t.unflatten(-1, (heads, -1)).transpose(1, 2)
 
 
+def merge_heads(t: Tensor) -> Tensor:
+    """(B, heads, tokens, dim) -> (B, tokens, heads * dim): split_heads undone."""
+    return t.transpose(1, 2).flatten(2)
+
+
 def masked_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> Tensor:
     """Multi-head attention over (B, heads, tokens, dim); key_mask (B, S) is True to attend.
 
@@ -154,8 +159,7 @@ class AttentionBlock(nn.Module):
         k, v = torch.cat(keys, dim=1).chunk(2, dim=-1)
         mask = torch.cat(masks, dim=1) if self.text else None
         q, k, v = (split_heads(t, self.heads) for t in (self.to_q(tokens), k, v))
-        out = masked_attention(q, k, v, mask)
-        out = self.out(out.transpose(1, 2).flatten(2))
+        out = self.out(merge_heads(masked_attention(q, k, v, mask)))
         return x + out.transpose(1, 2).reshape(b, c, h, w)
 
 
@@ -293,7 +297,7 @@ class TextConditioning(nn.Module):
         q = self.query.expand(b, -1, -1)
         q, k, v = (split_heads(t, self.heads) for t in (q, *self.to_kv(tokens).chunk(2, dim=-1)))
         pooled = masked_attention(q, k, v, mask)
-        return tokens, mask, self.to_emb(pooled.transpose(1, 2).flatten(1))
+        return tokens, mask, self.to_emb(merge_heads(pooled)[:, 0])
 
 
 # ---------------------------------------------------------------------------- network
