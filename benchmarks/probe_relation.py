@@ -9,10 +9,11 @@ signed first-half minus second-half color contrast of the prediction along each 
 prompt's axis (bench_relation.contrast), as a fraction of the training images' contrast.
 0 is a bag of words (the words' places ignored), 1 the data's layout.
 
-- `readout`: the U-Net's text path (TextConditioning: LayerNorm, projection, null token,
-  pooled text, the base U-Net's `text_layers`) read by cross-attention from 16 learned
-  queries, one per cell of a 4 x 4 grid, regressing the images' 4 x 4 mean. The frozen
-  tokens (of `--layer`, one the cache holds) carry the relation if this learns it.
+- `readout`: the layout head of `unet.layout_grid` (models/unet.py LayoutHead: the U-Net's
+  text path, TextConditioning, with the base U-Net's `text_layers`, read by cross-attention
+  from 16 learned queries, one per cell of a 4 x 4 grid), regressing the images' 4 x 4
+  mean. The frozen tokens (of `--layer`, one the cache holds) carry the relation if this
+  learns it.
 - `unet`: the base stage's U-Net (params.yaml, overridable with -S like the CLI), its
   output taken as x0 and trained on the x0 error at log-SNR uniform in `--logsnr` alone, where
   the noisy image holds almost no layout and the caption must supply it (the denoiser's
@@ -37,41 +38,12 @@ from imagen_ops.config import load_params
 from imagen_ops.data.prepare import PreparedData
 from imagen_ops.diffusion.schedules import alpha_sigma
 from imagen_ops.images import from_uint8
-from imagen_ops.models.unet import (
-    TextConditioning,
-    UNet,
-    masked_attention,
-    merge_heads,
-    split_heads,
-)
+from imagen_ops.models.unet import LayoutHead, UNet
 from imagen_ops.text.cache import EmbeddingCache
 
 from common import machine
 
 GRID = 4  # the readout's cells per side
-
-
-class Readout(nn.Module):
-    """Cross-attention from one learned query per grid cell to the conditioned tokens."""
-
-    def __init__(self, text_dim: int, text_layers: int, width: int = 128, head_dim: int = 32):
-        super().__init__()
-        self.text = TextConditioning(text_dim, width, width, head_dim, layers=text_layers)
-        self.heads = width // head_dim
-        self.queries = nn.Parameter(torch.randn(1, GRID * GRID, width))
-        self.norm = nn.LayerNorm(width)
-        self.to_q, self.to_kv = nn.Linear(width, width), nn.Linear(width, 2 * width)
-        self.out = nn.Sequential(nn.Linear(2 * width, width), nn.SiLU(), nn.Linear(width, 3))
-
-    def forward(self, text: Tensor, mask: Tensor) -> Tensor:
-        tokens, mask, pooled = self.text(text, mask)
-        b = text.shape[0]
-        queries = self.norm(self.queries).expand(b, -1, -1)
-        k, v = self.to_kv(tokens).chunk(2, dim=-1)
-        q, k, v = (split_heads(t, self.heads) for t in (self.to_q(queries), k, v))
-        read = merge_heads(masked_attention(q, k, v, mask))
-        out = self.out(torch.cat([read, queries + pooled[:, None]], dim=-1))
-        return out.transpose(1, 2).unflatten(-1, (GRID, GRID))
 
 
 def position_split(
@@ -119,11 +91,11 @@ def main() -> None:
     data = float(contrast(x, train_scenes).mean())
 
     if args.probe == "readout":
-        net: nn.Module = Readout(cache.dim, stage.unet.text_layers)
+        net: nn.Module = LayoutHead(cache.dim, 128, 32, GRID, text_layers=stage.unet.text_layers)
         x = F.avg_pool2d(x, stage.resolution // GRID)
         steps = args.steps or 3000
     else:
-        net = UNet(stage.unet, text_dim=cache.dim, super_resolution=False)
+        net = UNet(stage.unet, text_dim=cache.dim, super_resolution=False, objective="x0")
         steps = args.steps or 1000
     opt = torch.optim.AdamW(net.parameters(), args.lr)
     gen = torch.Generator().manual_seed(args.seed)

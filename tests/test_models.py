@@ -9,8 +9,15 @@ from torch import nn
 from imagen_ops.cascade import Cascade, Stage, augment_lowres
 from imagen_ops.config import TextConfig, UNetConfig
 from imagen_ops.diffusion.guidance import Conditioning, classifier_free_guidance
+from imagen_ops.diffusion.objectives import to_x0
 from imagen_ops.diffusion.schedules import alpha_sigma
-from imagen_ops.models.unet import AttentionBlock, UNet, explicit_attention, masked_attention
+from imagen_ops.models.unet import (
+    AttentionBlock,
+    UNet,
+    explicit_attention,
+    layout_target,
+    masked_attention,
+)
 from imagen_ops.text.encoders import TextEmbeddings
 
 from .conftest import tiny_params
@@ -307,3 +314,59 @@ def test_stage_round_trips_through_its_directory(tmp_path):
     )
     with torch.no_grad():
         torch.testing.assert_close(loaded.net(*args), stage.net(*args))
+
+
+def test_layout_target_is_the_mean_color_of_each_cell():
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    cells = layout_target(x, 2)
+    assert cells.shape == (2, 3, 2, 2)
+    assert (
+        cells[1, 2, 0, 1] == x[1, 2, :2, 2:].mean() and cells[0, 0, 1, 0] == x[0, 0, 2:, :2].mean()
+    )
+
+
+@pytest.mark.parametrize("objective", ["v", "eps", "x0"])
+def test_layout_head_is_the_prior_mean_of_the_denoiser(objective):
+    """`layout_grid`: the network denoises x0 - mu, mu the head's upsampled prediction (on 3
+    more input channels). A fresh U-Net (zero output) then predicts x0 - mu as a zero output
+    would: v gives x0 = alpha x_t + sigma^2 mu, mu itself at high noise where the loss barely
+    trains the network; x0-prediction gives mu; eps-prediction x_t / alpha, as without one."""
+    cfg = UNET.model_copy(update={"layout_grid": 2})
+    net = UNet(cfg, text_dim=TEXT_DIM, super_resolution=False, objective=objective)
+    seen = []
+    net.conv_in.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    x, _, text, mask = inputs()
+    logsnr = torch.tensor([-15.0, 0.0, 15.0])
+    with torch.no_grad():
+        out = net(x, logsnr, text, mask)
+        mu = torch.nn.functional.interpolate(net.layout(text, mask), size=(16, 16), mode="bilinear")
+    assert mu.std() > 0, "the head's prediction is not flat"
+    alpha, sigma = alpha_sigma(logsnr, like=x)
+    x0 = to_x0(out, x, alpha, sigma, objective)
+    expected = {"v": alpha * x + sigma**2 * mu, "eps": x / alpha, "x0": mu}[objective]
+    torch.testing.assert_close(x0, expected, atol=1e-4, rtol=1e-4)
+    if objective == "v":
+        torch.testing.assert_close(x0[0], mu[0], atol=5e-3, rtol=0)
+    torch.testing.assert_close(seen[0], torch.cat([x - alpha * mu, mu], dim=1))
+    with pytest.raises(ValueError, match="objective"):
+        UNet(cfg, text_dim=TEXT_DIM, super_resolution=False)
+
+
+def test_layout_head_is_trained_by_its_own_loss_alone():
+    """The diffusion loss does not reach the head (its input is detached); the head's
+    prediction comes back for its regression loss, and only a layout U-Net returns one."""
+    cfg = UNET.model_copy(update={"layout_grid": 2})
+    net = randomize(UNet(cfg, text_dim=TEXT_DIM, super_resolution=False, objective="v")).train()
+    x, logsnr, text, mask = inputs()
+    out, layout = net(x, logsnr, text, mask, return_layout=True)
+    assert layout.shape == (3, 3, 2, 2)
+    torch.testing.assert_close(layout, net.layout(text, mask))
+    out.square().sum().backward()
+    assert all(p.grad is None for p in net.layout.parameters()), "the prior is detached"
+    assert net.conv_in.weight.grad[:, 3:].abs().sum() > 0, "the U-Net reads the prior"
+    layout.square().sum().backward()
+    assert all(p.grad is not None for p in net.layout.parameters())
+    with pytest.raises(ValueError, match="layout_grid"):
+        randomize(UNet(UNET, text_dim=TEXT_DIM, super_resolution=False))(
+            x, logsnr, text, mask, return_layout=True
+        )

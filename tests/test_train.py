@@ -18,7 +18,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from imagen_ops.cascade import load_stage
+from imagen_ops.data.dataset import StageData
+from imagen_ops.data.prepare import PreparedData
+from imagen_ops.models.unet import layout_target
 from imagen_ops.pipeline import train_settings
+from imagen_ops.text.cache import EmbeddingCache
 from imagen_ops.train import trainer as trainer_module
 from imagen_ops.train.loss import diffusion_loss
 from imagen_ops.train.trainer import Trainer, TrainingDivergedError, TrainPaths, lr_at
@@ -487,3 +491,49 @@ def test_compiled_training_pads_text_to_one_length_that_changes_nothing(tiny_dat
         a = diffusion_loss(trainer.stage, trainer.net, padded, noise)
         b = diffusion_loss(trainer.stage, trainer.net, trimmed, noise)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_layout_head_is_fitted_alone_first_and_a_resume_does_not_refit_it(tiny_data, tmp_path):
+    """train.layout: the head learns the images' cell means on its own before the U-Net
+    trains; a run resumed from a checkpoint continues from its weights (fitting the head
+    again would move them) and ends equal to an uninterrupted run."""
+    layout = (
+        "stages.base.unet.layout_grid=2",
+        "stages.base.train.layout.steps=40",
+        "stages.base.train.steps=4",
+        "stages.base.train.checkpoint_every=2",
+    )
+    settings = train_settings(tiny_params(*layout), "base")
+    data = StageData(
+        PreparedData.open(tiny_data["prepared"]),
+        EmbeddingCache.open(tiny_data["cache"]),
+        settings.stage.resolution,
+        None,
+    )
+    batch = data.load(data.records)
+    cells = layout_target(batch.images, 2)
+
+    def head_error(net) -> float:
+        with torch.no_grad():
+            return float(
+                (net.layout(batch.text.tokens.float(), batch.text.mask) - cells).square().mean()
+            )
+
+    fresh = Trainer(settings, paths_for(tiny_data, tmp_path / "probe"), progress=False)
+    before = head_error(fresh.net)
+    fresh._fit_layout()
+    after = head_error(fresh.net)
+    assert after < 0.5 * before, f"the head did not learn the cell means: {before} -> {after}"
+
+    ref = train_base(tiny_data, tmp_path / "ref", *layout)
+    paths = paths_for(tiny_data, tmp_path / "run")
+    Trainer(settings, paths, progress=False).fit()
+    (run,) = run_dirs(paths)
+    shutil.rmtree(run / "step_00000004")
+    shutil.rmtree(paths.out)
+    resumed = Trainer(settings, paths, progress=False)
+    assert resumed._resume() == 2
+    resumed.fit()
+    assert _same(weights(paths.out), ref)
+    with pytest.raises(ValueError, match="layout_grid"):
+        tiny_params("stages.base.train.layout.steps=10")

@@ -100,7 +100,12 @@ class Stage:
 
     @classmethod
     def build(cls, name: str, config: StageConfig, text_dim: int, lowres: int | None) -> Stage:
-        net = UNet(config.unet, text_dim=text_dim, super_resolution=lowres is not None)
+        net = UNet(
+            config.unet,
+            text_dim=text_dim,
+            super_resolution=lowres is not None,
+            objective=config.diffusion.objective,
+        )
         return cls(name, config, net, lowres)
 
     @property

@@ -31,6 +31,7 @@ __all__ = [
     "DiffusionConfig",
     "EvalConfig",
     "IngestConfig",
+    "LayoutTrainConfig",
     "Params",
     "PathsConfig",
     "PrepareConfig",
@@ -198,6 +199,12 @@ class UNetConfig(Section):
     pooled_text: bool = Field(
         True, description="the attention-pooled text joins the FiLM embedding (Imagen's)"
     )
+    layout_grid: int = Field(
+        0,
+        ge=0,
+        description="a head regresses the image's layout_grid x layout_grid mean colors from "
+        "the text, fed to the U-Net as 3 input channels (0: off)",
+    )
 
     @model_validator(mode="after")
     def _per_level_lengths(self) -> UNetConfig:
@@ -233,6 +240,15 @@ class DiffusionConfig(Section):
         if not self.logsnr_min < self.logsnr_max:
             raise ValueError("logsnr_min must be smaller than logsnr_max")
         return self
+
+
+class LayoutTrainConfig(Section):
+    """The first phase of a stage with a layout head (unet.layout_grid): the head alone,
+    on its own regression loss and optimizer, before the U-Net trains."""
+
+    steps: int = Field(0, ge=0, description="steps of the head alone (0: none)")
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0, description="AdamW, constant")
 
 
 class TrainConfig(Section):
@@ -279,6 +295,7 @@ class TrainConfig(Section):
         "N steps and at the last step; 0: never",
     )
     max_nonfinite: int = Field(5, ge=1, description="consecutive skipped steps before stopping")
+    layout: LayoutTrainConfig = LayoutTrainConfig()
 
     @model_validator(mode="after")
     def _divisible(self) -> TrainConfig:
@@ -303,6 +320,8 @@ class StageConfig(Section):
         crop = self.train.crop
         if crop is not None and (crop > self.resolution or crop % factor):
             raise ValueError(f"train.crop must be <= resolution and divisible by {factor}")
+        if self.train.layout.steps and not self.unet.layout_grid:
+            raise ValueError("train.layout.steps fits a layout head: set unet.layout_grid")
         return self
 
 

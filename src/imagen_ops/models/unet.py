@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from imagen_ops.config import UNetConfig
+from imagen_ops.diffusion.objectives import target
+from imagen_ops.diffusion.schedules import alpha_sigma
 
 __all__ = ["UNet"]
 
@@ -300,22 +302,75 @@ class TextConditioning(nn.Module):
         return tokens, mask, self.to_emb(merge_heads(pooled)[:, 0])
 
 
+class LayoutHead(nn.Module):
+    """Text -> the image's mean colors on a grid x grid layout, regressed on its own loss.
+
+    One learned query per cell reads the tokens by cross-attention, after a trainable
+    Transformer layer over them: a readout like this one leaves the word-order plateau of
+    BENCHMARKS "The relation is a plateau" in ~1,000 steps, where the U-Net's own
+    cross-attention, trained by a loss that hardly weighs the noise levels that decide the
+    layout, does not within the demo's budget. The U-Net uses the prediction as its prior
+    mean (UNet.forward).
+    """
+
+    def __init__(self, text_dim: int, width: int, head_dim: int, grid: int, text_layers: int = 1):
+        super().__init__()
+        self.grid = grid
+        self.text = TextConditioning(text_dim, width, width, head_dim, layers=text_layers)
+        self.queries = nn.Parameter(torch.randn(1, grid * grid, width))
+        self.norm = nn.LayerNorm(width)
+        self.to_q, self.to_kv = nn.Linear(width, width), nn.Linear(width, 2 * width)
+        self.out = nn.Sequential(nn.Linear(2 * width, width), nn.SiLU(), nn.Linear(width, 3))
+
+    def forward(self, text: Tensor, mask: Tensor) -> Tensor:
+        """(B, L, D) tokens and (B, L) mask -> (B, 3, grid, grid) mean colors in [-1, 1]."""
+        tokens, mask, pooled = self.text(text, mask)
+        queries = self.norm(self.queries).expand(text.shape[0], -1, -1)
+        k, v = self.to_kv(tokens).chunk(2, dim=-1)
+        q, k, v = (split_heads(t, self.text.heads) for t in (self.to_q(queries), k, v))
+        read = merge_heads(masked_attention(q, k, v, mask))
+        out = self.out(torch.cat([read, queries + pooled[:, None]], dim=-1))
+        return out.transpose(1, 2).unflatten(-1, (self.grid, self.grid))
+
+
+def layout_target(x0: Tensor, grid: int) -> Tensor:
+    """The clean images' grid x grid mean colors: what LayoutHead regresses."""
+    return F.adaptive_avg_pool2d(x0.float(), grid)
+
+
 # ---------------------------------------------------------------------------- network
 
 
 class UNet(nn.Module):
     """Predicts the stage's objective (eps, x0 or v) from a noisy image and its conditioning.
 
+    With `cfg.layout_grid`, the layout head's prediction mu (detached, upsampled) is the
+    prior mean: the network denoises x0 - mu, which is linear in x0, so its input is
+    x_t - alpha mu (with mu on 3 more channels) and its output is shifted back by the
+    objective's target(mu, 0). At high noise, where the loss barely trains it, the network's
+    x0 is then the caption's layout, not the data's mean.
+
     Args:
         cfg: the architecture.
         text_dim: width D of the text encoder's token embeddings.
         super_resolution: take the upsampled low-res image (3 more input channels) and the
             augmentation level.
+        objective: what the stage predicts (eps, x0 or v); needed with `cfg.layout_grid`.
     """
 
-    def __init__(self, cfg: UNetConfig, *, text_dim: int, super_resolution: bool):
+    def __init__(
+        self,
+        cfg: UNetConfig,
+        *,
+        text_dim: int,
+        super_resolution: bool,
+        objective: str | None = None,
+    ):
         super().__init__()
+        if cfg.layout_grid and objective is None:
+            raise ValueError("a U-Net with layout_grid > 0 needs its stage's objective")
         self.cfg, self.text_dim, self.super_resolution = cfg, text_dim, super_resolution
+        self.objective = objective
         emb, width = cfg.embedding_dim, cfg.embedding_dim
         chans = [cfg.channels * m for m in cfg.channel_mults]
         self.skip_scale = 2**-0.5 if cfg.efficient else 1.0
@@ -330,7 +385,16 @@ class UNet(nn.Module):
             layers=cfg.text_layers,
             pooled=cfg.pooled_text,
         )
-        in_ch = (6 if super_resolution else 3) + (2 if cfg.coordinates else 0)
+        self.layout = (
+            LayoutHead(text_dim, width, cfg.attention_head_dim, cfg.layout_grid)
+            if cfg.layout_grid
+            else None
+        )
+        in_ch = (
+            (6 if super_resolution else 3)
+            + (2 if cfg.coordinates else 0)
+            + (3 if cfg.layout_grid else 0)
+        )
         self.conv_in = nn.Conv2d(in_ch, cfg.channels, 3, padding=1)
 
         self.downs, self.down_levels = nn.ModuleList(), nn.ModuleList()
@@ -375,9 +439,14 @@ class UNet(nn.Module):
         text_mask: Tensor,
         lowres: Tensor | None = None,
         aug_logsnr: Tensor | None = None,
-    ) -> Tensor:
+        *,
+        return_layout: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """x (B, 3, H, W); logsnr (B,); text (B, L, D); text_mask (B, L) bool; for SR stages
-        lowres (B, 3, H, W) already upsampled to x's size and aug_logsnr (B,)."""
+        lowres (B, 3, H, W) already upsampled to x's size and aug_logsnr (B,).
+
+        `return_layout` (training, `layout_grid` > 0) also returns the layout head's
+        prediction, for its loss; inside a DDP wrapper, so its gradients are reduced too."""
         if self.super_resolution != (lowres is not None and aug_logsnr is not None):
             raise ValueError(
                 "super-resolution stages need lowres and aug_logsnr; base stages neither"
@@ -388,10 +457,21 @@ class UNet(nn.Module):
             emb = emb + pooled
         if self.super_resolution:
             emb = emb + self.aug_emb(aug_logsnr)
-            x = torch.cat([x, lowres], dim=1)
         emb = F.silu(emb)
+        inputs, layout, shift = [x], None, None
+        if self.layout is not None:
+            layout = self.layout(text, text_mask)
+            mean = F.interpolate(layout.detach(), size=x.shape[-2:], mode="bilinear").to(x.dtype)
+            alpha, sigma = alpha_sigma(logsnr, like=x)
+            inputs = [x - alpha * mean, mean]
+            shift = target(mean, torch.zeros_like(mean), alpha, sigma, self.objective)
+        elif return_layout:
+            raise ValueError("return_layout needs a U-Net with layout_grid > 0")
+        if self.super_resolution:
+            inputs.append(lowres)
         if self.cfg.coordinates:
-            x = torch.cat([x, _coordinates(x)], dim=1)
+            inputs.append(_coordinates(x))
+        x = torch.cat(inputs, dim=1)
 
         h = stem = self.conv_in(x)
         skips = []
@@ -409,7 +489,10 @@ class UNet(nn.Module):
             h = up(h)
         if self.out_block is not None:
             h = self.out_block(torch.cat([h, stem * self.skip_scale], dim=1), emb)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        out = self.conv_out(F.silu(self.norm_out(h)))
+        if shift is not None:
+            out = out + shift
+        return (out, layout) if return_layout else out
 
     @staticmethod
     def _attend(attn: nn.Module, h: Tensor, tokens: Tensor, mask: Tensor) -> Tensor:

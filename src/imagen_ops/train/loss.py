@@ -18,6 +18,7 @@ from imagen_ops.cascade import Stage, augment_lowres
 from imagen_ops.data.dataset import Batch
 from imagen_ops.diffusion.objectives import loss_weight, target
 from imagen_ops.diffusion.schedules import alpha_sigma
+from imagen_ops.models.unet import layout_target
 
 __all__ = ["TrainingNoise", "diffusion_loss", "draw_noise"]
 
@@ -83,6 +84,12 @@ def diffusion_loss(stage: Stage, net: nn.Module, batch: Batch, noise: TrainingNo
         lowres, aug_logsnr = augment_lowres(
             batch.lowres, x0.shape[-1], noise.t_aug, schedule, noise.aug_eps
         )
-    out = net(x_t, logsnr, batch.text.tokens, mask, lowres, aug_logsnr)
+    grid = stage.config.unet.layout_grid
+    out = net(x_t, logsnr, batch.text.tokens, mask, lowres, aug_logsnr, return_layout=bool(grid))
+    layout_loss = 0.0
+    if grid:
+        out, layout = out
+        layout_loss = (layout.float() - layout_target(x0, grid)).pow(2).mean()
     err = (out.float() - target(x0, noise.eps, alpha, sigma, cfg.objective)).pow(2).mean((1, 2, 3))
-    return (loss_weight(logsnr, cfg.objective, cfg.loss_weighting, cfg.min_snr_gamma) * err).mean()
+    weight = loss_weight(logsnr, cfg.objective, cfg.loss_weighting, cfg.min_snr_gamma)
+    return (weight * err).mean() + layout_loss

@@ -4,7 +4,8 @@ The loop: build the step's micro-batches on a background thread, accumulate grad
 (DDP syncs on the last micro-batch), clip, skip non-finite updates, step AdamW or Adafactor
 at the warmup-cosine learning rate of the step, update the EMA, log, checkpoint. The data
 order, the noise and the learning rate are functions of the step, so a checkpoint's step,
-optimizer state and EMA are the whole state of a run: resuming is exact.
+optimizer state and EMA are the whole state of a run: resuming is exact. A stage with a
+layout head (unet.layout_grid) first fits the head alone (train.layout), once per run.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from imagen_ops.data.prepare import PreparedData
 from imagen_ops.device import use_bf16
 from imagen_ops.files import sha256_file
 from imagen_ops.images import make_grid, to_uint8
+from imagen_ops.models.unet import layout_target
 from imagen_ops.text.cache import EmbeddingCache
 from imagen_ops.train import distributed
 from imagen_ops.train.checkpoint import latest_valid, prune_runs, save_checkpoint, touch
@@ -274,6 +276,8 @@ class Trainer:
         """Train to `train.steps`, resuming from the newest matching checkpoint."""
         tc, main = self.tcfg, self.dist.is_main
         start = self._resume()
+        if start == 0 and tc.layout.steps:
+            self._fit_layout()
         if main and start == 0:
             self.tracker.log_params(
                 {"stage": self.stage.name, **flatten(self.cfg.model_dump(mode="json"))}
@@ -335,6 +339,33 @@ class Trainer:
         return TrainResult(
             tc.steps, loss, self.skipped, seconds, steps_run * tc.batch_size / max(seconds, 1e-9)
         )
+
+    def _fit_layout(self) -> None:
+        """Fit the layout head alone on its regression loss (train.layout): it leaves its
+        word-order plateau in ~1,000 of its own steps, seconds here and minutes inside U-Net
+        steps. Every rank runs the same batches from the same seed: no communication."""
+        cfg, tc, head = self.tcfg.layout, self.tcfg, self.net.layout
+        optimizer = torch.optim.AdamW(head.parameters(), cfg.lr)
+        drop = self.cfg.diffusion.cond_drop_prob
+        loss = torch.zeros(())
+        for step in tqdm(
+            range(cfg.steps),
+            desc=f"layout {self.stage.name}",
+            unit="step",
+            disable=not (self.progress and self.dist.is_main),
+            dynamic_ncols=True,
+        ):
+            gen = step_generator(tc.seed, step, stream=0)
+            indices = self.data.step_indices(tc.seed, step, cfg.batch_size)
+            batch = self.data.load(indices, [gen] * len(indices)).to(self.device)
+            keep = torch.rand(len(indices), generator=gen) >= drop  # as guidance trains it
+            mask = batch.text.mask & keep.to(self.device)[:, None]
+            pred = head(batch.text.tokens.float(), mask)
+            loss = (pred - layout_target(batch.images, head.grid)).pow(2).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        log.info("layout head fitted alone: %d steps, loss %.4f", cfg.steps, float(loss.detach()))
 
     def close(self) -> None:
         """Leave the process group (torchrun runs)."""
