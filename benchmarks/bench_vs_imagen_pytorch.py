@@ -111,9 +111,8 @@ def main() -> None:
     print(f"machine: {machine()}\n")
     rows = []
     for efficient in (True, False):  # Efficient U-Net layout in both, then the standard one
-        stage_cfg = cfg.model_copy(
-            update={"unet": cfg.unet.model_copy(update={"efficient": efficient})}
-        )
+        unet = {"efficient": efficient, "layout_grid": 0}  # imagen-pytorch has no layout head
+        stage_cfg = cfg.model_copy(update={"unet": cfg.unet.model_copy(update=unet)})
         rows += compare(ip, args.stage, stage_cfg, efficient, args.repeats)
     print(
         f"### Training step, stage {args.stage} ({cfg.resolution} px), batch {BATCH}, "

@@ -284,3 +284,16 @@ def test_sample_from_a_folder_imports_no_mlflow(tiny_models, params_file, tmp_pa
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "False"
     assert Image.open(tmp_path / "x.png").size == (32, 32)
+
+
+def test_model_summary_of_the_projects_params_yaml(capsys) -> None:
+    """The shipped recipe (a layout head in its base stage) summarises without error, and
+    the head's parameters count."""
+    project = str(Path(__file__).resolve().parents[1] / "params.yaml")
+    assert main(["model", "summary", "--params", project]) == 0
+    base = capsys.readouterr().out.strip().splitlines()[1].split()
+    plain_args = ["--params", project, "-S", "stages.base.unet.layout_grid=0"]
+    plain_args += ["-S", "stages.base.train.layout.steps=0"]
+    assert main(["model", "summary", *plain_args]) == 0
+    plain = capsys.readouterr().out.strip().splitlines()[1].split()
+    assert base[0] == plain[0] == "base" and float(base[2]) > float(plain[2])

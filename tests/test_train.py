@@ -537,3 +537,5 @@ def test_layout_head_is_fitted_alone_first_and_a_resume_does_not_refit_it(tiny_d
     assert _same(weights(paths.out), ref)
     with pytest.raises(ValueError, match="layout_grid"):
         tiny_params("stages.base.train.layout.steps=10")
+    with pytest.raises(ValueError, match=r"train\.crop"):
+        tiny_params("stages.sr32.unet.layout_grid=2", "stages.sr32.train.crop=16")

@@ -203,7 +203,7 @@ class UNetConfig(Section):
         0,
         ge=0,
         description="a head regresses the image's layout_grid x layout_grid mean colors from "
-        "the text, fed to the U-Net as 3 input channels (0: off)",
+        "the text: the denoiser's prior mean (models/unet.py UNet; 0: off)",
     )
 
     @model_validator(mode="after")
@@ -322,6 +322,8 @@ class StageConfig(Section):
             raise ValueError(f"train.crop must be <= resolution and divisible by {factor}")
         if self.train.layout.steps and not self.unet.layout_grid:
             raise ValueError("train.layout.steps fits a layout head: set unet.layout_grid")
+        if self.unet.layout_grid and crop is not None and crop < self.resolution:
+            raise ValueError("unet.layout_grid predicts whole images' layouts: not with train.crop")
         return self
 
 

@@ -39,7 +39,12 @@ def summarize(
     resolution, parameters, GFLOPs per image forward and train step."""
     rows = []
     for i, (name, stage) in enumerate(stages.items()):
-        net = UNet(stage.unet, text_dim=text_dim, super_resolution=i > 0)
+        net = UNet(
+            stage.unet,
+            text_dim=text_dim,
+            super_resolution=i > 0,
+            objective=stage.diffusion.objective,
+        )
         size = stage.train.crop or stage.resolution
         rows.append(
             {

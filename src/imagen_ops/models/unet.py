@@ -8,7 +8,9 @@ Reads bottom-up: primitives, blocks, embeddings, the network. Conditioning (Saha
 - text tokens (LayerNorm, then projected) are concatenated to the keys and values of the
   attention layers, with a learned null token that is always present, so an all-False text
   mask is the unconditional model used by classifier-free guidance;
-- super-resolution stages take the upsampled low-resolution image on extra input channels.
+- super-resolution stages take the upsampled low-resolution image on extra input channels;
+- with `layout_grid` (not in the paper, issue #13), a head's text -> layout prediction is
+  the prior mean the network denoises around (`UNet`, `LayoutHead`).
 `efficient=True` is the Efficient U-Net: every level resamples before (down) or after (up)
 its convolutions, so the blocks of the first level already run at half resolution, skip
 connections are scaled by 1/sqrt(2), and one residual block at full resolution joins the
@@ -24,10 +26,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from imagen_ops.config import UNetConfig
-from imagen_ops.diffusion.objectives import target
+from imagen_ops.diffusion.objectives import OBJECTIVES, target
 from imagen_ops.diffusion.schedules import alpha_sigma
 
-__all__ = ["UNet"]
+__all__ = ["LayoutHead", "UNet", "layout_loss", "layout_target"]
 
 
 # ------------------------------------------------------------------------- primitives
@@ -338,6 +340,11 @@ def layout_target(x0: Tensor, grid: int) -> Tensor:
     return F.adaptive_avg_pool2d(x0.float(), grid)
 
 
+def layout_loss(layout: Tensor, x0: Tensor) -> Tensor:
+    """LayoutHead's squared error against the clean images' cell means."""
+    return (layout.float() - layout_target(x0, layout.shape[-1])).pow(2).mean()
+
+
 # ---------------------------------------------------------------------------- network
 
 
@@ -347,8 +354,9 @@ class UNet(nn.Module):
     With `cfg.layout_grid`, the layout head's prediction mu (detached, upsampled) is the
     prior mean: the network denoises x0 - mu, which is linear in x0, so its input is
     x_t - alpha mu (with mu on 3 more channels) and its output is shifted back by the
-    objective's target(mu, 0). At high noise, where the loss barely trains it, the network's
-    x0 is then the caption's layout, not the data's mean.
+    objective's target(mu, 0). At high noise, where the loss barely trains it, a v- or
+    x0-predicting network's x0 is then the caption's layout, not the data's mean (an
+    eps-prediction's x0 there is x_t / alpha whatever the mean).
 
     Args:
         cfg: the architecture.
@@ -367,8 +375,10 @@ class UNet(nn.Module):
         objective: str | None = None,
     ):
         super().__init__()
-        if cfg.layout_grid and objective is None:
-            raise ValueError("a U-Net with layout_grid > 0 needs its stage's objective")
+        if cfg.layout_grid:
+            if objective is None:
+                raise ValueError("a U-Net with layout_grid > 0 needs its stage's objective")
+            OBJECTIVES.check(objective)  # an unknown name fails here, not at a forward
         self.cfg, self.text_dim, self.super_resolution = cfg, text_dim, super_resolution
         self.objective = objective
         emb, width = cfg.embedding_dim, cfg.embedding_dim

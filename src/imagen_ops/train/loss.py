@@ -18,7 +18,7 @@ from imagen_ops.cascade import Stage, augment_lowres
 from imagen_ops.data.dataset import Batch
 from imagen_ops.diffusion.objectives import loss_weight, target
 from imagen_ops.diffusion.schedules import alpha_sigma
-from imagen_ops.models.unet import layout_target
+from imagen_ops.models.unet import layout_loss
 
 __all__ = ["TrainingNoise", "diffusion_loss", "draw_noise"]
 
@@ -86,10 +86,10 @@ def diffusion_loss(stage: Stage, net: nn.Module, batch: Batch, noise: TrainingNo
         )
     grid = stage.config.unet.layout_grid
     out = net(x_t, logsnr, batch.text.tokens, mask, lowres, aug_logsnr, return_layout=bool(grid))
-    layout_loss = 0.0
+    layout_error = 0.0
     if grid:
         out, layout = out
-        layout_loss = (layout.float() - layout_target(x0, grid)).pow(2).mean()
+        layout_error = layout_loss(layout, x0)
     err = (out.float() - target(x0, noise.eps, alpha, sigma, cfg.objective)).pow(2).mean((1, 2, 3))
     weight = loss_weight(logsnr, cfg.objective, cfg.loss_weighting, cfg.min_snr_gamma)
-    return (weight * err).mean() + layout_loss
+    return (weight * err).mean() + layout_error

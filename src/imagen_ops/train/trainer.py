@@ -34,7 +34,7 @@ from imagen_ops.data.prepare import PreparedData
 from imagen_ops.device import use_bf16
 from imagen_ops.files import sha256_file
 from imagen_ops.images import make_grid, to_uint8
-from imagen_ops.models.unet import layout_target
+from imagen_ops.models.unet import layout_loss
 from imagen_ops.text.cache import EmbeddingCache
 from imagen_ops.train import distributed
 from imagen_ops.train.checkpoint import latest_valid, prune_runs, save_checkpoint, touch
@@ -142,6 +142,7 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):  # the initial weights depend on the seed only
             torch.manual_seed(self.tcfg.seed)
             self.stage = Stage.build(settings.name, self.cfg, cache.dim, lowres)
+        self.warm_started = init_from is not None  # its layout head, if any, is fitted
         if init_from is not None:
             self._warm_start(init_from)
         self.net = self.stage.net.to(self.device)
@@ -276,7 +277,7 @@ class Trainer:
         """Train to `train.steps`, resuming from the newest matching checkpoint."""
         tc, main = self.tcfg, self.dist.is_main
         start = self._resume()
-        if start == 0 and tc.layout.steps:
+        if start == 0 and tc.layout.steps and not self.warm_started:
             self._fit_layout()
         if main and start == 0:
             self.tracker.log_params(
@@ -341,9 +342,9 @@ class Trainer:
         )
 
     def _fit_layout(self) -> None:
-        """Fit the layout head alone on its regression loss (train.layout): it leaves its
-        word-order plateau in ~1,000 of its own steps, seconds here and minutes inside U-Net
-        steps. Every rank runs the same batches from the same seed: no communication."""
+        """Fit the layout head alone on its regression loss (train.layout): its word-order
+        plateau costs seconds of its own steps and minutes of U-Net steps (BENCHMARKS: the
+        layout prior). Every rank runs the same batches from the same seed."""
         cfg, tc, head = self.tcfg.layout, self.tcfg, self.net.layout
         optimizer = torch.optim.AdamW(head.parameters(), cfg.lr)
         drop = self.cfg.diffusion.cond_drop_prob
@@ -360,12 +361,15 @@ class Trainer:
             batch = self.data.load(indices, [gen] * len(indices)).to(self.device)
             keep = torch.rand(len(indices), generator=gen) >= drop  # as guidance trains it
             mask = batch.text.mask & keep.to(self.device)[:, None]
-            pred = head(batch.text.tokens.float(), mask)
-            loss = (pred - layout_target(batch.images, head.grid)).pow(2).mean()
+            loss = layout_loss(head(batch.text.tokens.float(), mask), batch.images)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        log.info("layout head fitted alone: %d steps, loss %.4f", cfg.steps, float(loss.detach()))
+        if self.dist.enabled:  # CUDA kernels need not agree bit for bit: rank 0's head wins
+            for p in head.parameters():
+                torch.distributed.broadcast(p.data, src=0)
+        if self.dist.is_main:
+            log.info("layout head fitted alone: %d steps, loss %.4f", cfg.steps, loss.item())
 
     def close(self) -> None:
         """Leave the process group (torchrun runs)."""
