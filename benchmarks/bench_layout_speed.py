@@ -31,7 +31,7 @@ def main() -> None:
         raise SystemExit("the base stage has no layout head (stages.base.unet.layout_grid)")
     plain = cfg.model_copy(
         update={
-            "unet": cfg.unet.model_copy(update={"layout_grid": 0}),
+            "unet": cfg.unet.model_copy(update={"layout_grid": 0, "layout_modes": 1}),
             "train": cfg.train.model_copy(update={"layout": {"steps": 0}}),
         }
     )

@@ -111,7 +111,7 @@ def main() -> None:
     print(f"machine: {machine()}\n")
     rows = []
     for efficient in (True, False):  # Efficient U-Net layout in both, then the standard one
-        unet = {"efficient": efficient, "layout_grid": 0}  # imagen-pytorch has no layout head
+        unet = {"efficient": efficient, "layout_grid": 0, "layout_modes": 1}  # no layout head there
         stage_cfg = cfg.model_copy(update={"unet": cfg.unet.model_copy(update=unet)})
         rows += compare(ip, args.stage, stage_cfg, efficient, args.repeats)
     print(

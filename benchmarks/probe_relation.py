@@ -40,7 +40,7 @@ from imagen_ops.config import load_params
 from imagen_ops.data.prepare import PreparedData
 from imagen_ops.diffusion.schedules import alpha_sigma
 from imagen_ops.images import from_uint8
-from imagen_ops.models.unet import LayoutHead, UNet
+from imagen_ops.models.unet import LayoutHead, UNet, layout_loss
 from imagen_ops.text.cache import EmbeddingCache
 
 from common import machine
@@ -105,7 +105,9 @@ def main() -> None:
         x = F.avg_pool2d(x, stage.resolution // GRID)
         steps = args.steps or 3000
     else:
-        plain = stage.unet.model_copy(update={"layout_grid": 0})  # the U-Net's own attention
+        plain = stage.unet.model_copy(
+            update={"layout_grid": 0, "layout_modes": 1}
+        )  # the U-Net's own attention
         net = UNet(plain, text_dim=cache.dim, super_resolution=False)
         steps = args.steps or 1000
     opt = torch.optim.AdamW(net.parameters(), args.lr)
@@ -124,7 +126,7 @@ def main() -> None:
         idx = torch.randint(len(x), (args.batch,), generator=gen)
         x0, tokens, tokens_mask = x[idx], text[idx], mask[idx]
         if args.probe == "readout":
-            loss = F.mse_loss(net(tokens, tokens_mask), x0)
+            loss = layout_loss(net(tokens, tokens_mask), x0)
         else:
             logsnr = lo + (hi - lo) * torch.rand(args.batch, generator=gen)
             alpha, sigma = alpha_sigma(logsnr, like=x0)
@@ -141,7 +143,7 @@ def evaluate(
 ) -> Tensor:
     """The probe's prediction for each held-out caption (x: their images, for the shape)."""
     if probe == "readout":
-        return net(text, mask)
+        return net(text, mask).mean()
     logsnr = torch.full((len(x),), -4.0)
     alpha, sigma = alpha_sigma(logsnr, like=x)
     gen = torch.Generator().manual_seed(1)

@@ -106,6 +106,17 @@ def test_per_level_list_length_mismatch() -> None:
         tiny_params("stages.base.unet.num_res_blocks=[1, 1, 1]")
 
 
+def test_layout_modes_need_a_layout_head() -> None:
+    with pytest.raises(ConfigError, match=r"layout_modes > 1 .* set layout_grid"):
+        tiny_params("stages.base.unet.layout_modes=4")
+    assert (
+        tiny_params("stages.base.unet.layout_grid=2", "stages.base.unet.layout_modes=4")
+        .stages["base"]
+        .unet.layout_modes
+        == 4
+    )
+
+
 def test_per_stage_sample_list_length_mismatch() -> None:
     with pytest.raises(ConfigError, match=r"sample\.guidance has 3 values for a 2-stage cascade"):
         tiny_params("sample.guidance=[3.0, 1.0, 1.0]")

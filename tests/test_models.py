@@ -13,8 +13,11 @@ from imagen_ops.diffusion.objectives import to_x0
 from imagen_ops.diffusion.schedules import alpha_sigma
 from imagen_ops.models.unet import (
     AttentionBlock,
+    LayoutHead,
+    LayoutPrior,
     UNet,
     explicit_attention,
+    layout_loss,
     layout_target,
     masked_attention,
 )
@@ -339,7 +342,8 @@ def test_layout_head_is_the_prior_mean_of_the_denoiser(objective):
     logsnr = torch.tensor([-15.0, 0.0, 15.0])
     with torch.no_grad():
         out = net(x, logsnr, text, mask)
-        mu = torch.nn.functional.interpolate(net.layout(text, mask), size=(16, 16), mode="bilinear")
+        prior = net.layout(text, mask).means[:, 0]
+        mu = torch.nn.functional.interpolate(prior, size=(16, 16), mode="bilinear")
     assert mu.std() > 0, "the head's prediction is not flat"
     alpha, sigma = alpha_sigma(logsnr, like=x)
     x0 = to_x0(out, x, alpha, sigma, objective)
@@ -359,14 +363,116 @@ def test_layout_head_is_trained_by_its_own_loss_alone():
     net = randomize(UNet(cfg, text_dim=TEXT_DIM, super_resolution=False, objective="v")).train()
     x, logsnr, text, mask = inputs()
     out, layout = net(x, logsnr, text, mask, return_layout=True)
-    assert layout.shape == (3, 3, 2, 2)
-    torch.testing.assert_close(layout, net.layout(text, mask))
+    assert layout.means.shape == (3, 1, 3, 2, 2)
+    torch.testing.assert_close(layout.means, net.layout(text, mask).means)
     out.square().sum().backward()
     assert all(p.grad is None for p in net.layout.parameters()), "the prior is detached"
     assert net.conv_in.weight.grad[:, 3:].abs().sum() > 0, "the U-Net reads the prior"
-    layout.square().sum().backward()
+    layout.means.square().sum().backward()
     assert all(p.grad is not None for p in net.layout.parameters())
     with pytest.raises(ValueError, match="layout_grid"):
         randomize(UNet(UNET, text_dim=TEXT_DIM, super_resolution=False))(
             x, logsnr, text, mask, return_layout=True
         )
+
+
+def test_layout_posterior_is_bayes_rule_over_the_modes():
+    """The prior mean of a mixture of layouts given x_t: each mode weighted by its caption
+    weight times the likelihood of x_t's cell means, N(alpha mu_k, alpha^2 var + sigma^2 / n)
+    with n pixels a cell, computed here with torch.distributions; pure noise keeps the
+    caption's weights, a nearly clean image picks the mode it was drawn from."""
+    g = torch.Generator().manual_seed(0)
+    b, k, grid, size = 3, 4, 2, 8
+    prior = LayoutPrior(
+        torch.randn(b, k, 3, grid, grid, generator=g) * 0.5,
+        torch.randn(b, k, generator=g),
+        torch.tensor(0.03).log(),
+    )
+    x_t = torch.randn(b, 3, size, size, generator=g) * 0.6
+    alpha, sigma = alpha_sigma(torch.tensor([-3.0, 0.0, 2.0]), like=x_t)
+    cells = x_t.unflatten(2, (grid, -1)).unflatten(-1, (grid, -1)).mean((3, 5))
+    a, s = alpha.flatten()[:, None, None, None, None], sigma.flatten()[:, None, None, None, None]
+    std = (a**2 * 0.03 + s**2 / (size // grid) ** 2).sqrt()
+    likelihood = torch.distributions.Normal(a * prior.means, std)
+    log_w = prior.logits.log_softmax(1) + likelihood.log_prob(cells[:, None]).flatten(2).sum(-1)
+    expected = (log_w.softmax(1)[:, :, None, None, None] * prior.means).sum(1)
+    torch.testing.assert_close(prior.posterior_mean(x_t, alpha, sigma), expected)
+
+    noise_only = prior.posterior_mean(x_t, torch.zeros(b, 1, 1, 1), torch.ones(b, 1, 1, 1))
+    torch.testing.assert_close(noise_only, prior.mean())
+    up = torch.nn.functional.interpolate(prior.means[:, 2], size=(size, size), mode="nearest")
+    alpha, sigma = alpha_sigma(torch.full((b,), 8.0), like=x_t)
+    clean = prior.posterior_mean(alpha * up + sigma * x_t, alpha, sigma)
+    torch.testing.assert_close(clean, prior.means[:, 2], atol=1e-3, rtol=0)
+
+
+def test_layout_modes_keep_apart_what_a_caption_leaves_open():
+    """One caption, two layouts in the data (red left and blue right, or the reverse): one
+    mode regresses their blend, the centred mix the sampler must then break alone; two
+    modes learn both layouts and weigh them evenly."""
+    left = torch.tensor([[1.0, -1.0], [1.0, -1.0]])
+    a = torch.stack([left, -torch.ones(2, 2), -left])  # red on the left, blue on the right
+    b_ = torch.stack([-left, -torch.ones(2, 2), left])  # the reverse
+    x0 = torch.stack([a, b_] * 16).repeat_interleave(4, -1).repeat_interleave(4, -2)
+    text, mask = torch.randn(1, 4, TEXT_DIM).expand(32, -1, -1), torch.ones(32, 4, dtype=bool)
+    fitted = {}
+    for modes in (1, 2):
+        torch.manual_seed(0)
+        head = LayoutHead(TEXT_DIM, 32, 8, grid=2, modes=modes)
+        opt = torch.optim.AdamW(head.parameters(), 1e-2)
+        for _ in range(300):
+            loss = layout_loss(head(text, mask), x0)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        fitted[modes] = head(text[:1], mask[:1])
+    blend = fitted[1].means[0, 0]
+    torch.testing.assert_close(blend, (a + b_) / 2, atol=0.1, rtol=0, msg="one mode: the blend")
+    # each mode takes its layout's images and a 5 % share (layout_loss's relax) of the other's
+    pairs = [(0.95 * a + 0.05 * b_, 0.95 * b_ + 0.05 * a)]
+    means = fitted[2].means[0].detach()
+    if (means[0] - a).abs().max() > (means[0] - b_).abs().max():
+        means = means.flip(0)
+    torch.testing.assert_close(means, torch.stack(pairs[0]), atol=0.03, rtol=0)
+    torch.testing.assert_close(
+        fitted[2].logits.softmax(1), torch.full((1, 2), 0.5), atol=0.1, rtol=0
+    )
+
+
+def test_a_unet_with_layout_modes_denoises_around_their_posterior():
+    """`layout_modes`: the U-Net's prior mean is the modes' posterior given x_t, detached;
+    the head's multiple-choice loss trains its means, weights and variance."""
+    cfg = UNET.model_copy(update={"layout_grid": 2, "layout_modes": 3})
+    net = UNet(cfg, text_dim=TEXT_DIM, super_resolution=False, objective="x0").train()
+    seen = []
+    net.conv_in.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    x, logsnr, text, mask = inputs()
+    out, prior = net(x, logsnr, text, mask, return_layout=True)
+    assert prior.means.shape == (3, 3, 3, 2, 2) and prior.logits.shape == (3, 3)
+    alpha, sigma = alpha_sigma(logsnr, like=x)
+    mu = torch.nn.functional.interpolate(
+        prior.posterior_mean(x, alpha, sigma).detach(), size=(16, 16), mode="bilinear"
+    )
+    torch.testing.assert_close(out, mu)  # a fresh x0-prediction is its prior mean
+    torch.testing.assert_close(seen[0], torch.cat([x - alpha * mu, mu], dim=1))
+    out.square().sum().backward()
+    assert all(p.grad is None for p in net.layout.parameters()), "the prior is detached"
+    layout_loss(prior, x).backward()
+    assert all(p.grad is not None for p in net.layout.parameters())
+
+
+def test_layout_variance_is_fitted_to_the_nearest_modes_error():
+    """The variance the posterior uses is the Gaussian likelihood's: its gradient vanishes
+    where it equals the mean squared error of each image's nearest mode, and pushes it
+    down from above and up from below."""
+    g = torch.Generator().manual_seed(0)
+    means = torch.randn(4, 2, 3, 2, 2, generator=g)
+    x0 = means[:, 0] + 0.3 * torch.randn(4, 3, 2, 2, generator=g)
+    error = (x0 - means[:, 0]).square().mean()
+    assert ((x0[:, None] - means).square().flatten(2).mean(-1).argmin(1) == 0).all()
+    grads = []
+    for scale in (1.0, 2.0, 0.5):
+        log_var = (error * scale).log().requires_grad_()
+        layout_loss(LayoutPrior(means, torch.zeros(4, 2), log_var), x0).backward()
+        grads.append(log_var.grad.item())
+    assert abs(grads[0]) < 1e-6 and grads[1] > 0 > grads[2]

@@ -205,6 +205,12 @@ class UNetConfig(Section):
         description="a head regresses the image's layout_grid x layout_grid mean colors from "
         "the text: the denoiser's prior mean (models/unet.py UNet; 0: off)",
     )
+    layout_modes: int = Field(
+        1,
+        ge=1,
+        description="the layout head's mixture modes: layouts a caption leaves open stay apart; "
+        "the prior mean is the modes' posterior given x_t (1: a plain regression)",
+    )
 
     @model_validator(mode="after")
     def _per_level_lengths(self) -> UNetConfig:
@@ -212,6 +218,8 @@ class UNetConfig(Section):
         for name in ("num_res_blocks", "self_attention", "cross_attention"):
             if len(getattr(self, name)) != n:
                 raise ValueError(f"{name} needs one entry per level ({n}: channel_mults)")
+        if self.layout_modes > 1 and not self.layout_grid:
+            raise ValueError("layout_modes > 1 is a mixture over a layout head: set layout_grid")
         if any(m < 1 for m in self.channel_mults) or any(b < 1 for b in self.num_res_blocks):
             raise ValueError("channel_mults and num_res_blocks must be >= 1")
         for m in self.channel_mults:

@@ -20,6 +20,7 @@ stem's features to the output.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,7 @@ from imagen_ops.config import UNetConfig
 from imagen_ops.diffusion.objectives import OBJECTIVES, target
 from imagen_ops.diffusion.schedules import alpha_sigma
 
-__all__ = ["LayoutHead", "UNet", "layout_loss", "layout_target"]
+__all__ = ["LayoutHead", "LayoutPrior", "UNet", "layout_loss", "layout_target"]
 
 
 # ------------------------------------------------------------------------- primitives
@@ -304,8 +305,44 @@ class TextConditioning(nn.Module):
         return tokens, mask, self.to_emb(merge_heads(pooled)[:, 0])
 
 
+class LayoutPrior(NamedTuple):
+    """A Gaussian mixture over an image's grid x grid cell means, given its caption.
+
+    One mode is a plain regression. Several let a caption whose layout the data leaves open
+    ("a red circle and a blue square": either side, anywhere) keep its layouts apart instead
+    of averaging them into one centred blend of both colors (BENCHMARKS: layout modes).
+    """
+
+    means: Tensor  # (B, K, 3, grid, grid): one layout per mode
+    logits: Tensor  # (B, K): the modes' log-weights, unnormalised
+    log_var: Tensor  # (): log-variance of each cell mean around its mode
+
+    def mean(self) -> Tensor:
+        """(B, 3, grid, grid): the mixture's mean, the caption's expected layout."""
+        weights = self.logits.float().softmax(dim=1)
+        return (weights[:, :, None, None, None] * self.means.float()).sum(1)
+
+    def posterior_mean(self, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+        """(B, 3, grid, grid): E[layout | caption, x_t], the modes weighted by how well each
+        explains the noisy image's cell means (alpha * mode, variance alpha^2 var + sigma^2 / n
+        for n pixels a cell). At high noise that is the caption's weights; as the sampler
+        lowers the noise the seed's own draw commits to one mode."""
+        if self.means.shape[1] == 1:
+            return self.means[:, 0]
+        grid = self.means.shape[-1]
+        cells = F.adaptive_avg_pool2d(x_t.float(), grid)
+        alpha, sigma = alpha.float().flatten(), sigma.float().flatten()
+        n = x_t.shape[-2] * x_t.shape[-1] / grid**2
+        var = alpha**2 * self.log_var.float().exp() + sigma**2 / n
+        distance = cells[:, None] - alpha[:, None, None, None, None] * self.means.float()
+        log_lik = -distance.square().flatten(2).sum(-1) / (2 * var[:, None])
+        weights = (self.logits.float().log_softmax(dim=1) + log_lik).softmax(dim=1)
+        return (weights[:, :, None, None, None] * self.means.float()).sum(1)
+
+
 class LayoutHead(nn.Module):
-    """Text -> the image's mean colors on a grid x grid layout, regressed on its own loss.
+    """Text -> a mixture of `modes` layouts of the image's grid x grid mean colors
+    (LayoutPrior), fitted on its own loss (layout_loss).
 
     One learned query per cell reads the tokens by cross-attention, after a trainable
     Transformer layer over them: a readout like this one leaves the word-order plateau of
@@ -315,24 +352,40 @@ class LayoutHead(nn.Module):
     mean (UNet.forward).
     """
 
-    def __init__(self, text_dim: int, width: int, head_dim: int, grid: int, text_layers: int = 1):
+    def __init__(
+        self,
+        text_dim: int,
+        width: int,
+        head_dim: int,
+        grid: int,
+        text_layers: int = 1,
+        modes: int = 1,
+    ):
         super().__init__()
-        self.grid = grid
+        self.grid, self.modes = grid, modes
         self.text = TextConditioning(text_dim, width, width, head_dim, layers=text_layers)
         self.queries = nn.Parameter(torch.randn(1, grid * grid, width))
         self.norm = nn.LayerNorm(width)
         self.to_q, self.to_kv = nn.Linear(width, width), nn.Linear(width, 2 * width)
-        self.out = nn.Sequential(nn.Linear(2 * width, width), nn.SiLU(), nn.Linear(width, 3))
+        self.out = nn.Sequential(
+            nn.Linear(2 * width, width), nn.SiLU(), nn.Linear(width, 3 * modes)
+        )
+        if modes > 1:  # one mode is a regression: no weights, no variance
+            self.to_logits = nn.Linear(width, modes)
+            self.log_var = nn.Parameter(torch.tensor(math.log(0.04)))
 
-    def forward(self, text: Tensor, mask: Tensor) -> Tensor:
-        """(B, L, D) tokens and (B, L) mask -> (B, 3, grid, grid) mean colors in [-1, 1]."""
+    def forward(self, text: Tensor, mask: Tensor) -> LayoutPrior:
+        """(B, L, D) tokens and (B, L) mask -> the layouts, colors in [-1, 1]."""
         tokens, mask, pooled = self.text(text, mask)
         queries = self.norm(self.queries).expand(text.shape[0], -1, -1)
         k, v = self.to_kv(tokens).chunk(2, dim=-1)
         q, k, v = (split_heads(t, self.text.heads) for t in (self.to_q(queries), k, v))
         read = merge_heads(masked_attention(q, k, v, mask))
         out = self.out(torch.cat([read, queries + pooled[:, None]], dim=-1))
-        return out.transpose(1, 2).unflatten(-1, (self.grid, self.grid))
+        means = out.transpose(1, 2).unflatten(-1, (self.grid, self.grid)).unflatten(1, (-1, 3))
+        if self.modes == 1:
+            return LayoutPrior(means, means.new_zeros(means.shape[:2]), means.new_zeros(()))
+        return LayoutPrior(means, self.to_logits(pooled.detach()), self.log_var)
 
 
 def layout_target(x0: Tensor, grid: int) -> Tensor:
@@ -340,9 +393,27 @@ def layout_target(x0: Tensor, grid: int) -> Tensor:
     return F.adaptive_avg_pool2d(x0.float(), grid)
 
 
-def layout_loss(layout: Tensor, x0: Tensor) -> Tensor:
-    """LayoutHead's squared error against the clean images' cell means."""
-    return (layout.float() - layout_target(x0, layout.shape[-1])).pow(2).mean()
+def layout_loss(prior: LayoutPrior, x0: Tensor, relax: float = 0.05) -> Tensor:
+    """LayoutHead's loss against the clean images' cell means.
+
+    One mode: the squared error. Several: multiple-choice learning (Guzman-Rivera et al.
+    2012), a hard EM. The mode nearest each image takes its squared error; the others a
+    `relax` share, so that none is left without data; the weights learn which mode was
+    nearest (cross-entropy) and the variance the nearest's error (Gaussian likelihood). Those
+    two terms are scaled by the variance (detached), the size of the squared error, so the
+    trainer's gradient clipping sees the same loss scale with and without modes."""
+    cells = layout_target(x0, prior.means.shape[-1])
+    if prior.means.shape[1] == 1:
+        return (prior.means[:, 0].float() - cells).pow(2).mean()
+    modes = prior.means.shape[1]
+    sq = (prior.means.float() - cells[:, None]).square().flatten(2).mean(-1)  # (B, K)
+    nearest = sq.detach().argmin(dim=1)
+    won = F.one_hot(nearest, modes).float()
+    share = (1 - relax) * won + relax / (modes - 1) * (1 - won)
+    log_var = prior.log_var.float()
+    fit = sq.gather(1, nearest[:, None]).detach().mean() / log_var.exp() + log_var
+    assign = F.cross_entropy(prior.logits.float(), nearest)
+    return (share * sq).sum(1).mean() + log_var.exp().detach() * (assign + fit)
 
 
 # ---------------------------------------------------------------------------- network
@@ -356,7 +427,8 @@ class UNet(nn.Module):
     x_t - alpha mu (with mu on 3 more channels) and its output is shifted back by the
     objective's target(mu, 0). At high noise, where the loss barely trains it, a v- or
     x0-predicting network's x0 is then the caption's layout, not the data's mean (an
-    eps-prediction's x0 there is x_t / alpha whatever the mean).
+    eps-prediction's x0 there is x_t / alpha whatever the mean). With `cfg.layout_modes`
+    > 1, mu is the head's modes weighted by their posterior given x_t (LayoutPrior).
 
     Args:
         cfg: the architecture.
@@ -396,7 +468,9 @@ class UNet(nn.Module):
             pooled=cfg.pooled_text,
         )
         self.layout = (
-            LayoutHead(text_dim, width, cfg.attention_head_dim, cfg.layout_grid)
+            LayoutHead(
+                text_dim, width, cfg.attention_head_dim, cfg.layout_grid, modes=cfg.layout_modes
+            )
             if cfg.layout_grid
             else None
         )
@@ -451,7 +525,7 @@ class UNet(nn.Module):
         aug_logsnr: Tensor | None = None,
         *,
         return_layout: bool = False,
-    ) -> Tensor | tuple[Tensor, Tensor]:
+    ) -> Tensor | tuple[Tensor, LayoutPrior]:
         """x (B, 3, H, W); logsnr (B,); text (B, L, D); text_mask (B, L) bool; for SR stages
         lowres (B, 3, H, W) already upsampled to x's size and aug_logsnr (B,).
 
@@ -471,8 +545,9 @@ class UNet(nn.Module):
         inputs, layout, shift = [x], None, None
         if self.layout is not None:
             layout = self.layout(text, text_mask)
-            mean = F.interpolate(layout.detach(), size=x.shape[-2:], mode="bilinear").to(x.dtype)
             alpha, sigma = alpha_sigma(logsnr, like=x)
+            prior = LayoutPrior(*(t.detach() for t in layout)).posterior_mean(x, alpha, sigma)
+            mean = F.interpolate(prior, size=x.shape[-2:], mode="bilinear").to(x.dtype)
             inputs = [x - alpha * mean, mean]
             shift = target(mean, torch.zeros_like(mean), alpha, sigma, self.objective)
         elif return_layout:
