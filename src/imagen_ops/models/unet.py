@@ -385,6 +385,8 @@ class LayoutHead(nn.Module):
         means = out.transpose(1, 2).unflatten(-1, (self.grid, self.grid)).unflatten(1, (-1, 3))
         if self.modes == 1:
             return LayoutPrior(means, means.new_zeros(means.shape[:2]), means.new_zeros(()))
+        # the weights read the pooled text detached: their cross-entropy leaves the text path
+        # to the modes' squared error
         return LayoutPrior(means, self.to_logits(pooled.detach()), self.log_var)
 
 
