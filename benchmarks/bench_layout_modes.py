@@ -56,7 +56,7 @@ def main() -> None:
             trainer._fit_layout()
             seconds = time.perf_counter() - start
         n = min(args.images, len(trainer.data.records))
-        batch = trainer.data.load(np.arange(n))
+        batch = trainer.data.load(np.arange(n)).to(trainer.device)
         with torch.no_grad():
             prior = trainer.net.layout.eval()(batch.text.tokens.float(), batch.text.mask)
             cells = layout_target(batch.images, prior.means.shape[-1])
