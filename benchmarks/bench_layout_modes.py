@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from imagen_ops.config import load_params
-from imagen_ops.models.unet import layout_target
+from imagen_ops.models.unet import layout_target, mode_errors
 from imagen_ops.pipeline import train_settings
 from imagen_ops.train.trainer import Trainer, TrainPaths
 
@@ -60,7 +60,7 @@ def main() -> None:
         with torch.no_grad():
             prior = trainer.net.layout.eval()(batch.text.tokens.float(), batch.text.mask)
             cells = layout_target(batch.images, prior.means.shape[-1])
-            error = (prior.means.float() - cells[:, None]).square().flatten(2).mean(-1)
+            error = mode_errors(prior, batch.images)
             used = int((torch.bincount(error.argmin(1), minlength=modes) > 0).sum())
             weights = prior.logits.float().softmax(1)
             entropy = float(-(weights * weights.clamp_min(1e-12).log()).sum(1).mean())

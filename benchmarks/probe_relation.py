@@ -105,9 +105,8 @@ def main() -> None:
         x = F.avg_pool2d(x, stage.resolution // GRID)
         steps = args.steps or 3000
     else:
-        plain = stage.unet.model_copy(
-            update={"layout_grid": 0, "layout_modes": 1}
-        )  # the U-Net's own attention
+        # the U-Net's own attention, without the layout head
+        plain = stage.unet.model_copy(update={"layout_grid": 0, "layout_modes": 1})
         net = UNet(plain, text_dim=cache.dim, super_resolution=False)
         steps = args.steps or 1000
     opt = torch.optim.AdamW(net.parameters(), args.lr)

@@ -202,7 +202,7 @@ class UNetConfig(Section):
     layout_grid: int = Field(
         0,
         ge=0,
-        description="a head regresses the image's layout_grid x layout_grid mean colors from "
+        description="a head predicts the image's layout_grid x layout_grid mean colors from "
         "the text: the denoiser's prior mean (models/unet.py UNet; 0: off)",
     )
     layout_modes: int = Field(
@@ -252,7 +252,7 @@ class DiffusionConfig(Section):
 
 class LayoutTrainConfig(Section):
     """The first phase of a stage with a layout head (unet.layout_grid): the head alone,
-    on its own regression loss and optimizer, before the U-Net trains."""
+    on its own loss (layout_loss) and optimizer, before the U-Net trains."""
 
     steps: int = Field(0, ge=0, description="steps of the head alone (0: none)")
     batch_size: int = Field(64, ge=1)

@@ -30,7 +30,7 @@ from imagen_ops.config import UNetConfig
 from imagen_ops.diffusion.objectives import OBJECTIVES, target
 from imagen_ops.diffusion.schedules import alpha_sigma
 
-__all__ = ["LayoutHead", "LayoutPrior", "UNet", "layout_loss", "layout_target"]
+__all__ = ["LayoutHead", "LayoutPrior", "UNet", "layout_loss", "layout_target", "mode_errors"]
 
 
 # ------------------------------------------------------------------------- primitives
@@ -319,7 +319,10 @@ class LayoutPrior(NamedTuple):
 
     def mean(self) -> Tensor:
         """(B, 3, grid, grid): the mixture's mean, the caption's expected layout."""
-        weights = self.logits.float().softmax(dim=1)
+        return self._mix(self.logits.float().softmax(dim=1))
+
+    def _mix(self, weights: Tensor) -> Tensor:
+        """(B, K) weights -> (B, 3, grid, grid): the modes' weighted sum."""
         return (weights[:, :, None, None, None] * self.means.float()).sum(1)
 
     def posterior_mean(self, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
@@ -330,14 +333,13 @@ class LayoutPrior(NamedTuple):
         if self.means.shape[1] == 1:
             return self.means[:, 0]
         grid = self.means.shape[-1]
-        cells = F.adaptive_avg_pool2d(x_t.float(), grid)
+        cells = layout_target(x_t, grid)
         alpha, sigma = alpha.float().flatten(), sigma.float().flatten()
         n = x_t.shape[-2] * x_t.shape[-1] / grid**2
         var = alpha**2 * self.log_var.float().exp() + sigma**2 / n
         distance = cells[:, None] - alpha[:, None, None, None, None] * self.means.float()
         log_lik = -distance.square().flatten(2).sum(-1) / (2 * var[:, None])
-        weights = (self.logits.float().log_softmax(dim=1) + log_lik).softmax(dim=1)
-        return (weights[:, :, None, None, None] * self.means.float()).sum(1)
+        return self._mix((self.logits.float().log_softmax(dim=1) + log_lik).softmax(dim=1))
 
 
 class LayoutHead(nn.Module):
@@ -390,9 +392,15 @@ class LayoutHead(nn.Module):
         return LayoutPrior(means, self.to_logits(pooled.detach()), self.log_var)
 
 
-def layout_target(x0: Tensor, grid: int) -> Tensor:
-    """The clean images' grid x grid mean colors: what LayoutHead regresses."""
-    return F.adaptive_avg_pool2d(x0.float(), grid)
+def layout_target(x: Tensor, grid: int) -> Tensor:
+    """The images' grid x grid mean colors: of clean images, what LayoutHead predicts."""
+    return F.adaptive_avg_pool2d(x.float(), grid)
+
+
+def mode_errors(prior: LayoutPrior, x0: Tensor) -> Tensor:
+    """(B, K): each mode's mean squared error against the clean images' cell means."""
+    cells = layout_target(x0, prior.means.shape[-1])
+    return (prior.means.float() - cells[:, None]).square().flatten(2).mean(-1)
 
 
 def layout_loss(prior: LayoutPrior, x0: Tensor, relax: float = 0.05) -> Tensor:
@@ -404,11 +412,10 @@ def layout_loss(prior: LayoutPrior, x0: Tensor, relax: float = 0.05) -> Tensor:
     nearest (cross-entropy) and the variance the nearest's error (Gaussian likelihood). Those
     two terms are scaled by the variance (detached), the size of the squared error, so the
     trainer's gradient clipping sees the same loss scale with and without modes."""
-    cells = layout_target(x0, prior.means.shape[-1])
-    if prior.means.shape[1] == 1:
-        return (prior.means[:, 0].float() - cells).pow(2).mean()
     modes = prior.means.shape[1]
-    sq = (prior.means.float() - cells[:, None]).square().flatten(2).mean(-1)  # (B, K)
+    if modes == 1:
+        return (prior.means[:, 0].float() - layout_target(x0, prior.means.shape[-1])).pow(2).mean()
+    sq = mode_errors(prior, x0)
     nearest = sq.detach().argmin(dim=1)
     won = F.one_hot(nearest, modes).float()
     share = (1 - relax) * won + relax / (modes - 1) * (1 - won)

@@ -342,7 +342,7 @@ class Trainer:
         )
 
     def _fit_layout(self) -> None:
-        """Fit the layout head alone on its regression loss (train.layout): its word-order
+        """Fit the layout head alone on its own loss (layout_loss, train.layout): its word-order
         plateau costs seconds of its own steps and minutes of U-Net steps (BENCHMARKS: the
         layout prior). Every rank runs the same batches from the same seed."""
         cfg, tc, head = self.tcfg.layout, self.tcfg, self.net.layout
