@@ -372,7 +372,7 @@ class SampleConfig(Section):
     spacing: choice_of(SPACINGS) = "time"
     eta: float = Field(0.0, ge=0, le=1, description="DDIM stochasticity (1 = ancestral)")
     aug_level: AugLevel | tuple[AugLevel, ...] = Field(
-        0.05,
+        0.0,
         description="noise-conditioning augmentation level (t) of super-resolution stages "
         "(BENCHMARKS: the augmentation level at sampling)",
     )
