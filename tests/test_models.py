@@ -20,6 +20,7 @@ from imagen_ops.models.unet import (
     layout_loss,
     layout_target,
     masked_attention,
+    mode_errors,
 )
 from imagen_ops.text.encoders import TextEmbeddings
 
@@ -328,6 +329,23 @@ def test_layout_target_is_the_mean_color_of_each_cell():
     )
 
 
+def test_mode_errors_are_each_modes_squared_error_against_the_cells():
+    """(B, K): image b against mode k, pooled to the grid first; one mode's loss is their mean."""
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, 3, 8, 8, generator=g)
+    prior = LayoutPrior(torch.randn(3, 4, 3, 2, 2, generator=g), torch.zeros(3, 4), torch.zeros(()))
+    cells = layout_target(x0, 2)
+    expected = torch.tensor(
+        [
+            [(prior.means[b, k] - cells[b]).square().mean().item() for k in range(4)]
+            for b in range(3)
+        ]
+    )
+    torch.testing.assert_close(mode_errors(prior, x0), expected)
+    one = LayoutPrior(prior.means[:, :1], prior.logits[:, :1], prior.log_var)
+    torch.testing.assert_close(layout_loss(one, x0), mode_errors(one, x0).mean())
+
+
 @pytest.mark.parametrize("objective", ["v", "eps", "x0"])
 def test_layout_head_is_the_prior_mean_of_the_denoiser(objective):
     """`layout_grid`: the network denoises x0 - mu, mu the head's upsampled prediction (on 3
@@ -428,7 +446,7 @@ def test_layout_modes_keep_apart_what_a_caption_leaves_open():
         fitted[modes] = head(text[:1], mask[:1])
     blend = fitted[1].means[0, 0]
     torch.testing.assert_close(blend, (a + b_) / 2, atol=0.1, rtol=0, msg="one mode: the blend")
-    # each mode takes its layout's images and a 5 % share (layout_loss's relax) of the other's
+    # each mode takes its layout's images and a 5 % share (LAYOUT_RELAX) of the other's
     expected = torch.stack([0.95 * a + 0.05 * b_, 0.95 * b_ + 0.05 * a])
     means = fitted[2].means[0].detach()
     if (means[0] - a).abs().max() > (means[0] - b_).abs().max():

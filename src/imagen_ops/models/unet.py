@@ -403,22 +403,26 @@ def mode_errors(prior: LayoutPrior, x0: Tensor) -> Tensor:
     return (prior.means.float() - cells[:, None]).square().flatten(2).mean(-1)
 
 
-def layout_loss(prior: LayoutPrior, x0: Tensor, relax: float = 0.05) -> Tensor:
+LAYOUT_RELAX = 0.05
+"""layout_loss: the share of its squared error that a mode not nearest an image still takes."""
+
+
+def layout_loss(prior: LayoutPrior, x0: Tensor) -> Tensor:
     """LayoutHead's loss against the clean images' cell means.
 
     One mode: the squared error. Several: multiple-choice learning (Guzman-Rivera et al.
     2012), a hard EM. The mode nearest each image takes its squared error; the others a
-    `relax` share, so that none is left without data; the weights learn which mode was
+    LAYOUT_RELAX share, so that none is left without data; the weights learn which mode was
     nearest (cross-entropy) and the variance the nearest's error (Gaussian likelihood). Those
     two terms are scaled by the variance (detached), the size of the squared error, so the
     trainer's gradient clipping sees the same loss scale with and without modes."""
     modes = prior.means.shape[1]
-    if modes == 1:
+    if modes == 1:  # equal to mode_errors(...).mean(), but summed in the order it always was
         return (prior.means[:, 0].float() - layout_target(x0, prior.means.shape[-1])).pow(2).mean()
     sq = mode_errors(prior, x0)
     nearest = sq.detach().argmin(dim=1)
     won = F.one_hot(nearest, modes).float()
-    share = (1 - relax) * won + relax / (modes - 1) * (1 - won)
+    share = (1 - LAYOUT_RELAX) * won + LAYOUT_RELAX / (modes - 1) * (1 - won)
     log_var = prior.log_var.float()
     fit = sq.gather(1, nearest[:, None]).detach().mean() / log_var.exp() + log_var
     assign = F.cross_entropy(prior.logits.float(), nearest)
