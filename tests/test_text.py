@@ -142,10 +142,11 @@ def test_the_cache_holds_the_scorers_layer_beside_the_unets(minilm, tmp_path):
     assert manifest["layer"] == -1 and manifest["extra_layers"] == [2]
     cache = EmbeddingCache.open(tmp_path / "c", TextConfig(), CAPTIONS)
     rows = np.array([2, 0, 5])
-    unique = list(dict.fromkeys(CAPTIONS))  # the batch the cache encoded
+    unique = list(dict.fromkeys(CAPTIONS))  # the cache's one batch (it orders it by length)
     at = [unique.index(CAPTIONS[i]) for i in rows]
-    for layer in (None, -1, 2):
-        got, full = cache.lookup(rows, layer), minilm.encode(unique, layer).as_stored()
+    last, second = minilm.encode_layers(unique, [-1, 2])  # one pass, as the cache does
+    for layer, want in ((None, last), (-1, last), (2, second)):
+        got, full = cache.lookup(rows, layer), want.as_stored()
         width = got.tokens.shape[1]
         assert not full.mask[at, width:].any()  # only padding is trimmed
         assert torch.equal(got.mask, full.mask[at, :width])
