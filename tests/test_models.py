@@ -292,6 +292,51 @@ def test_super_resolution_stage_alone_on_a_user_image(tiny_cascade):
     assert out.shape == (2, 3, 32, 32) and set(calls) == {"sr32"}
 
 
+def test_a_mode_stage_keeps_one_drawn_layout_per_seed_whatever_the_batch():
+    """`layout_condition: mode` through Cascade.sample (a fresh x0-predicting base, whose x0
+    is its prior mean): each seed draws one of the caption's modes and keeps it every step,
+    from a stream of its own, so the image does not depend on its batch and the noise is a
+    posterior stage's; image-to-image takes the input image's nearest mode instead."""
+    base = [
+        "stages.base.unet.layout_grid=2",
+        "stages.base.unet.layout_modes=3",
+        "stages.base.diffusion.objective=x0",
+    ]
+    params = tiny_params(*base, "stages.base.unet.layout_condition=mode")
+    stage = Stage.build("base", params.stages["base"], TEXT_DIM, None)
+    posterior = Stage.build("base", tiny_params(*base).stages["base"], TEXT_DIM, None)
+    posterior.net.load_state_dict(stage.net.state_dict())
+    g = torch.Generator().manual_seed(0)
+    n = 24
+    text = TextEmbeddings(
+        torch.randn(1, 4, TEXT_DIM, generator=g).expand(n, -1, -1), torch.ones(n, 4, dtype=bool)
+    )
+    settings = params.sample.updated(guidance=1.0, steps=3, batch_size=n)
+
+    def run(stage, settings, **kw):
+        steps = []
+        out = Cascade([stage], TextConfig()).sample(
+            text, settings, callback=lambda *a: steps.append(a[3:]), **kw
+        )
+        return out, steps
+
+    out, steps = run(stage, settings)
+    assert torch.equal(out, run(stage, settings.updated(batch_size=5))[0])
+    with torch.no_grad():
+        means = stage.net.layout(text.tokens[:1], text.mask[:1]).means[0]
+    ups = torch.nn.functional.interpolate(means, size=(16, 16), mode="bilinear")
+    x0 = steps[0][1]
+    drawn = [int((x0[i] - ups).abs().flatten(1).amax(1).argmin()) for i in range(n)]
+    torch.testing.assert_close(x0, ups[drawn])
+    assert len(set(drawn)) == 3, drawn
+    assert all(torch.equal(x0, later) for _, later in steps[1:]), "the draw is kept"
+    assert torch.equal(steps[0][0], run(posterior, settings)[1][0][0]), "the noise is not moved"
+
+    image = torch.nn.functional.interpolate(means[1:2], size=(24, 24), mode="bilinear")
+    _, steps = run(stage, settings, image=image)
+    torch.testing.assert_close(steps[0][1], ups[1:2].expand(n, -1, -1, -1))
+
+
 def test_cascade_rejects_stages_that_do_not_chain():
     params = tiny_params()
     base = Stage.build("base", params.stages["base"], TEXT_DIM, None)
@@ -479,6 +524,62 @@ def test_a_unet_with_layout_modes_denoises_around_their_posterior():
     assert all(p.grad is None for p in net.layout.parameters()), "the prior is detached"
     layout_loss(prior, x).backward()
     assert all(p.grad.abs().sum() > 0 for p in net.layout.parameters())
+
+
+def test_layout_mode_is_the_images_nearest_or_the_weights_quantile():
+    """`layout_condition: mode`: clean images take the mode nearest their cell means (the
+    assignment layout_loss trains the weights on); quantiles u take the mode where the
+    weights' cumulative sum passes u, so uniform u draw each mode with its weight."""
+    g = torch.Generator().manual_seed(0)
+    means = torch.randn(1, 3, 3, 2, 2, generator=g)
+    weights = torch.tensor([[0.2, 0.5, 0.3]])
+    prior = LayoutPrior(
+        means.expand(4, -1, -1, -1, -1), weights.log().expand(4, -1), torch.zeros(())
+    )
+    near = means[0, [2, 0, 1, 2]] + 0.05 * torch.randn(4, 3, 2, 2, generator=g)
+    images = near.repeat_interleave(4, -1).repeat_interleave(4, -2)
+    torch.testing.assert_close(prior.mode(images), means[0, [2, 0, 1, 2]])
+    u = torch.tensor([0.1, 0.21, 0.69, 0.71])
+    torch.testing.assert_close(prior.mode(u), means[0, [0, 1, 1, 2]])
+    grid = (torch.arange(10_000) + 0.5) / 10_000
+    many = LayoutPrior(
+        means.expand(10_000, -1, -1, -1, -1), weights.log().expand(10_000, -1), torch.zeros(())
+    )
+    drawn = many.mode(grid)
+    share = torch.stack([(drawn == means[0, k]).flatten(1).all(1).float().mean() for k in range(3)])
+    torch.testing.assert_close(share, weights[0], atol=1e-4, rtol=0)
+
+
+def test_a_mode_unet_denoises_around_the_mode_its_key_picks():
+    """`layout_condition: mode`: the prior mean is one mode, picked by `layout_key` (never by
+    x_t), and the network refuses to run without one; a posterior U-Net refuses a key."""
+    cfg = UNET.model_copy(update={"layout_grid": 2, "layout_modes": 3, "layout_condition": "mode"})
+    net = UNet(cfg, text_dim=TEXT_DIM, super_resolution=False, objective="x0").eval()
+    x, logsnr, text, mask = inputs()
+    u = torch.tensor([0.05, 0.5, 0.95])
+    out = net(x, logsnr, text, mask, layout_key=u)
+    prior = net.layout(text, mask)
+    mu = torch.nn.functional.interpolate(prior.mode(u), size=(16, 16), mode="bilinear")
+    torch.testing.assert_close(out, mu)  # a fresh x0-prediction is its prior mean
+    torch.testing.assert_close(net(x + 0.5, logsnr, text, mask, layout_key=u), mu)
+    images = torch.nn.functional.interpolate(prior.means[:, 1].detach(), size=(16, 16))
+    torch.testing.assert_close(
+        net(x, logsnr, text, mask, layout_key=images),
+        torch.nn.functional.interpolate(prior.means[:, 1], size=(16, 16), mode="bilinear"),
+    )
+    with pytest.raises(ValueError, match="needs a layout_key"):
+        net(x, logsnr, text, mask)
+    posterior = UNet(
+        cfg.model_copy(update={"layout_condition": "posterior"}),
+        text_dim=TEXT_DIM,
+        super_resolution=False,
+        objective="x0",
+    )
+    with pytest.raises(ValueError, match="layout_key is for"):
+        posterior(x, logsnr, text, mask, layout_key=u)
+    one_mode = {**UNET.model_dump(), "layout_grid": 2, "layout_condition": "mode"}
+    with pytest.raises(ValueError, match="layout_modes"):
+        UNetConfig.model_validate(one_mode)
 
 
 def test_layout_variance_is_fitted_to_the_nearest_modes_error():

@@ -493,6 +493,37 @@ def test_compiled_training_pads_text_to_one_length_that_changes_nothing(tiny_dat
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_a_mode_stage_trains_on_each_images_nearest_layout_mode(tiny_data, tmp_path):
+    """`layout_condition: mode`: the U-Net's prior mean in training is the mode nearest each
+    clean image (the assignment the head's weights learn, so sampling a mode from them
+    matches training), read from the head with the step's caption dropout."""
+    layout = (
+        "stages.base.unet.layout_grid=2",
+        "stages.base.unet.layout_modes=3",
+        "stages.base.unet.layout_condition=mode",
+        "stages.base.train.layout.steps=200",
+    )
+    trainer = Trainer(
+        train_settings(tiny_params(*layout), "base"),
+        paths_for(tiny_data, tmp_path),
+        progress=False,
+    )
+    trainer._fit_layout()
+    batch, noise = trainer._micro_batches(0)[0]
+    seen = []
+    trainer.net.conv_in.register_forward_hook(lambda m, i, o: seen.append(i[0][:, 3:6]))
+    with torch.no_grad():
+        diffusion_loss(trainer.stage, trainer.net, batch, noise)
+        mask = batch.text.mask & noise.keep_text[:, None]
+        prior = trainer.net.layout(batch.text.tokens.float(), mask)
+    nearest = mode_errors(prior, batch.images).argmin(1)
+    assert len(set(nearest.tolist())) > 1, "the batch's images pick different modes"
+    mode = prior.means[torch.arange(len(nearest)), nearest]
+    size = batch.images.shape[-2:]
+    expected = torch.nn.functional.interpolate(mode, size=size, mode="bilinear")
+    torch.testing.assert_close(seen[0], expected)
+
+
 @pytest.mark.parametrize("modes", [1, 2])
 def test_layout_head_is_fitted_alone_first_and_a_resume_does_not_refit_it(
     tiny_data, tmp_path, modes

@@ -12,7 +12,7 @@ import itertools
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +127,15 @@ class Stage:
             logsnr = schedule(t).expand(x.shape[0]).to(x.device)
             alpha, sigma = alpha_sigma(logsnr, like=x)
             with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-                out = self.net(x, logsnr, cond.text, cond.mask, cond.lowres, cond.aug_logsnr)
+                out = self.net(
+                    x,
+                    logsnr,
+                    cond.text,
+                    cond.mask,
+                    cond.lowres,
+                    cond.aug_logsnr,
+                    layout_key=cond.layout_key,
+                )
             return to_x0(out.float(), x, alpha, sigma, objective)
 
         return denoise
@@ -448,13 +456,17 @@ class Cascade:
         bf16 = use_bf16(settings.precision, self.device)
         for stage, plan, steps in runs:
             size = (3, stage.resolution, stage.resolution)
-            cond = Conditioning(text.tokens, text.mask)
+            cond = Conditioning(
+                text.tokens,
+                text.mask,
+                layout_key=_layout_key(stage, seeds, image, mask, self.device),
+            )
             if stage.lowres is not None:
                 t_aug = torch.full((n,), float(plan.aug_level), device=self.device)
                 up, aug_logsnr = augment_lowres(
                     x, stage.resolution, t_aug, stage.schedule, noise(size)
                 )
-                cond = Conditioning(text.tokens, text.mask, up, aug_logsnr)
+                cond = replace(cond, lowres=up, aug_logsnr=aug_logsnr)
             uncond = None
             if negative is not None:
                 uncond = cond.with_text(
@@ -485,6 +497,31 @@ class Cascade:
                 callback=lambda j, t, xt, x0, name=stage.name: callback(name, j, t, xt, x0),
             )
         return x.clamp(-1, 1)
+
+
+LAYOUT_STREAM = 1
+"""spawn key of the generator that draws a seed's layout mode (`layout_condition: mode`)."""
+
+
+def _layout_key(
+    stage: Stage,
+    seeds: Sequence[int],
+    image: Tensor | None,
+    mask: Tensor | None,
+    device: torch.device,
+) -> Tensor | None:
+    """What picks each image's layout mode on a `layout_condition: mode` stage: the input
+    image's nearest mode for image-to-image (the image is the x0 it was trained on), else a
+    quantile per seed from a stream of its own, so no noise draw moves."""
+    if stage.config.unet.layout_condition != "mode":
+        return None
+    if image is not None and mask is None:
+        return _resized(image, stage.resolution)
+    states = [
+        np.random.SeedSequence(int(s), spawn_key=(LAYOUT_STREAM,)).generate_state(1, np.uint64)
+        for s in seeds
+    ]
+    return torch.tensor([float(st[0] >> 11) / 2.0**53 for st in states], device=device)
 
 
 def candidate_seed(seed: int, j: int) -> int:

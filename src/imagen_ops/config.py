@@ -211,6 +211,11 @@ class UNetConfig(Section):
         description="the layout head's mixture modes: layouts a caption leaves open stay apart; "
         "the prior mean is the modes' posterior given x_t (1: a plain regression)",
     )
+    layout_condition: Literal["posterior", "mode"] = Field(
+        "posterior",
+        description="the prior mean: the modes' posterior given x_t, or one mode (trained: "
+        "the nearest to the image; sampled: one per seed from the caption's weights)",
+    )
 
     @model_validator(mode="after")
     def _per_level_lengths(self) -> UNetConfig:
@@ -220,6 +225,8 @@ class UNetConfig(Section):
                 raise ValueError(f"{name} needs one entry per level ({n}: channel_mults)")
         if self.layout_modes > 1 and not self.layout_grid:
             raise ValueError("layout_modes > 1 is a mixture over a layout head: set layout_grid")
+        if self.layout_condition == "mode" and self.layout_modes < 2:
+            raise ValueError("layout_condition 'mode' picks one of layout_modes: set it >= 2")
         if any(m < 1 for m in self.channel_mults) or any(b < 1 for b in self.num_res_blocks):
             raise ValueError("channel_mults and num_res_blocks must be >= 1")
         for m in self.channel_mults:

@@ -40,6 +40,7 @@ class Conditioning:
     mask: Tensor  # (B, L) bool, True for real tokens
     lowres: Tensor | None = None  # (B, 3, H, W) upsampled, noise-augmented low-res image
     aug_logsnr: Tensor | None = None  # (B,) log-SNR of the augmentation noise
+    layout_key: Tensor | None = None  # which layout mode (UNet, layout_condition: mode)
 
     def without_text(self) -> Conditioning:
         return replace(self, mask=torch.zeros_like(self.mask))
@@ -66,6 +67,7 @@ class Conditioning:
             torch.cat([mask_a, mask_b]),
             cat(self.lowres, other.lowres),
             cat(self.aug_logsnr, other.aug_logsnr),
+            cat(self.layout_key, other.layout_key),
         )
 
 

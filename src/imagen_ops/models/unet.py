@@ -341,6 +341,18 @@ class LayoutPrior(NamedTuple):
         log_lik = -distance.square().flatten(2).sum(-1) / (2 * var[:, None])
         return self._mix((self.logits.float().log_softmax(dim=1) + log_lik).softmax(dim=1))
 
+    def mode(self, key: Tensor) -> Tensor:
+        """(B, 3, grid, grid): one mode per image, as `unet.layout_condition: mode` conditions
+        on it. `key` (B, 3, H, W) clean images take their nearest mode (training, the
+        assignment layout_loss fits the weights to); `key` (B,) quantiles in [0, 1) take the
+        mode there in the caption's weights (sampling: one draw per seed, kept every step)."""
+        if key.ndim == 4:
+            k = mode_errors(self, key).argmin(dim=1)
+        else:
+            cdf = self.logits.float().softmax(dim=1).cumsum(dim=1)
+            k = (cdf < key.float()[:, None]).sum(dim=1).clamp(max=self.means.shape[1] - 1)
+        return self.means.float()[torch.arange(len(k), device=k.device), k]
+
 
 class LayoutHead(nn.Module):
     """Text -> a mixture of `modes` layouts of the image's grid x grid mean colors
@@ -441,7 +453,12 @@ class UNet(nn.Module):
     objective's target(mu, 0). At high noise, where the loss barely trains it, a v- or
     x0-predicting network's x0 is then the caption's layout, not the data's mean (an
     eps-prediction's x0 there is x_t / alpha whatever the mean). With `cfg.layout_modes`
-    > 1, mu is the head's modes weighted by their posterior given x_t (LayoutPrior).
+    > 1, mu is the head's modes weighted by their posterior given x_t (LayoutPrior), or with
+    `cfg.layout_condition: mode` one of them: a discrete layout z, trained on the mode
+    nearest x0 and sampled from the caption's weights, which the head learns as the
+    nearest mode's probability (layout_loss), so p(z | text) p(x | z, text) is sampled as
+    trained. It commits each seed to one layout before the first step, where the posterior
+    is still the centred blend of all of them (BENCHMARKS: one layout per seed).
 
     Args:
         cfg: the architecture.
@@ -537,10 +554,14 @@ class UNet(nn.Module):
         lowres: Tensor | None = None,
         aug_logsnr: Tensor | None = None,
         *,
+        layout_key: Tensor | None = None,
         return_layout: bool = False,
     ) -> Tensor | tuple[Tensor, LayoutPrior]:
         """x (B, 3, H, W); logsnr (B,); text (B, L, D); text_mask (B, L) bool; for SR stages
         lowres (B, 3, H, W) already upsampled to x's size and aug_logsnr (B,).
+
+        `layout_key` (`layout_condition: mode` only, and required there) picks each image's
+        layout mode (LayoutPrior.mode): clean images (training) or quantiles (sampling).
 
         `return_layout` (training, `layout_grid` > 0) also returns the layout head's
         prediction, for its loss; inside a DDP wrapper, so its gradients are reduced too."""
@@ -559,12 +580,20 @@ class UNet(nn.Module):
         if self.layout is not None:
             layout = self.layout(text, text_mask)
             alpha, sigma = alpha_sigma(logsnr, like=x)
-            prior = LayoutPrior(*(t.detach() for t in layout)).posterior_mean(x, alpha, sigma)
+            prior = LayoutPrior(*(t.detach() for t in layout))
+            if self.cfg.layout_condition == "mode":
+                if layout_key is None:
+                    raise ValueError("a U-Net with layout_condition 'mode' needs a layout_key")
+                prior = prior.mode(layout_key)
+            else:
+                prior = prior.posterior_mean(x, alpha, sigma)
             mean = F.interpolate(prior, size=x.shape[-2:], mode="bilinear").to(x.dtype)
             inputs = [x - alpha * mean, mean]
             shift = target(mean, torch.zeros_like(mean), alpha, sigma, self.objective)
         elif return_layout:
             raise ValueError("return_layout needs a U-Net with layout_grid > 0")
+        if layout_key is not None and self.cfg.layout_condition != "mode":
+            raise ValueError("layout_key is for a U-Net with layout_condition 'mode'")
         if self.super_resolution:
             inputs.append(lowres)
         if self.cfg.coordinates:

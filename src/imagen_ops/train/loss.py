@@ -85,7 +85,17 @@ def diffusion_loss(stage: Stage, net: nn.Module, batch: Batch, noise: TrainingNo
             batch.lowres, x0.shape[-1], noise.t_aug, schedule, noise.aug_eps
         )
     grid = stage.config.unet.layout_grid
-    out = net(x_t, logsnr, batch.text.tokens, mask, lowres, aug_logsnr, return_layout=bool(grid))
+    key = x0 if stage.config.unet.layout_condition == "mode" else None
+    out = net(
+        x_t,
+        logsnr,
+        batch.text.tokens,
+        mask,
+        lowres,
+        aug_logsnr,
+        layout_key=key,
+        return_layout=bool(grid),
+    )
     layout_error = 0.0
     if grid:
         out, layout = out
