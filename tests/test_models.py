@@ -332,6 +332,15 @@ def test_a_mode_stage_keeps_one_drawn_layout_per_seed_whatever_the_batch():
     assert all(torch.equal(x0, later) for _, later in steps[1:]), "the draw is kept"
     assert torch.equal(steps[0][0], run(posterior, settings)[1][0][0]), "the noise is not moved"
 
+    # guidance: the unconditional branch takes the caption-free mode nearest each draw
+    _, steps = run(stage, settings.updated(guidance=2.0))
+    with torch.no_grad():
+        free = stage.net.layout(text.tokens[:1], torch.zeros_like(text.mask[:1])).means[0]
+    paired = [int((free - means[k]).square().flatten(1).mean(1).argmin()) for k in drawn]
+    free_ups = torch.nn.functional.interpolate(free, size=(16, 16), mode="bilinear")[paired]
+    guided = free_ups + 2.0 * (ups[drawn] - free_ups)
+    torch.testing.assert_close(steps[0][1], guided.clamp(-1, 1))
+
     image = torch.nn.functional.interpolate(means[1:2], size=(24, 24), mode="bilinear")
     _, steps = run(stage, settings, image=image)
     torch.testing.assert_close(steps[0][1], ups[1:2].expand(n, -1, -1, -1))
@@ -538,35 +547,32 @@ def test_layout_mode_is_the_images_nearest_or_the_weights_quantile():
     )
     near = means[0, [2, 0, 1, 2]] + 0.05 * torch.randn(4, 3, 2, 2, generator=g)
     images = near.repeat_interleave(4, -1).repeat_interleave(4, -2)
-    torch.testing.assert_close(prior.mode(images), means[0, [2, 0, 1, 2]])
+    torch.testing.assert_close(prior.nearest(images), means[0, [2, 0, 1, 2]])
     u = torch.tensor([0.1, 0.21, 0.69, 0.71])
-    torch.testing.assert_close(prior.mode(u), means[0, [0, 1, 1, 2]])
+    torch.testing.assert_close(prior.drawn(u), means[0, [0, 1, 1, 2]])
     grid = (torch.arange(10_000) + 0.5) / 10_000
     many = LayoutPrior(
         means.expand(10_000, -1, -1, -1, -1), weights.log().expand(10_000, -1), torch.zeros(())
     )
-    drawn = many.mode(grid)
+    drawn = many.drawn(grid)
     share = torch.stack([(drawn == means[0, k]).flatten(1).all(1).float().mean() for k in range(3)])
     torch.testing.assert_close(share, weights[0], atol=1e-4, rtol=0)
 
 
 def test_a_mode_unet_denoises_around_the_mode_its_key_picks():
-    """`layout_condition: mode`: the prior mean is one mode, picked by `layout_key` (never by
-    x_t), and the network refuses to run without one; a posterior U-Net refuses a key."""
+    """`layout_condition: mode`: the prior mean is the mode nearest the key's cell means
+    (never moved by x_t), and the network refuses to run without a key; a posterior U-Net
+    refuses one."""
     cfg = UNET.model_copy(update={"layout_grid": 2, "layout_modes": 3, "layout_condition": "mode"})
     net = UNet(cfg, text_dim=TEXT_DIM, super_resolution=False, objective="x0").eval()
     x, logsnr, text, mask = inputs()
-    u = torch.tensor([0.05, 0.5, 0.95])
-    out = net(x, logsnr, text, mask, layout_key=u)
-    prior = net.layout(text, mask)
-    mu = torch.nn.functional.interpolate(prior.mode(u), size=(16, 16), mode="bilinear")
-    torch.testing.assert_close(out, mu)  # a fresh x0-prediction is its prior mean
-    torch.testing.assert_close(net(x + 0.5, logsnr, text, mask, layout_key=u), mu)
-    images = torch.nn.functional.interpolate(prior.means[:, 1].detach(), size=(16, 16))
-    torch.testing.assert_close(
-        net(x, logsnr, text, mask, layout_key=images),
-        torch.nn.functional.interpolate(prior.means[:, 1], size=(16, 16), mode="bilinear"),
-    )
+    with torch.no_grad():
+        prior = net.layout(text, mask)
+    for k in range(3):
+        key = torch.nn.functional.interpolate(prior.means[:, k], size=(16, 16))
+        mu = torch.nn.functional.interpolate(prior.means[:, k], size=(16, 16), mode="bilinear")
+        torch.testing.assert_close(net(x, logsnr, text, mask, layout_key=key), mu)
+        torch.testing.assert_close(net(x + 0.5, logsnr, text, mask, layout_key=key), mu)
     with pytest.raises(ValueError, match="needs a layout_key"):
         net(x, logsnr, text, mask)
     posterior = UNet(
@@ -576,7 +582,7 @@ def test_a_mode_unet_denoises_around_the_mode_its_key_picks():
         objective="x0",
     )
     with pytest.raises(ValueError, match="layout_key is for"):
-        posterior(x, logsnr, text, mask, layout_key=u)
+        posterior(x, logsnr, text, mask, layout_key=key)
     one_mode = {**UNET.model_dump(), "layout_grid": 2, "layout_condition": "mode"}
     with pytest.raises(ValueError, match="layout_modes"):
         UNetConfig.model_validate(one_mode)

@@ -459,7 +459,7 @@ class Cascade:
             cond = Conditioning(
                 text.tokens,
                 text.mask,
-                layout_key=_layout_key(stage, seeds, image, mask, self.device),
+                layout_key=_layout_key(stage, text, seeds, image, mask),
             )
             if stage.lowres is not None:
                 t_aug = torch.full((n,), float(plan.aug_level), device=self.device)
@@ -505,14 +505,15 @@ LAYOUT_STREAM = 1
 
 def _layout_key(
     stage: Stage,
+    text: TextEmbeddings,
     seeds: Sequence[int],
     image: Tensor | None,
     mask: Tensor | None,
-    device: torch.device,
 ) -> Tensor | None:
-    """What picks each image's layout mode on a `layout_condition: mode` stage: the input
-    image's nearest mode for image-to-image (the image is the x0 it was trained on), else a
-    quantile per seed from a stream of its own, so no noise draw moves."""
+    """What a `layout_condition: mode` stage conditions on (UNet.forward's `layout_key`): for
+    image-to-image the input image (the x0 it stands for), else each seed's mode drawn from
+    the caption's weights, by a uniform from a stream of its own, so no noise draw moves.
+    Both halves of guidance read the same key, each taking its own nearest mode."""
     if stage.config.unet.layout_condition != "mode":
         return None
     if image is not None and mask is None:
@@ -521,7 +522,8 @@ def _layout_key(
         np.random.SeedSequence(int(s), spawn_key=(LAYOUT_STREAM,)).generate_state(1, np.uint64)
         for s in seeds
     ]
-    return torch.tensor([float(st[0] >> 11) / 2.0**53 for st in states], device=device)
+    u = torch.tensor([float(st[0] >> 11) / 2.0**53 for st in states], device=text.tokens.device)
+    return stage.net.layout(text.tokens, text.mask).drawn(u)
 
 
 def candidate_seed(seed: int, j: int) -> int:

@@ -40,7 +40,7 @@ class Conditioning:
     mask: Tensor  # (B, L) bool, True for real tokens
     lowres: Tensor | None = None  # (B, 3, H, W) upsampled, noise-augmented low-res image
     aug_logsnr: Tensor | None = None  # (B,) log-SNR of the augmentation noise
-    layout_key: Tensor | None = None  # which layout mode (UNet, layout_condition: mode)
+    layout_key: Tensor | None = None  # (B, 3, h, w): its nearest layout mode (UNet, mode)
 
     def without_text(self) -> Conditioning:
         return replace(self, mask=torch.zeros_like(self.mask))

@@ -22,6 +22,8 @@ def count_flops(
     kwargs = {}
     if net.super_resolution:
         kwargs = {"lowres": torch.randn_like(x), "aug_logsnr": torch.zeros(1)}
+    if net.cfg.layout_condition == "mode":
+        kwargs["layout_key"] = torch.zeros_like(x)
     text = torch.randn(1, text_length, text_dim)
     mask = torch.ones(1, text_length, dtype=torch.bool)
     counter = FlopCounterMode(display=False)

@@ -341,16 +341,20 @@ class LayoutPrior(NamedTuple):
         log_lik = -distance.square().flatten(2).sum(-1) / (2 * var[:, None])
         return self._mix((self.logits.float().log_softmax(dim=1) + log_lik).softmax(dim=1))
 
-    def mode(self, key: Tensor) -> Tensor:
-        """(B, 3, grid, grid): one mode per image, as `unet.layout_condition: mode` conditions
-        on it. `key` (B, 3, H, W) clean images take their nearest mode (training, the
-        assignment layout_loss fits the weights to); `key` (B,) quantiles in [0, 1) take the
-        mode there in the caption's weights (sampling: one draw per seed, kept every step)."""
-        if key.ndim == 4:
-            k = mode_errors(self, key).argmin(dim=1)
-        else:
-            cdf = self.logits.float().softmax(dim=1).cumsum(dim=1)
-            k = (cdf < key.float()[:, None]).sum(dim=1).clamp(max=self.means.shape[1] - 1)
+    def nearest(self, images: Tensor) -> Tensor:
+        """(B, 3, grid, grid): the mode nearest each image's cell means (B, 3, H, W), the
+        assignment layout_loss fits the weights to: what `layout_condition: mode` conditions
+        on (training: the clean image; sampling: the seed's drawn mode)."""
+        return self._pick(mode_errors(self, images).argmin(dim=1))
+
+    def drawn(self, u: Tensor) -> Tensor:
+        """(B, 3, grid, grid): the mode at quantile u (B,) in [0, 1) of the caption's
+        weights, so uniform u draw each mode with its weight."""
+        cdf = self.logits.float().softmax(dim=1).cumsum(dim=1)
+        k = (cdf < u.float()[:, None]).sum(dim=1).clamp(max=self.means.shape[1] - 1)
+        return self._pick(k)
+
+    def _pick(self, k: Tensor) -> Tensor:
         return self.means.float()[torch.arange(len(k), device=k.device), k]
 
 
@@ -560,8 +564,11 @@ class UNet(nn.Module):
         """x (B, 3, H, W); logsnr (B,); text (B, L, D); text_mask (B, L) bool; for SR stages
         lowres (B, 3, H, W) already upsampled to x's size and aug_logsnr (B,).
 
-        `layout_key` (`layout_condition: mode` only, and required there) picks each image's
-        layout mode (LayoutPrior.mode): clean images (training) or quantiles (sampling).
+        `layout_key` (`layout_condition: mode` only, and required there), (B, 3, h, w)
+        images: the prior mean is each one's nearest mode (LayoutPrior.nearest). Training
+        passes the clean images; sampling the seed's drawn mode of the caption (Cascade),
+        whose nearest mode in the unconditional branch of guidance is the caption-free
+        layout the data would pair with it, as training's dropped captions see.
 
         `return_layout` (training, `layout_grid` > 0) also returns the layout head's
         prediction, for its loss; inside a DDP wrapper, so its gradients are reduced too."""
@@ -584,7 +591,7 @@ class UNet(nn.Module):
             if self.cfg.layout_condition == "mode":
                 if layout_key is None:
                     raise ValueError("a U-Net with layout_condition 'mode' needs a layout_key")
-                prior = prior.mode(layout_key)
+                prior = prior.nearest(layout_key)
             else:
                 prior = prior.posterior_mean(x, alpha, sigma)
             mean = F.interpolate(prior, size=x.shape[-2:], mode="bilinear").to(x.dtype)
