@@ -294,6 +294,7 @@ def test_model_summary_of_the_projects_params_yaml(capsys) -> None:
     base = capsys.readouterr().out.strip().splitlines()[1].split()
     plain_args = ["--params", project, "-S", "stages.base.unet.layout_grid=0"]
     plain_args += ["-S", "stages.base.unet.layout_modes=1"]
+    plain_args += ["-S", "stages.base.unet.layout_condition=posterior"]
     plain_args += ["-S", "stages.base.train.layout.steps=0"]
     assert main(["model", "summary", *plain_args]) == 0
     plain = capsys.readouterr().out.strip().splitlines()[1].split()
