@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -345,6 +347,14 @@ def test_a_mode_stage_keeps_one_drawn_layout_per_seed_whatever_the_batch():
     _, steps = run(stage, settings, image=image)
     torch.testing.assert_close(steps[0][1], ups[1:2].expand(n, -1, -1, -1))
 
+    # inpainting: every seed draws the mode its kept pixels fit (the head made sure of it)
+    with torch.no_grad():
+        stage.net.layout.log_var.fill_(math.log(1e-4))
+    mask = torch.zeros(1, 1, 24, 24)
+    mask[..., 12:] = 1  # draw the right half
+    _, steps = run(stage, settings, image=image, mask=mask)
+    torch.testing.assert_close(steps[0][1][..., 8:], ups[1:2, ..., 8:].expand(n, -1, -1, -1))
+
 
 def test_cascade_rejects_stages_that_do_not_chain():
     params = tiny_params()
@@ -557,6 +567,43 @@ def test_layout_mode_is_the_images_nearest_or_the_weights_quantile():
     drawn = many.drawn(grid)
     share = torch.stack([(drawn == means[0, k]).flatten(1).all(1).float().mean() for k in range(3)])
     torch.testing.assert_close(share, weights[0], atol=1e-4, rtol=0)
+
+
+def test_inpainting_weighs_each_layout_mode_by_the_pixels_it_keeps():
+    """LayoutPrior.given: the weights times each mode's likelihood of the kept pixels' cell
+    means, a cell counted by its kept share; a mask that keeps nothing changes nothing, and
+    kept pixels that match one mode on the kept cells pick it when the variance is small."""
+    g = torch.Generator().manual_seed(0)
+    means = torch.randn(1, 3, 3, 2, 2, generator=g)
+    weights = torch.tensor([[0.2, 0.5, 0.3]])
+    prior = LayoutPrior(means, weights.log(), torch.tensor(math.log(0.5)))
+    image = torch.randn(1, 3, 8, 8, generator=g)
+    kept = torch.zeros(1, 1, 8, 8)
+    kept[..., :, :4] = 1  # the left column of cells
+    kept[..., :2, 4:] = 1  # and half of the top right cell
+    cells = torch.stack(
+        [image[0, :, :4, :4].mean((1, 2)), image[0, :, 4:, :4].mean((1, 2))], dim=-1
+    )  # (3, 2): the left column's cells, top and bottom
+    top_right = image[0, :, :2, 4:].mean((1, 2))  # the kept pixels of that cell only
+    expected = weights.log() - torch.stack(
+        [
+            (means[0, k, :, :, 0] - cells).square().sum()
+            + 0.5 * (means[0, k, :, 0, 1] - top_right).square().sum()
+            for k in range(3)
+        ]
+    ) / (2 * 0.5)
+    torch.testing.assert_close(
+        prior.given(image, kept).logits.log_softmax(1), expected.log_softmax(1)
+    )
+    nothing = prior.given(image, torch.zeros_like(kept))
+    torch.testing.assert_close(nothing.logits.softmax(1), weights)
+    sharp = prior._replace(log_var=torch.tensor(math.log(1e-4)))
+    half = means[0, 1].repeat_interleave(4, -1).repeat_interleave(4, -2)[None]
+    left = torch.zeros_like(kept)
+    left[..., :4] = 1
+    torch.testing.assert_close(
+        sharp.given(half, left).logits.softmax(1), torch.tensor([[0.0, 1, 0]])
+    )
 
 
 def test_a_mode_unet_denoises_around_the_mode_its_key_picks():

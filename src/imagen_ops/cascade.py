@@ -484,8 +484,7 @@ class Cascade:
                 alpha, sigma = alpha_sigma(stage.schedule(torch.tensor(ts[0])), like=known)
                 x = alpha * known + sigma * x
                 if mask is not None:
-                    generate = F.interpolate(mask, size=size[1:], mode="area") > 0.5
-                    denoise = keep_known(denoise, known, generate)
+                    denoise = keep_known(denoise, known, _generated(mask, stage.resolution))
             x = sample(
                 settings.sampler,
                 denoise,
@@ -512,8 +511,9 @@ def _layout_key(
 ) -> Tensor | None:
     """What a `layout_condition: mode` stage conditions on (UNet.forward's `layout_key`): for
     image-to-image the input image (the x0 it stands for), else each seed's mode drawn from
-    the caption's weights, by a uniform from a stream of its own, so no noise draw moves.
-    Both halves of guidance read the same key, each taking its own nearest mode."""
+    the caption's weights (inpainting: given the pixels it keeps), by a uniform from a stream
+    of its own, so no noise draw moves. Both halves of guidance read the same key, each
+    taking its own nearest mode."""
     if stage.config.unet.layout_condition != "mode":
         return None
     if image is not None and mask is None:
@@ -523,7 +523,16 @@ def _layout_key(
         for s in seeds
     ]
     u = torch.tensor([float(st[0] >> 11) / 2.0**53 for st in states], device=text.tokens.device)
-    return stage.net.layout(text.tokens, text.mask).drawn(u)
+    prior = stage.net.layout(text.tokens, text.mask)
+    if image is not None:  # inpainting
+        kept = ~_generated(mask, stage.resolution)
+        prior = prior.given(_resized(image, stage.resolution), kept)
+    return prior.drawn(u)
+
+
+def _generated(mask: Tensor, size: int) -> Tensor:
+    """Where inpainting draws at `size` px: the mask's area share there above one half."""
+    return F.interpolate(mask, size=(size, size), mode="area") > 0.5
 
 
 def candidate_seed(seed: int, j: int) -> int:

@@ -347,6 +347,19 @@ class LayoutPrior(NamedTuple):
         on (training: the clean image; sampling: the seed's drawn mode)."""
         return self._pick(mode_errors(self, images).argmin(dim=1))
 
+    def given(self, image: Tensor, known: Tensor) -> LayoutPrior:
+        """The prior given the pixels of `image` (B, 3, H, W) where `known` (B, 1, H, W) is 1:
+        each mode's weight times the likelihood of those pixels' cell means, a cell counted by
+        the share of it that is known. Inpainting draws its mode from this, so the layout fits
+        the pixels it keeps."""
+        grid = self.means.shape[-1]
+        known = known.float()
+        cover = layout_target(known, grid)  # (B, 1, grid, grid): the share of a cell known
+        cells = layout_target(image.float() * known, grid) / cover.clamp(min=1e-6)
+        error = (cells[:, None] - self.means.float()).square() * cover[:, None]
+        log_lik = -error.flatten(2).sum(-1) / (2 * self.log_var.float().exp())
+        return self._replace(logits=self.logits.float().log_softmax(dim=1) + log_lik)
+
     def drawn(self, u: Tensor) -> Tensor:
         """(B, 3, grid, grid): the mode at quantile u (B,) in [0, 1) of the caption's
         weights, so uniform u draw each mode with its weight."""
