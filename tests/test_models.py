@@ -347,9 +347,12 @@ def test_a_mode_stage_keeps_one_drawn_layout_per_seed_whatever_the_batch():
     _, steps = run(stage, settings, image=image)
     torch.testing.assert_close(steps[0][1], ups[1:2].expand(n, -1, -1, -1))
 
-    # inpainting: every seed draws the mode its kept pixels fit (the head made sure of it)
+    # inpainting: every seed draws the mode that the kept left half fits (mode 1), not the
+    # one the right half it draws over shows (mode 2)
     with torch.no_grad():
         stage.net.layout.log_var.fill_(math.log(1e-4))
+    other = torch.nn.functional.interpolate(means[2:3], size=(24, 24), mode="bilinear")
+    image = torch.cat([image[..., :12], other[..., 12:]], dim=-1)
     mask = torch.zeros(1, 1, 24, 24)
     mask[..., 12:] = 1  # draw the right half
     _, steps = run(stage, settings, image=image, mask=mask)

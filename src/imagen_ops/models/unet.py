@@ -361,8 +361,8 @@ class LayoutPrior(NamedTuple):
         return self._replace(logits=self.logits.float().log_softmax(dim=1) + log_lik)
 
     def drawn(self, u: Tensor) -> Tensor:
-        """(B, 3, grid, grid): the mode at quantile u (B,) in [0, 1) of the caption's
-        weights, so uniform u draw each mode with its weight."""
+        """(B, 3, grid, grid): the mode at quantile u (B,) in [0, 1) of the weights (the
+        caption's, or `given` kept pixels), so uniform u draw each mode with its weight."""
         cdf = self.logits.float().softmax(dim=1).cumsum(dim=1)
         k = (cdf < u.float()[:, None]).sum(dim=1).clamp(max=self.means.shape[1] - 1)
         return self._pick(k)
