@@ -175,6 +175,34 @@ def test_classifier_free_guidance():
     torch.testing.assert_close(guided, u + 4.0 * (c - u))
 
 
+def test_guidance_interval_guides_only_inside_it():
+    """Inside [lo, hi] (ends included) the guided prediction in one doubled pass; outside
+    it exactly the conditional one, in one pass over the batch alone."""
+    denoise = _toy_cond_denoiser()
+    g = torch.Generator().manual_seed(4)
+    cond = Conditioning(torch.randn(2, 5, 4, generator=g), torch.ones(2, 5, dtype=torch.bool))
+    x = torch.randn(2, 3, 4, 4, generator=g)
+    calls = []
+
+    def counting(x, t, c):
+        calls.append(x.shape[0])
+        return denoise(x, t, c)
+
+    guided = classifier_free_guidance(counting, cond, 4.0, interval=(0.25, 0.5))
+    for t, inside in [(0.1, False), (0.25, True), (0.375, True), (0.5, True), (0.9, False)]:
+        t = torch.tensor(t)
+        calls.clear()
+        c, u = denoise(x, t, cond), denoise(x, t, cond.without_text())
+        out = guided(x, t)
+        if inside:
+            assert calls == [4]
+            torch.testing.assert_close(out, u + 4.0 * (c - u))
+        else:
+            assert calls == [2]
+            assert torch.equal(out, c)
+            assert not torch.allclose(c, u + 4.0 * (c - u))
+
+
 # ------------------------------------------------------------------------------ samplers
 
 MUS = torch.tensor([[-0.6, 0.3], [0.5, -0.4]], dtype=torch.float64)

@@ -429,6 +429,7 @@ def test_evaluate_stage_end_to_end(tiny_data, tiny_models, tmp_path, monkeypatch
     assert set(alignment["failures"]) == set(CATEGORIES)
     sampling = metrics["sampling"]
     assert sampling["steps"] == [4, 4] and sampling["guidance"] == [2.0, 1.0]
+    assert sampling["guidance_interval"] == [0.0, 1.0]
     timings = json.loads(paths.timings.read_text())  # untracked: not in metrics.json
     assert set(timings["seconds_per_image"]) == {"base", "sr32"}
     assert all(v > 0 for v in timings["seconds_per_image"].values())

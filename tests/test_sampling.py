@@ -131,6 +131,37 @@ def test_guidance_means_the_same_in_the_cli_and_the_served_model(
     assert weights == [3.0, 1.0] and not np.array_equal(base_only, every_stage)
 
 
+def test_guidance_interval_means_the_same_in_the_cli_and_the_served_model(
+    tiny_models, cascade, tmp_path
+) -> None:
+    """`--guidance-interval` and a request's `guidance_interval` are sample.guidance_interval:
+    the same image as Python; an interval that no denoising step reaches is no guidance
+    (ancestral sampling never evaluates t = 0), the whole range is plain guidance."""
+    settings = tiny_params().sample.updated(guidance=4.0)
+    prompts = ["a red circle and a blue square"]
+    half = sample_u8(cascade, prompts, settings.updated(guidance_interval=[0.5, 1.0]))[0]
+    everywhere = sample_u8(cascade, prompts, settings)[0]
+    nowhere = sample_u8(cascade, prompts, settings.updated(guidance_interval=[0.0, 0.0]))[0]
+    assert np.array_equal(nowhere, sample_u8(cascade, prompts, settings.updated(guidance=1.0))[0])
+    assert np.array_equal(
+        everywhere, sample_u8(cascade, prompts, settings.updated(guidance_interval=[0.0, 1.0]))[0]
+    )
+    assert not np.array_equal(half, everywhere) and not np.array_equal(half, nowhere)
+
+    params_file = write_params(tmp_path / "params.yaml")
+    out = tmp_path / "gi.png"
+    argv = ["sample", prompts[0], "--model", str(tiny_models), "--params", str(params_file)]
+    options = ["--guidance", "4", "--guidance-interval", "0.5", "1", "--out", str(out), "-q"]
+    assert main([*argv, *options]) == 0
+    frame = pd.DataFrame({"prompt": prompts, "guidance": [4.0], "guidance_interval": [[0.5, 1.0]]})
+    served = generate(cascade, validate_request(frame, tiny_params().sample, ServeConfig()))[0]
+    assert np.array_equal(np.asarray(Image.open(out)), half)
+    assert np.array_equal(served, half)
+    bad = frame.assign(guidance_interval=[[0.9, 0.2]])
+    with pytest.raises(Exception, match=r"guidance_interval.*lo <= hi"):
+        validate_request(bad, tiny_params().sample, ServeConfig())
+
+
 def test_batches_do_not_change_images(cascade) -> None:
     settings = tiny_params().sample
     prompts = ["a red circle", "two blue squares", "a green star", "a yellow circle"]

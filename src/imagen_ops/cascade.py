@@ -293,7 +293,7 @@ class Cascade:
         """Pixel-steps of a `sample` call for `n` images (image-to-image / inpainting with
         `from_image`, super-resolution of a `lowres_size` image): over the stages it runs,
         denoising steps x pixels, doubled where guidance runs the unconditional pass too
-        (the serving budget's unit)."""
+        (the serving budget's unit; an upper bound under `sample.guidance_interval`)."""
         runs = self._runs(settings, from_image, lowres_size)
         cost = [
             steps * (1 if plan.guidance == 1 else 2) * stage.resolution**2
@@ -473,7 +473,13 @@ class Cascade:
                     negative.tokens.expand(n, -1, -1), negative.mask.expand(n, -1)
                 )
             denoise = thresholded(
-                classifier_free_guidance(stage.denoiser(bf16), cond, plan.guidance, uncond),
+                classifier_free_guidance(
+                    stage.denoiser(bf16),
+                    cond,
+                    plan.guidance,
+                    uncond,
+                    settings.guidance_interval,
+                ),
                 settings.thresholding,
                 settings.quantile,
             )

@@ -194,6 +194,7 @@ SAMPLE_OPTIONS = (
     "sampler",
     "steps",
     "guidance",
+    "guidance_interval",
     "seed",
     "batch_size",
     "negative_prompt",
@@ -653,6 +654,13 @@ def build_parser() -> argparse.ArgumentParser:
     setting.add_argument("--steps", type=int, nargs="+", metavar="N", help="per stage or one")
     setting.add_argument(
         "--guidance", type=float, nargs="+", metavar="W", help="per stage or one for all"
+    )
+    setting.add_argument(
+        "--guidance-interval",
+        type=float,
+        nargs=2,
+        metavar=("LO", "HI"),
+        help="diffusion times where guidance applies (1: pure noise); w = 1 elsewhere",
     )
     setting.add_argument("--seed", type=int, help="image k gets seed + k")
     setting.add_argument("--batch-size", type=int, help="images per forward pass")

@@ -344,7 +344,8 @@ class StageConfig(Section):
 
 Steps = Annotated[int, Field(ge=1, le=1000)]
 GuidanceWeight = Annotated[float, Field(ge=0, le=30)]
-AugLevel = Annotated[float, Field(ge=0, le=1)]
+DiffusionTime = Annotated[float, Field(ge=0, le=1)]
+"""t of the noise schedule: 0 is the data, 1 pure noise."""
 PER_STAGE = ("steps", "guidance", "aug_level")
 
 
@@ -374,11 +375,17 @@ class SampleConfig(Section):
     guidance: GuidanceWeight | tuple[GuidanceWeight, ...] = Field(
         (1.5, 1.0), description="classifier-free guidance weight per stage; 1: no guidance"
     )
+    guidance_interval: tuple[DiffusionTime, DiffusionTime] = Field(
+        (0.0, 1.0),
+        description="diffusion times [lo, hi] (t = 1: pure noise) where guidance applies, in "
+        "every stage; elsewhere w = 1 in one forward pass (Kynkäänniemi et al. 2024). "
+        "Times, not step fractions, so one interval means the same at any steps or spacing",
+    )
     thresholding: choice_of(THRESHOLDING) = "static"
     quantile: float = Field(0.995, gt=0, le=1, description="dynamic thresholding percentile")
     spacing: choice_of(SPACINGS) = "time"
     eta: float = Field(0.0, ge=0, le=1, description="DDIM stochasticity (1 = ancestral)")
-    aug_level: AugLevel | tuple[AugLevel, ...] = Field(
+    aug_level: DiffusionTime | tuple[DiffusionTime, ...] = Field(
         0.0,
         description="noise-conditioning augmentation level (t) of super-resolution stages "
         "(BENCHMARKS: the augmentation level at sampling)",
@@ -409,6 +416,13 @@ class SampleConfig(Section):
     def _non_empty(cls, value: Any) -> Any:
         if isinstance(value, tuple) and not value:
             raise ValueError("give a number or a non-empty list")
+        return value
+
+    @field_validator("guidance_interval")
+    @classmethod
+    def _ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if value[0] > value[1]:
+            raise ValueError(f"give [lo, hi] with lo <= hi, got {list(value)}")
         return value
 
     @field_validator("negative_prompt")

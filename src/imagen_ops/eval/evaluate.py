@@ -346,6 +346,7 @@ def evaluate(
             "sampler": settings.sampler,
             "steps": settings.per_stage("steps", stage_count),
             "guidance": settings.per_stage("guidance", stage_count),
+            "guidance_interval": list(settings.guidance_interval),
             "thresholding": settings.thresholding,
         },
     }

@@ -6,9 +6,10 @@ and cascade.json with the stage order, the text encoder, the sampling defaults a
 serving limits. `mlflow models serve -m models:/imagen-ops@champion` needs nothing else.
 
 predict: a DataFrame with a `prompt` column and optional columns named like the
-`sample` settings (`negative_prompt`, `seed`, `steps`, `guidance`, `strength`, `sampler`)
-plus `image` / `mask` (base64 image files: alone an image is super-resolved, with
-`strength` it starts image-to-image, with `mask` it is inpainted) -> a DataFrame with
+`sample` settings (`negative_prompt`, `seed`, `steps`, `guidance`, `guidance_interval`,
+`strength`, `sampler`, `rerank`) plus `image` / `mask` (base64 image files: alone an
+image is super-resolved, with `strength` it starts image-to-image, with `mask` it is
+inpainted) -> a DataFrame with
 `prompt`, `seed` and `image` (base64 PNG). Rows with equal settings are sampled in batches.
 A bad request, or one over the work budget, raises MlflowException(INVALID_PARAMETER_VALUE)
 (HTTP 400) before any work; sampling past `serve.timeout_s` stops with DEADLINE_EXCEEDED
@@ -54,6 +55,7 @@ SETTING_COLUMNS = (
     "seed",
     "steps",
     "guidance",
+    "guidance_interval",
     "strength",
     "sampler",
     "rerank",
