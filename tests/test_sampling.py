@@ -309,6 +309,31 @@ def test_request_over_the_work_budget_is_refused_before_sampling(cascade) -> Non
     assert len(validate_request(frame[:3], settings, limits, cascade)) == 3
 
 
+def test_work_is_the_pixels_the_networks_denoise(cascade) -> None:
+    """Cascade.work counts what sampling runs: one network pass a step, two where guidance
+    runs, so under sample.guidance_interval only the steps inside it count twice, from
+    noise and on image-to-image's shortened grid alike."""
+    pixels = []
+
+    def count(net, args) -> None:
+        pixels.append(args[0].shape[0] * args[0].shape[-1] ** 2)
+
+    settings = tiny_params().sample.updated(guidance_interval=[0.5, 1.0])
+    image = read_image(png(_user_image(32)))
+    hooks = [stage.net.register_forward_pre_hook(count) for stage in cascade.stages]
+    try:
+        for strength, from_image in [(1.0, None), (0.6, image)]:
+            run = settings.updated(strength=strength)
+            pixels.clear()
+            cascade.sample(["a red circle"], run, image=from_image)
+            assert sum(pixels) == cascade.work(run, 1, from_image=from_image is not None)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    everywhere = settings.updated(guidance_interval=[0.0, 1.0])
+    assert cascade.work(settings, 1) < cascade.work(everywhere, 1)
+
+
 def test_deadline_stops_sampling_between_steps(cascade) -> None:
     import time
 

@@ -29,11 +29,12 @@ from imagen_ops.diffusion.guidance import (
     CondDenoiser,
     Conditioning,
     classifier_free_guidance,
+    guides,
     keep_known,
     thresholded,
 )
 from imagen_ops.diffusion.objectives import to_x0
-from imagen_ops.diffusion.samplers import NoiseSource, sample
+from imagen_ops.diffusion.samplers import NoiseSource, evaluated_times, sample
 from imagen_ops.diffusion.schedules import Schedule, alpha_sigma, make_schedule, time_grid
 from imagen_ops.files import atomic_dir, sha256_files
 from imagen_ops.models.unet import UNet
@@ -292,12 +293,14 @@ class Cascade:
     ) -> float:
         """Pixel-steps of a `sample` call for `n` images (image-to-image / inpainting with
         `from_image`, super-resolution of a `lowres_size` image): over the stages it runs,
-        denoising steps x pixels, doubled where guidance runs the unconditional pass too
-        (the serving budget's unit; an upper bound under `sample.guidance_interval`)."""
+        the network's passes x pixels, two passes at the steps guidance runs (the serving
+        budget's unit)."""
         runs = self._runs(settings, from_image, lowres_size)
+        interval = settings.guidance_interval
         cost = [
-            steps * (1 if plan.guidance == 1 else 2) * stage.resolution**2
-            for stage, plan, steps in runs
+            sum(1 + guides(plan.guidance, interval, t) for t in evaluated_times(ts))
+            * stage.resolution**2
+            for stage, plan, ts in runs
         ]
         # best of N: N candidates through the first stage, then the winner through all
         candidates = settings.rerank * cost[0] if settings.rerank > 1 else 0
@@ -305,10 +308,10 @@ class Cascade:
 
     def _runs(
         self, settings: SampleConfig, from_image: bool, lowres_size: int | None
-    ) -> list[tuple[Stage, StageSampling, int]]:
-        """(stage, its settings, denoising steps it runs) for each stage a call runs: all,
-        or for super-resolution those from the first one that conditions on the image's
-        size (else from the first super-resolution stage); image-to-image runs the last
+    ) -> list[tuple[Stage, StageSampling, list[float]]]:
+        """(stage, its settings, the time grid it runs) for each stage a call runs: all, or
+        for super-resolution those from the first one that conditions on the image's size
+        (else from the first super-resolution stage); image-to-image runs the last
         `strength` of each stage's steps."""
         plan = settings.resolve(len(self.stages))
         strength = settings.strength if from_image else 1.0
@@ -318,10 +321,12 @@ class Cascade:
             if not sr:
                 raise ValueError("this cascade has no super-resolution stage to take an image")
             first = next((i for i in sr if self.stages[i].lowres == lowres_size), sr[0])
-        return [
-            (self.stages[i], plan[i], denoising_steps(plan[i].steps, strength))
-            for i in range(first, len(self.stages))
-        ]
+        runs = []
+        for stage, sampling in zip(self.stages[first:], plan[first:], strict=True):
+            steps = denoising_steps(sampling.steps, strength)
+            grid = time_grid(sampling.steps, stage.schedule, settings.spacing)[-steps - 1 :]
+            runs.append((stage, sampling, grid))
+        return runs
 
     @torch.no_grad()
     def sample(
@@ -369,7 +374,8 @@ class Cascade:
         rerank = settings.rerank
         if rerank > 1:
             scorer_text = self._scorer_text(rerank, text, prompts, scorer_text)
-        steps = sum(s for *_, s in runs) + (rerank * runs[0][2] if rerank > 1 else 0)
+        per_stage = [len(ts) - 1 for *_, ts in runs]
+        steps = sum(per_stage) + (rerank * per_stage[0] if rerank > 1 else 0)
         bar = tqdm(total=n * steps, desc="sample", unit="img-step", disable=not progress)
 
         def on_step(name: str, j: int, t: float, x: Tensor, x0: Tensor) -> None:
@@ -448,13 +454,13 @@ class Cascade:
         x: Tensor | None,
         *,
         settings: SampleConfig,
-        runs: list[tuple[Stage, StageSampling, int]],
+        runs: list[tuple[Stage, StageSampling, list[float]]],
         callback: StepCallback,
     ) -> Tensor:
         """One batch through the stages of `runs`; `x` is the low-res input of the first."""
         n, noise = len(text), NoiseSource(seeds, self.device)
         bf16 = use_bf16(settings.precision, self.device)
-        for stage, plan, steps in runs:
+        for stage, plan, ts in runs:
             size = (3, stage.resolution, stage.resolution)
             cond = Conditioning(
                 text.tokens,
@@ -483,7 +489,6 @@ class Cascade:
                 settings.thresholding,
                 settings.quantile,
             )
-            ts = time_grid(plan.steps, stage.schedule, settings.spacing)[-steps - 1 :]
             x = noise(size)
             if image is not None:  # image-to-image: start from the image noised to `strength`
                 known = _resized(image, stage.resolution)

@@ -24,6 +24,7 @@ __all__ = [
     "Denoiser",
     "classifier_free_guidance",
     "dynamic_threshold",
+    "guides",
     "keep_known",
     "thresholded",
 ]
@@ -97,15 +98,21 @@ def classifier_free_guidance(
     if weight == 1.0:
         return lambda x, t: denoise(x, t, cond)
     both = cond.repeat2(cond.without_text() if uncond is None else uncond)
-    lo, hi = interval
 
     def guided(x: Tensor, t: Tensor) -> Tensor:
-        if not lo <= float(t) <= hi:
+        if not guides(weight, interval, float(t)):
             return denoise(x, t, cond)
         x0_cond, x0_uncond = denoise(torch.cat([x, x]), t, both).chunk(2)
         return x0_uncond + weight * (x0_cond - x0_uncond)
 
     return guided
+
+
+def guides(weight: float, interval: tuple[float, float], t: float) -> bool:
+    """Whether `classifier_free_guidance` runs the unconditional pass too at time t (two
+    network passes over the batch instead of one): what a step costs (Cascade.work)."""
+    lo, hi = interval
+    return weight != 1.0 and lo <= t <= hi
 
 
 def dynamic_threshold(x0: Tensor, quantile: float = 0.995) -> Tensor:

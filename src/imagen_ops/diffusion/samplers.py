@@ -27,6 +27,7 @@ from imagen_ops.diffusion.schedules import Schedule, alpha_sigma
 __all__ = [
     "SAMPLERS",
     "NoiseSource",
+    "evaluated_times",
     "sample",
     "sample_ancestral",
     "sample_ddim",
@@ -59,6 +60,12 @@ def _coeffs(schedule: Schedule, t: float) -> tuple[float, float, float]:
 
 def _t(x: Tensor, t: float) -> Tensor:
     return torch.tensor(t, dtype=torch.float32, device=x.device)
+
+
+def evaluated_times(ts: Sequence[float]) -> list[float]:
+    """The times every sampler here calls `denoise` at on the grid `ts`, as the float32 the
+    denoiser sees (`_t`): all but the final 0, whose step returns the x0 before it."""
+    return torch.tensor(ts[:-1], dtype=torch.float32).tolist()
 
 
 @torch.no_grad()
