@@ -529,11 +529,8 @@ def _layout_key(
         return None
     if image is not None and mask is None:
         return _resized(image, stage.resolution)
-    states = [
-        np.random.SeedSequence(int(s), spawn_key=(LAYOUT_STREAM,)).generate_state(1, np.uint64)
-        for s in seeds
-    ]
-    u = torch.tensor([float(st[0] >> 11) / 2.0**53 for st in states], device=text.tokens.device)
+    words = [_seed_word(int(s), (LAYOUT_STREAM,)) for s in seeds]
+    u = torch.tensor([(w >> 11) / 2.0**53 for w in words], device=text.tokens.device)
     prior = stage.net.layout(text.tokens, text.mask)
     if image is not None:  # inpainting
         kept = ~_generated(mask, stage.resolution)
@@ -551,7 +548,13 @@ def candidate_seed(seed: int, j: int) -> int:
     prompt's own seed, so N = 1 is plain sampling; the others are derived, reproducibly."""
     if j == 0:
         return seed
-    return int(np.random.SeedSequence([seed, j]).generate_state(1, np.uint64)[0] >> 1)
+    return _seed_word([seed, j]) >> 1
+
+
+def _seed_word(entropy: int | list[int], spawn_key: tuple[int, ...] = ()) -> int:
+    """A 64-bit word NumPy's SeedSequence derives from `entropy`: the one way a prompt's
+    seed spawns another stream's, independent of the seed's own noise."""
+    return int(np.random.SeedSequence(entropy, spawn_key=spawn_key).generate_state(1, np.uint64)[0])
 
 
 def image_roles(

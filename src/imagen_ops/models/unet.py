@@ -339,7 +339,7 @@ class LayoutPrior(NamedTuple):
         var = alpha**2 * self.log_var.float().exp() + sigma**2 / n
         distance = cells[:, None] - alpha[:, None, None, None, None] * self.means.float()
         log_lik = -distance.square().flatten(2).sum(-1) / (2 * var[:, None])
-        return self._mix((self.logits.float().log_softmax(dim=1) + log_lik).softmax(dim=1))
+        return self._posterior(log_lik).mean()
 
     def nearest(self, images: Tensor) -> Tensor:
         """(B, 3, grid, grid): the mode nearest each image's cell means (B, 3, H, W), the
@@ -358,6 +358,10 @@ class LayoutPrior(NamedTuple):
         cells = layout_target(image.float() * known, grid) / cover.clamp(min=1e-6)
         error = (cells[:, None] - self.means.float()).square() * cover[:, None]
         log_lik = -error.flatten(2).sum(-1) / (2 * self.log_var.float().exp())
+        return self._posterior(log_lik)
+
+    def _posterior(self, log_lik: Tensor) -> LayoutPrior:
+        """The mixture with each mode's weight times its likelihood (B, K), in log space."""
         return self._replace(logits=self.logits.float().log_softmax(dim=1) + log_lik)
 
     def drawn(self, u: Tensor) -> Tensor:
