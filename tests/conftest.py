@@ -153,6 +153,7 @@ def write_metrics(path: Path, models: Path, overall: float | None, fid: float = 
     if overall is not None:
         alignment = {"balanced": overall, "overall": overall, "n_single": 64, "failures": {}}
     metrics = {"version": 1, "fid": fid, "kid_mean": 0.1, "alignment": alignment}
+    metrics["sampling"] = tiny_params().sample.record(len(tiny_params().stages))
     metrics["model_sha256"] = cascade_digest(models, tiny_params().stage_names())
     path.write_text(json.dumps(metrics))
     return path

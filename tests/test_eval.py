@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from imagen_ops.cascade import Cascade, cascade_digest
-from imagen_ops.config import SynthConfig
+from imagen_ops.config import SampleConfig, SynthConfig
 from imagen_ops.eval import evaluate as evaluate_module
 from imagen_ops.eval.alignment import CATEGORIES
 from imagen_ops.eval.fid import (
@@ -427,9 +427,12 @@ def test_evaluate_stage_end_to_end(tiny_data, tiny_models, tmp_path, monkeypatch
     assert [alignment[f"n_{c}"] for c in CATEGORIES] == [params.eval.per_category] * 4
     assert alignment["balanced"] == pytest.approx(np.mean([alignment[c] for c in CATEGORIES]))
     assert set(alignment["failures"]) == set(CATEGORIES)
-    sampling = metrics["sampling"]
+    sampling = metrics["sampling"]  # every setting the images depend on, per stage
     assert sampling["steps"] == [4, 4] and sampling["guidance"] == [2.0, 1.0]
+    assert sampling["aug_level"] == [params.sample.aug_level] * 2
     assert sampling["guidance_interval"] == [0.0, 1.0]
+    assert sampling["seed"] == params.sample.seed and sampling["rerank"] == 1  # the plain run
+    assert set(sampling) == set(SampleConfig.model_fields)
     timings = json.loads(paths.timings.read_text())  # untracked: not in metrics.json
     assert set(timings["seconds_per_image"]) == {"base", "sr32"}
     assert all(v > 0 for v in timings["seconds_per_image"].values())

@@ -319,6 +319,10 @@ def test_register_gates_the_champion(tiny_models, store, monkeypatch) -> None:
     # metrics are measurements; counts and schema facts are tags
     assert "alignment.n_single" not in run_data.metrics and "version" not in run_data.metrics
     assert run_data.tags["imagen_ops.eval.alignment.n_single"] == "64"
+    # the sampling record is settings (run params), neither a metric nor a count
+    assert not any(k.startswith("sampling.") for k in run_data.metrics)
+    assert not any(k.startswith("imagen_ops.eval.sampling.") for k in run_data.tags)
+    assert run_data.params["sample.seed"] == "0"
     mv = client.get_model_version("imagen-ops", first["version"])
     assert mv.tags["imagen_ops.data_version"] == "abc123.dir"
     assert mv.tags["imagen_ops.recipe"] == "demo"

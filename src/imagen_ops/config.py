@@ -445,6 +445,12 @@ class SampleConfig(Section):
         pick; the cascades they sample may carry no scorer)."""
         return self.model_copy(update={"rerank": 1})
 
+    def record(self, count: int) -> dict[str, Any]:
+        """Every setting, the per-stage ones as one value per stage of a `count`-stage
+        cascade: what metrics.json says its images were sampled with."""
+        record = self.model_dump(mode="json")
+        return record | {key: self.per_stage(key, count) for key in PER_STAGE}
+
     def per_stage(self, key: str, count: int) -> list[Any]:
         """Setting `key` for each of `count` stages (a scalar broadcasts, a list's last
         value repeats)."""
@@ -665,7 +671,11 @@ class Params(Section):
         for key in PER_STAGE:
             self.sample.per_stage(key, len(sizes))  # a list longer than the cascade fails
         for weight in self.eval.guidance_sweep:
-            self.sample.updated(guidance=weight).per_stage("guidance", len(sizes))
+            if isinstance(weight, tuple) and not 0 < len(weight) <= len(sizes):
+                raise ValueError(
+                    f"eval.guidance_sweep entry {list(weight)} has {len(weight)} values for a "
+                    f"{len(sizes)}-stage cascade: give a number or 1 to {len(sizes)} values"
+                )
         return self
 
     def stage_names(self) -> list[str]:

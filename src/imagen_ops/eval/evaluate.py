@@ -342,13 +342,7 @@ def evaluate(
         "eval_set_sha256": prompts.digest,
         "resolution": resolution,
         **metrics,
-        "sampling": {
-            "sampler": settings.sampler,
-            "steps": settings.per_stage("steps", stage_count),
-            "guidance": settings.per_stage("guidance", stage_count),
-            "guidance_interval": list(settings.guidance_interval),
-            "thresholding": settings.thresholding,
-        },
+        "sampling": settings.record(stage_count),
     }
     verdicts = None if judged is None else [j.failure or "pass" for j in judged]
     _write_outputs(paths, result, sweep, images, verdicts, prompts, cfg)

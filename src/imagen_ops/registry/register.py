@@ -465,11 +465,12 @@ def register(
         run_name=None if run_id else "retrain",
     ) as run:
         mlflow.set_tags({k: v for k, v in tags.items() if v is not None})
-        mlflow.set_tags(counts(metrics))
+        results = {k: v for k, v in metrics.items() if k != "sampling"}  # settings: params
+        mlflow.set_tags(counts(results))
         items = [(k, str(v)) for k, v in flatten(run_params).items()]
         for i in range(0, len(items), 100):
             mlflow.log_params(dict(items[i : i + 100]))
-        mlflow.log_metrics(measurements(metrics))
+        mlflow.log_metrics(measurements(results))
         if paths.timings is not None and paths.timings.is_file():
             mlflow.log_metrics(measurements(json.loads(paths.timings.read_text())))
         if paths.scorer_report is not None and paths.scorer_report.is_file():
