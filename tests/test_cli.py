@@ -7,10 +7,12 @@ import logging
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from imagen_ops.cli import main
@@ -265,9 +267,14 @@ def test_repo_recipes_apply_to_the_repo_params(tmp_path) -> None:
             )
             == 0
         )
-        from imagen_ops.config import load_params
+        from imagen_ops.config import flatten, load_params
 
         assert load_params(out).recipe == recipe.stem  # registered versions are tagged so
+        # only the recipe's leaves change: every other line, null values included, is kept
+        source = root / "params.yaml"
+        old, new = (flatten(yaml.safe_load(p.read_text())) for p in (source, out))
+        lost = Counter(source.read_text().splitlines()) - Counter(out.read_text().splitlines())
+        assert sum(lost.values()) == sum(old[k] != new[k] for k in old), lost
 
 
 def test_sample_from_a_folder_imports_no_mlflow(tiny_models, params_file, tmp_path) -> None:

@@ -120,8 +120,13 @@ def test_layout_modes_need_a_layout_head() -> None:
 def test_per_stage_sample_list_length_mismatch() -> None:
     with pytest.raises(ConfigError, match=r"sample\.guidance has 3 values for a 2-stage cascade"):
         tiny_params("sample.guidance=[3.0, 1.0, 1.0]")
-    with pytest.raises(ConfigError, match=r"sample\.guidance has 3 values for a 2-stage"):
+    # a sweep entry names the sweep, not sample.guidance (which may be fine)
+    with pytest.raises(
+        ConfigError, match=r"eval\.guidance_sweep entry \[3\.0, 1\.0, 1\.0\] has 3 values"
+    ):
         tiny_params("eval.guidance_sweep=[1.0, [3.0, 1.0, 1.0]]")
+    with pytest.raises(ConfigError, match=r"eval\.guidance_sweep entry \[\] has 0 values"):
+        tiny_params("eval.guidance_sweep=[[]]")
     # a scalar broadcasts, a list of the right length is accepted
     assert tiny_params("sample.guidance=2.5").sample.guidance == 2.5
     assert tiny_params("sample.steps=[3, 2]").sample.steps == (3, 2)

@@ -311,6 +311,7 @@ def cmd_params_apply(args: argparse.Namespace) -> None:
     # Round-trip the file so its comments and layout survive; only the recipe's leaves change.
     rt = YAML()
     rt.preserve_quotes = True
+    rt.representer.add_representer(type(None), _null)  # not ruamel's empty value
     document = rt.load(source.read_text())
     _merge_in_place(document, recipe)
     text = io.StringIO()
@@ -321,6 +322,10 @@ def cmd_params_apply(args: argparse.Namespace) -> None:
     _out(f"wrote {out}; {len(changed)} value(s) from {args.recipe}:")
     for key, value in changed.items():
         _out(f"  {key}: {value}")
+
+
+def _null(representer: Any, _: None) -> Any:
+    return representer.represent_scalar("tag:yaml.org,2002:null", "null")
 
 
 def _merge_in_place(document: Any, patch: dict[str, Any]) -> None:
