@@ -275,6 +275,10 @@ def test_repo_recipes_apply_to_the_repo_params(tmp_path) -> None:
         old, new = (flatten(yaml.safe_load(p.read_text())) for p in (source, out))
         lost = Counter(source.read_text().splitlines()) - Counter(out.read_text().splitlines())
         assert sum(lost.values()) == sum(old[k] != new[k] for k in old), lost
+        # a second apply of the same recipe changes nothing
+        again = tmp_path / f"{recipe.stem}.again.yaml"
+        argv = ["params", "apply", str(recipe), "--params", str(out), "--out", str(again)]
+        assert main(argv) == 0 and again.read_text() == out.read_text()
 
 
 def test_sample_from_a_folder_imports_no_mlflow(tiny_models, params_file, tmp_path) -> None:

@@ -358,6 +358,19 @@ class StageSampling:
     aug_level: float
 
 
+def stage_values(value: Any, count: int, name: str) -> list[Any]:
+    """A per-stage setting `name` for each of `count` stages: a scalar broadcasts, a list's
+    last value repeats, and a list must hold 1 to `count` values."""
+    if not isinstance(value, tuple):
+        return [value] * count
+    if not 0 < len(value) <= count:
+        raise ValueError(
+            f"{name} has {len(value)} values for a {count}-stage cascade: "
+            f"give a number or 1 to {count} values"
+        )
+    return [*value, *[value[-1]] * (count - len(value))]
+
+
 class SampleConfig(Section):
     """How to sample, for every entry point: `Cascade.sample`, `imagen-ops sample`, the
     served model and evaluation all take this object (built by `updated` from params.yaml,
@@ -454,12 +467,7 @@ class SampleConfig(Section):
     def per_stage(self, key: str, count: int) -> list[Any]:
         """Setting `key` for each of `count` stages (a scalar broadcasts, a list's last
         value repeats)."""
-        value = getattr(self, key)
-        if not isinstance(value, tuple):
-            return [value] * count
-        if len(value) > count:
-            raise ValueError(f"sample.{key} has {len(value)} values for a {count}-stage cascade")
-        return [*value, *[value[-1]] * (count - len(value))]
+        return stage_values(getattr(self, key), count, f"sample.{key}")
 
     def resolve(self, count: int) -> list[StageSampling]:
         """The per-stage settings of a `count`-stage cascade."""
@@ -671,11 +679,8 @@ class Params(Section):
         for key in PER_STAGE:
             self.sample.per_stage(key, len(sizes))  # a list longer than the cascade fails
         for weight in self.eval.guidance_sweep:
-            if isinstance(weight, tuple) and not 0 < len(weight) <= len(sizes):
-                raise ValueError(
-                    f"eval.guidance_sweep entry {list(weight)} has {len(weight)} values for a "
-                    f"{len(sizes)}-stage cascade: give a number or 1 to {len(sizes)} values"
-                )
+            shown = list(weight) if isinstance(weight, tuple) else weight
+            stage_values(weight, len(sizes), f"eval.guidance_sweep entry {shown}")
         return self
 
     def stage_names(self) -> list[str]:
