@@ -179,7 +179,7 @@ def test_version_and_every_help_shows_an_example(capsys) -> None:
         assert "examples:\n  " in text and f"imagen-ops {path[0]}" in text, path
 
 
-def test_data_synth_writes_data_and_report(params_file, tmp_path, capsys) -> None:
+def test_data_synth_writes_data_and_report(params_file, tmp_path, capsys, caplog) -> None:
     data, report = tmp_path / "data", tmp_path / "reports" / "ingest.json"
     argv = [
         "data",
@@ -224,6 +224,12 @@ def test_data_synth_writes_data_and_report(params_file, tmp_path, capsys) -> Non
     assert json.loads(report.read_text()) == grown
     ids = read_table(data)["id"].tolist()
     assert len(set(ids)) == 8 and ids[:6] == table["id"].tolist()
+
+    # other settings would only append: the run refuses, naming them, and changes nothing
+    table_bytes = (data / "captions.parquet").read_bytes()
+    assert main([*argv, "-S", "data.synth.caption_variety=1.0"]) == 2
+    assert "other data.synth settings" in caplog.text and "scene 0" in caplog.text
+    assert (data / "captions.parquet").read_bytes() == table_bytes
 
 
 def test_params_apply_merges_a_recipe_and_validates(tmp_path, monkeypatch) -> None:

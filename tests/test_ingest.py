@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from PIL import Image, ImageFile
 
 from imagen_ops.config import IngestConfig, SynthConfig
 from imagen_ops.data.ingest import RawRecord, ingest, read_table
-from imagen_ops.data.shapes import Scene, caption_for
+from imagen_ops.data.shapes import PHRASINGS, Scene, caption_for, synth_scenes
 from imagen_ops.data.sources import open_source, synth_source
 from imagen_ops.files import sha256_file
 
@@ -526,6 +527,25 @@ def test_synth_source_captions_match_scenes(tmp_path: Path) -> None:
     assert (table["width"] == 32).all() and (table["height"] == 32).all()
     for row in table.itertuples():
         assert row.caption == caption_for(Scene.from_dict(json.loads(row.scene)))
+
+
+def test_caption_variety_changes_the_words_only() -> None:
+    """`caption_variety` keeps every scene and image of the template data and captions a
+    share of them in another phrasing, each still its scene's exact caption; every
+    phrasing of every category occurs."""
+    plain = list(synth_scenes(SynthConfig(n=400, resolution=32)))
+    varied = list(synth_scenes(SynthConfig(n=400, resolution=32, caption_variety=0.5)))
+    seen, changed = set(), 0
+    for a, b in zip(plain, varied, strict=True):
+        scene = Scene.from_dict(b.scene)
+        assert b.png == a.png
+        assert replace(scene, phrasing=0).to_dict() == a.scene  # template specs: no key
+        assert b.caption == caption_for(scene)
+        assert (b.caption == a.caption) == (scene.phrasing == 0)
+        seen.add((scene.category, scene.phrasing))
+        changed += scene.phrasing > 0
+    assert 160 <= changed <= 240
+    assert seen == {(c, k) for c, n in PHRASINGS.items() for k in range(n)}
 
 
 def test_format_detection_errors_name_the_path(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,6 +13,8 @@ import torch
 from imagen_ops.config import ScorerConfig, SynthConfig
 from imagen_ops.data.shapes import (
     NUMBERS,
+    OPPOSITE,
+    RELATION_WORDS,
     RELATIONS,
     caption_for,
     hard_negatives,
@@ -53,6 +56,17 @@ def test_hard_negatives_change_exactly_one_fact(category: str) -> None:
             and len({o.color for o in scene.objects}) == 2
             and len({o.shape for o in scene.objects}) == 2
         )
+
+
+def test_hard_negatives_keep_the_scene_phrasing() -> None:
+    """A caption in another phrasing ("left of") gets negatives in that phrasing ("right
+    of"): what differs from the true caption is the one fact, never the wording."""
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        scene = replace(sample_scene(rng, SynthConfig(categories={"position": 1.0})), phrasing=1)
+        true, flipped = caption_for(scene), hard_negatives(scene, rng)["relation_flip"]
+        words = RELATION_WORDS[scene.relation][1], RELATION_WORDS[OPPOSITE[scene.relation]][1]
+        assert words[0] in true and flipped == true.replace(words[0], words[1])
 
 
 def test_the_caption_bank_encodes_only_what_the_cache_lacks(tiny_data, tmp_path) -> None:

@@ -49,7 +49,8 @@ def cmd_synth(args: argparse.Namespace) -> None:
     ]
     params = _params(args, *extra)
     out = _path(args.out, params.paths.data)
-    records = synth_source(params.data.synth, workers=args.workers, have=synth_count(out))
+    synth = params.data.synth
+    records = synth_source(synth, workers=args.workers, have=synth_count(out, synth))
     report = ingest(
         records,
         out,

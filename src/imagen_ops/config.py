@@ -89,6 +89,13 @@ class SynthConfig(Section):
         description="caption category mix (weights, normalised)",
     )
     textured_fraction: float = Field(0.5, ge=0, le=1, description="share of textured backgrounds")
+    caption_variety: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="share of scenes captioned in another of the generator's phrasings "
+        "('left of', 'and also', 'exactly three'): the same scenes and images, other words",
+    )
 
     @field_validator("categories")
     @classmethod

@@ -28,6 +28,7 @@ __all__ = [
     "COLORS",
     "GENERATOR_VERSION",
     "NEGATIVE_KINDS",
+    "PHRASINGS",
     "SHAPES",
     "Scene",
     "SceneObject",
@@ -56,14 +57,29 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "pink": (245, 120, 190),
 }
 SHAPES = ("circle", "square", "triangle", "star")
-RELATIONS = {
-    "left_of": "to the left of",
-    "right_of": "to the right of",
-    "above": "above",
-    "below": "below",
-}
 NUMBERS = {2: "two", 3: "three", 4: "four"}
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars"}
+
+# The generator's phrasings: a scene's `phrasing` picks one (0: the template every caption
+# had before `data.synth.caption_variety`), so the words of a relation or a conjunction
+# vary while what they mean stays exact (BENCHMARKS: caption variety).
+RELATION_WORDS = {
+    "left_of": ("to the left of", "left of", "to the left side of"),
+    "right_of": ("to the right of", "right of", "to the right side of"),
+    "above": ("above", "on top of", "higher than"),
+    "below": ("below", "beneath", "lower than"),
+}
+RELATIONS = {relation: words[0] for relation, words in RELATION_WORDS.items()}
+CONJUNCTIONS = ("and", "and also", "as well as")
+COUNT_WORDS = ("", "exactly ", "a group of ")
+SINGLE_WORDS = ("", "a single ")
+PHRASINGS = {
+    "single": len(SINGLE_WORDS),
+    "binding": len(CONJUNCTIONS),
+    "counting": len(COUNT_WORDS),
+    "position": len(next(iter(RELATION_WORDS.values()))),
+}
+"""How many phrasings each category's captions have."""
 
 STAR_INNER = 0.4  # inner / outer radius of the five-pointed star
 GAP = 0.07  # minimum free space between two objects' boxes (>= 2 px at 32 px)
@@ -90,9 +106,10 @@ class Scene:
     background: tuple[int, int, int]
     texture: str  # "plain", "noise" or "gradient"
     relation: str | None = None  # position scenes: objects[0] <relation> objects[1]
+    phrasing: int = 0  # which of the category's PHRASINGS its caption uses
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "version": GENERATOR_VERSION,
             "category": self.category,
             "relation": self.relation,
@@ -103,6 +120,9 @@ class Scene:
                 for o in self.objects
             ],
         }
+        if self.phrasing:  # absent for the template: specs written before it read the same
+            d["phrasing"] = self.phrasing
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Scene:
@@ -110,7 +130,14 @@ class Scene:
             SceneObject(o["shape"], o["color"], float(o["size"]), tuple(o["center"]))
             for o in d["objects"]
         )
-        return cls(d["category"], objects, tuple(d["background"]), d["texture"], d["relation"])
+        return cls(
+            d["category"],
+            objects,
+            tuple(d["background"]),
+            d["texture"],
+            d["relation"],
+            int(d.get("phrasing", 0)),
+        )
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -288,15 +315,19 @@ def _phrase(obj: SceneObject) -> str:
 
 
 def caption_for(scene: Scene) -> str:
-    """The caption is a function of the scene: it names exactly what was drawn."""
-    objs = scene.objects
+    """The caption is a function of the scene: it names exactly what was drawn, in the
+    scene's phrasing."""
+    objs, k = scene.objects, scene.phrasing
     if scene.category == "single":
+        if k:
+            return f"{SINGLE_WORDS[k]}{objs[0].color} {objs[0].shape}"
         return _phrase(objs[0])
     if scene.category == "binding":
-        return f"{_phrase(objs[0])} and {_phrase(objs[1])}"
+        return f"{_phrase(objs[0])} {CONJUNCTIONS[k]} {_phrase(objs[1])}"
     if scene.category == "counting":
-        return f"{NUMBERS[len(objs)]} {objs[0].color} {PLURALS[objs[0].shape]}"
-    return f"{_phrase(objs[0])} {RELATIONS[scene.relation]} {_phrase(objs[1])}"
+        obj = objs[0]
+        return f"{COUNT_WORDS[k]}{NUMBERS[len(objs)]} {obj.color} {PLURALS[obj.shape]}"
+    return f"{_phrase(objs[0])} {RELATION_WORDS[scene.relation][k]} {_phrase(objs[1])}"
 
 
 NEGATIVE_KINDS = ("color_swap", "relation_flip", "count_change", "color_change", "shape_change")
@@ -383,6 +414,10 @@ def _render_one(args: tuple[int, SynthConfig]) -> SynthRecord:
     scene = sample_scene(rng, cfg)
     buf = io.BytesIO()
     render_scene(scene, cfg.resolution, seed=int(rng.integers(2**31))).save(buf, format="PNG")
+    # drawn last: the scenes and images are those of caption_variety 0, only words change
+    if cfg.caption_variety and rng.random() < cfg.caption_variety:
+        phrasing = int(rng.integers(1, PHRASINGS[scene.category]))
+        scene = dataclasses.replace(scene, phrasing=phrasing)
     return SynthRecord(index, buf.getvalue(), caption_for(scene), scene.to_dict())
 
 

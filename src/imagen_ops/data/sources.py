@@ -57,9 +57,27 @@ def open_source(source: str | Path, cfg: IngestConfig) -> Iterator[RawRecord]:
     return readers[fmt](path, cfg)
 
 
-def synth_count(data_dir: Path) -> int:
-    """How many synthetic scenes `data_dir` already holds."""
-    return int((read_table(data_dir)["source"] == SYNTH).sum())
+SYNTH_CHECKED = 64  # scenes a later run renders again to check data/ against the settings
+
+
+def synth_count(data_dir: Path, cfg: SynthConfig) -> int:
+    """How many synthetic scenes `data_dir` already holds, once its first scenes are found
+    to be the ones `cfg` renders: a later run only appends, so scenes rendered under other
+    `data.synth` settings (a seed, a mix, `caption_variety`) would stay, silently."""
+    held = read_table(data_dir)
+    held = held[held["source"] == SYNTH]
+    check = cfg.model_copy(update={"n": min(len(held), SYNTH_CHECKED)})
+    for rec, (caption, scene) in zip(
+        synth_scenes(check), zip(held["caption"], held["scene"], strict=True), strict=False
+    ):
+        if caption != rec.caption or json.loads(scene) != rec.scene:
+            raise ValueError(
+                f"{data_dir} holds synthetic scenes rendered under other data.synth settings "
+                f"(scene {rec.index} is {caption!r}; these settings make {rec.caption!r}): "
+                f"restore the settings it was made with, or move {data_dir} away to render it "
+                "afresh"
+            )
+    return len(held)
 
 
 def synth_source(cfg: SynthConfig, workers: int = 0, have: int = 0) -> Iterator[RawRecord]:
