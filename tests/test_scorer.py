@@ -205,13 +205,16 @@ def test_the_hard_loss_ranks_the_caption_against_its_own_negatives() -> None:
     b, k = 4, 3
     images = torch.rand(b, 3, 16, 16) * 2 - 1
     pos = TextEmbeddings(torch.randn(b, 5, 8), torch.ones(b, 5, dtype=torch.bool))
-    neg = TextEmbeddings(pos.tokens.repeat_interleave(k, 0), pos.mask.repeat_interleave(k, 0))
+    text = TextEmbeddings(
+        torch.cat([pos.tokens, pos.tokens.repeat_interleave(k, 0)]),
+        torch.cat([pos.mask, pos.mask.repeat_interleave(k, 0)]),
+    )
     ids = np.arange(b)
     with torch.no_grad():
-        plain = _loss(scorer, images, pos, None, ids, 1.0)
-        zero = _loss(scorer, images, pos, neg, ids, 0.0)
-        one = _loss(scorer, images, pos, neg, ids, 1.0)
-        two = _loss(scorer, images, pos, neg, ids, 2.0)
+        plain = _loss(scorer, images, pos, ids, 1.0)
+        zero = _loss(scorer, images, text, ids, 0.0)
+        one = _loss(scorer, images, text, ids, 1.0)
+        two = _loss(scorer, images, text, ids, 2.0)
     assert float(zero) > float(plain)  # the negatives also join the batch's captions
     assert float(one - zero) == pytest.approx(np.log(1 + k), rel=1e-5)
     assert float(two - zero) == pytest.approx(2 * np.log(1 + k), rel=1e-5)

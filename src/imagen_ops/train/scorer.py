@@ -160,14 +160,22 @@ def _lr(step: int, cfg: ScorerConfig) -> float:
 
 
 def _loss(
-    model: Scorer, images: torch.Tensor, pos, neg, caption_ids: np.ndarray, hard_weight: float
+    model: Scorer,
+    images: torch.Tensor,
+    text: TextEmbeddings,
+    caption_ids: np.ndarray,
+    hard_weight: float,
 ) -> torch.Tensor:
     """Symmetric InfoNCE over the batch (the image's hard negatives among its captions),
     plus `hard_weight` x the cross-entropy of each image's true caption against its hard
     negatives alone: in-batch captions are easy and would otherwise drown out the few
-    negatives that teach binding and relations."""
-    img, text = model.embed_images(images), model.embed_text(pos)
+    negatives that teach binding and relations.
+
+    `text` holds the B captions, then k hard negatives per image (image-major), k >= 0: one
+    pass of the text head over all of them (two small passes cost ~10% more per step)."""
+    img, embedded = model.embed_images(images), model.embed_text(text)
     b = len(img)
+    text, neg = embedded[:b], embedded[b:]
     same = torch.from_numpy(caption_ids[:, None] == caption_ids[None, :]) & ~torch.eye(
         b, dtype=bool
     )
@@ -176,10 +184,8 @@ def _loss(
     i2t, t2i = i2t.masked_fill(same, -torch.inf), t2i.masked_fill(same, -torch.inf)
     target = torch.arange(b)
     hard_loss = torch.zeros(())
-    if neg is not None:
-        hard = model.scale * torch.einsum(
-            "bd,bkd->bk", img, model.embed_text(neg).view(b, -1, img.shape[1])
-        )
+    if len(neg):
+        hard = model.scale * torch.einsum("bd,bkd->bk", img, neg.view(b, -1, img.shape[1]))
         i2t = torch.cat([i2t, hard], dim=1)
         own = torch.cat([i2t[:, :b].diagonal()[:, None], hard], dim=1)
         hard_loss = F.cross_entropy(own, torch.zeros(b, dtype=torch.long))
@@ -234,14 +240,13 @@ def train_scorer(
         for group in opt.param_groups:
             group["lr"] = _lr(step, cfg)
         positions = rng.choice(len(train), size=cfg.batch_size, replace=False, p=weights)
-        captions = bank.captions[positions]
-        neg = None
+        captions = text_rows = bank.captions[positions]
         if cfg.hard_negatives:
             rows = bank.sample(positions, cfg.hard_negatives, rng)
             if (rows >= 0).all():
-                neg = bank.embeddings(rows.reshape(-1))
+                text_rows = np.concatenate([captions, rows.reshape(-1)])
         x = from_uint8(images[train[positions]])
-        loss = _loss(model, x, bank.embeddings(captions), neg, captions, cfg.hard_negative_weight)
+        loss = _loss(model, x, bank.embeddings(text_rows), captions, cfg.hard_negative_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
