@@ -194,6 +194,35 @@ def test_the_text_head_reads_word_order() -> None:
     assert (first - swapped).abs().max() > 1e-3
 
 
+def test_repeated_caption_rows_are_embedded_once_with_the_same_values_and_gradients() -> None:
+    """A step embeds each distinct bank row once and gathers: the embeddings and the text
+    head's gradients are those of embedding every row (repeats included) on its own."""
+    from types import SimpleNamespace
+
+    from imagen_ops.text.cache import stored_rows
+    from imagen_ops.train.scorer import _embed_rows
+
+    torch.manual_seed(0)
+    scorer = Scorer(scorer_config(), 16, 8)
+    tokens = np.random.default_rng(0).normal(size=(6, 5, 8)).astype(np.float16)
+    lengths = np.array([5, 3, 4, 2, 5, 1], dtype=np.int32)
+    bank = SimpleNamespace(embeddings=lambda rows: stored_rows(tokens, lengths, rows))
+    rows = np.array([4, 1, 1, 3, 4, 4, 0, 1])
+    weights = torch.randn(len(rows), scorer.cfg.embed_dim)
+
+    def embed_and_grad(fn):
+        scorer.zero_grad()
+        out = fn()
+        (out * weights).sum().backward()
+        return out.detach(), [p.grad.clone() for p in scorer.text.parameters()]
+
+    once, once_grad = embed_and_grad(lambda: _embed_rows(scorer, bank, rows))
+    every, every_grad = embed_and_grad(lambda: scorer.embed_text(bank.embeddings(rows)))
+    torch.testing.assert_close(once, every, rtol=1e-5, atol=1e-6)
+    for a, b in zip(once_grad, every_grad, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_the_hard_loss_ranks_the_caption_against_its_own_negatives() -> None:
     """With hard negatives equal to the true caption the hard term is exactly log(1 + k)
     (k tied logits); weight 0 leaves plain InfoNCE."""
@@ -211,6 +240,7 @@ def test_the_hard_loss_ranks_the_caption_against_its_own_negatives() -> None:
     )
     ids = np.arange(b)
     with torch.no_grad():
+        pos, text = scorer.embed_text(pos), scorer.embed_text(text)
         plain = _loss(scorer, images, pos, ids, 1.0)
         zero = _loss(scorer, images, text, ids, 0.0)
         one = _loss(scorer, images, text, ids, 1.0)

@@ -162,7 +162,7 @@ def _lr(step: int, cfg: ScorerConfig) -> float:
 def _loss(
     model: Scorer,
     images: torch.Tensor,
-    text: TextEmbeddings,
+    embedded: torch.Tensor,
     caption_ids: np.ndarray,
     hard_weight: float,
 ) -> torch.Tensor:
@@ -171,9 +171,9 @@ def _loss(
     negatives alone: in-batch captions are easy and would otherwise drown out the few
     negatives that teach binding and relations.
 
-    `text` holds the B captions, then k hard negatives per image (image-major), k >= 0: one
-    pass of the text head over all of them (two small passes cost ~10% more per step)."""
-    img, embedded = model.embed_images(images), model.embed_text(text)
+    `embedded`: the B captions' text embeddings, then k hard negatives' per image
+    (image-major), k >= 0."""
+    img = model.embed_images(images)
     b = len(img)
     text, neg = embedded[:b], embedded[b:]
     same = torch.from_numpy(caption_ids[:, None] == caption_ids[None, :]) & ~torch.eye(
@@ -191,6 +191,14 @@ def _loss(
         hard_loss = F.cross_entropy(own, torch.zeros(b, dtype=torch.long))
     infonce = (F.cross_entropy(i2t, target) + F.cross_entropy(t2i, target)) / 2
     return infonce + hard_weight * hard_loss
+
+
+def _embed_rows(model: Scorer, bank: _CaptionBank, rows: np.ndarray) -> torch.Tensor:
+    """`model.embed_text` of bank rows in one pass of the text head, each distinct row once:
+    a step's captions and hard negatives repeat (~30% of the demo's rows), and two passes
+    cost ~10% more than one (benchmarks/bench_scorer_step.py)."""
+    unique, inverse = np.unique(rows, return_inverse=True)
+    return model.embed_text(bank.embeddings(unique))[torch.from_numpy(inverse)]
 
 
 def train_scorer(
@@ -246,7 +254,8 @@ def train_scorer(
             if (rows >= 0).all():
                 text_rows = np.concatenate([captions, rows.reshape(-1)])
         x = from_uint8(images[train[positions]])
-        loss = _loss(model, x, bank.embeddings(text_rows), captions, cfg.hard_negative_weight)
+        text_emb = _embed_rows(model, bank, text_rows)
+        loss = _loss(model, x, text_emb, captions, cfg.hard_negative_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
