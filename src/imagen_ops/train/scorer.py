@@ -196,9 +196,12 @@ def _loss(
 def _embed_rows(model: Scorer, bank: _CaptionBank, rows: np.ndarray) -> torch.Tensor:
     """`model.embed_text` of bank rows in one pass of the text head, each distinct row once:
     a step's captions and hard negatives repeat (~30% of the demo's rows), and two passes
-    cost ~10% more than one (benchmarks/bench_scorer_step.py)."""
+    cost ~10% more than one (benchmarks/bench_scorer_step.py). Gathered by a one-hot
+    matmul, not indexing: indexing's backward adds a repeated row's gradients atomically
+    on the CPU, in an order that changes from run to run, and the weights with it."""
     unique, inverse = np.unique(rows, return_inverse=True)
-    return model.embed_text(bank.embeddings(unique))[torch.from_numpy(inverse)]
+    embedded = model.embed_text(bank.embeddings(unique))
+    return F.one_hot(torch.from_numpy(inverse), len(unique)).to(embedded.dtype) @ embedded
 
 
 def train_scorer(
