@@ -297,11 +297,14 @@ def test_request_over_the_work_budget_is_refused_before_sampling(cascade) -> Non
     from mlflow.exceptions import MlflowException
 
     settings = tiny_params().sample
-    per_prompt = cascade.work(settings, 1)
-    assert per_prompt == 4 * 16**2 * 2 + 4 * 32**2  # guidance [2, 1]: base runs twice
-    assert cascade.work(settings, 1, lowres_size=16) == 4 * 32**2  # super-resolution only
+    per_prompt = 4 * 16**2 * 2 + 4 * 32**2  # guidance [2, 1]: base runs twice
+    assert cascade.work(settings, 3) == 3 * per_prompt
+    # a lone image's unguided steps run as a batch of two (Stage.denoiser)
+    assert cascade.work(settings, 1) == per_prompt + 4 * 32**2
+    assert cascade.work(settings.updated(batch_size=2), 3) == 3 * per_prompt + 4 * 32**2
+    assert cascade.work(settings, 2, lowres_size=16) == 2 * 4 * 32**2  # super-resolution only
     half = settings.updated(strength=0.5)
-    assert cascade.work(half, 1, from_image=True) == 2 * 16**2 * 2 + 2 * 32**2
+    assert cascade.work(half, 2, from_image=True) == 2 * (2 * 16**2 * 2 + 2 * 32**2)
     limits = ServeConfig(max_work=3 * per_prompt)
     frame = pd.DataFrame({"prompt": ["a star"] * 4})
     with pytest.raises(MlflowException, match=r"serve\.max_work.*fewer prompts or steps"):
@@ -331,7 +334,7 @@ def test_work_is_the_pixels_the_networks_denoise(cascade) -> None:
         for hook in hooks:
             hook.remove()
     everywhere = settings.updated(guidance_interval=[0.0, 1.0])
-    assert cascade.work(settings, 1) < cascade.work(everywhere, 1)
+    assert cascade.work(settings, 2) < cascade.work(everywhere, 2)
 
 
 def test_deadline_stops_sampling_between_steps(cascade) -> None:

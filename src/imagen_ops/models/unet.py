@@ -47,6 +47,25 @@ def zero_init(module: nn.Module) -> nn.Module:
     return module
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose output rows do not depend on how many rows come with them.
+
+    MKL's sgemm takes other kernels for a few rows (on an AVX-512 AMD EPYC: fewer than 12
+    and not a multiple of 4) whose sums round differently, and the noise embedding and FiLM
+    layers see one row per image; a short input is zero-padded to MIN_ROWS rows, so a
+    seed's image is the same at every batch size, bit for bit.
+    """
+
+    MIN_ROWS = 16
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.numel() // x.shape[-1]
+        if rows >= self.MIN_ROWS:
+            return super().forward(x)
+        padded = F.pad(x.reshape(rows, x.shape[-1]), (0, 0, 0, self.MIN_ROWS - rows))
+        return super().forward(padded)[:rows].reshape(*x.shape[:-1], self.out_features)
+
+
 def explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     """softmax(q k^T / sqrt(d)) v with the softmax in float32; mask broadcasts to the scores."""
     scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
@@ -108,7 +127,7 @@ class ResBlock(nn.Module):
         super().__init__()
         self.norm1 = group_norm(in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.film = nn.Linear(emb_dim, 2 * out_ch)
+        self.film = Linear(emb_dim, 2 * out_ch)
         self.norm2 = group_norm(out_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
@@ -143,11 +162,11 @@ class AttentionBlock(nn.Module):
         super().__init__()
         self.heads, self.self_attention, self.text = channels // head_dim, self_attention, text
         self.norm = group_norm(channels)
-        self.position = nn.Linear(4 * POSITION_FREQS, channels) if position else None
-        self.to_q = nn.Linear(channels, channels)
-        self.to_kv = nn.Linear(channels, 2 * channels) if self_attention else None
-        self.to_kv_text = nn.Linear(text_width, 2 * channels) if text else None
-        self.out = zero_init(nn.Linear(channels, channels))
+        self.position = Linear(4 * POSITION_FREQS, channels) if position else None
+        self.to_q = Linear(channels, channels)
+        self.to_kv = Linear(channels, 2 * channels) if self_attention else None
+        self.to_kv_text = Linear(text_width, 2 * channels) if text else None
+        self.out = zero_init(Linear(channels, channels))
 
     def forward(self, x: Tensor, text: Tensor, text_mask: Tensor) -> Tensor:
         b, c, h, w = x.shape
@@ -236,7 +255,7 @@ class NoiseEmbedding(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.dim = dim
-        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.mlp = nn.Sequential(Linear(dim, dim), nn.SiLU(), Linear(dim, dim))
 
     def forward(self, logsnr: Tensor) -> Tensor:
         return self.mlp(sinusoidal(logsnr, self.dim))
@@ -274,13 +293,13 @@ class TextConditioning(nn.Module):
     ):
         super().__init__()
         self.heads = max(1, width // head_dim)
-        self.proj = nn.Sequential(nn.LayerNorm(text_dim), nn.Linear(text_dim, width))
+        self.proj = nn.Sequential(nn.LayerNorm(text_dim), Linear(text_dim, width))
         self.null = nn.Parameter(torch.randn(1, 1, width) * 0.02)
         self.pooled = pooled
         if pooled:  # Imagen's pooled text; without it text reaches pixels by attention alone
             self.query = nn.Parameter(torch.randn(1, 1, width) * 0.02)
-            self.to_kv = nn.Linear(width, 2 * width)
-            self.to_emb = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, emb_dim))
+            self.to_kv = Linear(width, 2 * width)
+            self.to_emb = nn.Sequential(nn.LayerNorm(width), Linear(width, emb_dim))
         self.layers = nn.ModuleList(
             nn.TransformerEncoderLayer(
                 width, self.heads, 2 * width, dropout=0.0, batch_first=True, norm_first=True
@@ -401,12 +420,10 @@ class LayoutHead(nn.Module):
         self.text = TextConditioning(text_dim, width, width, head_dim, layers=text_layers)
         self.queries = nn.Parameter(torch.randn(1, grid * grid, width))
         self.norm = nn.LayerNorm(width)
-        self.to_q, self.to_kv = nn.Linear(width, width), nn.Linear(width, 2 * width)
-        self.out = nn.Sequential(
-            nn.Linear(2 * width, width), nn.SiLU(), nn.Linear(width, 3 * modes)
-        )
+        self.to_q, self.to_kv = Linear(width, width), Linear(width, 2 * width)
+        self.out = nn.Sequential(Linear(2 * width, width), nn.SiLU(), Linear(width, 3 * modes))
         if modes > 1:  # one mode is a regression: no weights, no variance
-            self.to_logits = nn.Linear(width, modes)
+            self.to_logits = Linear(width, modes)
             self.log_var = nn.Parameter(torch.tensor(math.log(0.04)))
 
     def forward(self, text: Tensor, mask: Tensor) -> LayoutPrior:

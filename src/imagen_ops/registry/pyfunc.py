@@ -173,15 +173,15 @@ def validate_request(
             raise _bad_request(f"row {i}: rerank needs a scorer, and this model carries none")
         rows.append(Row(prompt, settings, *roles))
     if cascade is not None:
-        work = sum(
-            cascade.work(
-                r.settings,
-                1,
-                from_image=r.image is not None,
-                lowres_size=None if r.lowres is None else r.lowres.shape[-1],
+        work = 0.0
+        for members in sampled_together(rows):  # as generate samples them
+            first = rows[members[0]]
+            work += cascade.work(
+                first.settings,
+                len(members),
+                from_image=first.image is not None,
+                lowres_size=None if first.lowres is None else first.lowres.shape[-1],
             )
-            for r in rows
-        )
         if work > limits.max_work:
             raise _bad_request(
                 f"the request needs {work:,.0f} pixel-steps, over the limit of "
@@ -223,27 +223,33 @@ def _png_base64(image: Any) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def generate(
-    cascade: Cascade, rows: list[Row], deadline: float | None = None, progress: bool = False
-) -> list[Any]:
-    """uint8 images for validated rows, in order. Rows with equal settings (but the seed)
-    and image sizes are sampled together in batches; `deadline` (time.monotonic) stops
-    sampling between denoising steps."""
-    from imagen_ops.images import to_uint8
+def sampled_together(rows: list[Row]) -> list[list[int]]:
+    """Indices of the rows sampled in one call, in batches: equal settings (but the seed)
+    and image sizes."""
 
     def key(row: Row) -> str:
         shapes = [None if t is None else tuple(t.shape) for t in (row.image, row.mask, row.lowres)]
         return row.settings.model_copy(update={"seed": 0}).model_dump_json() + str(shapes)
 
+    groups: dict[str, list[int]] = {}
+    for k, row in enumerate(rows):
+        groups.setdefault(key(row), []).append(k)
+    return list(groups.values())
+
+
+def generate(
+    cascade: Cascade, rows: list[Row], deadline: float | None = None, progress: bool = False
+) -> list[Any]:
+    """uint8 images for validated rows, in order, sampled in the groups of
+    `sampled_together`; `deadline` (time.monotonic) stops sampling between denoising steps."""
+    from imagen_ops.images import to_uint8
+
     def check_deadline(*_: Any) -> None:
         if deadline is not None and time.monotonic() > deadline:
             raise DeadlineExceeded
 
-    groups: dict[str, list[int]] = {}
-    for k, row in enumerate(rows):
-        groups.setdefault(key(row), []).append(k)
     images: list[Any] = [None] * len(rows)
-    for members in groups.values():
+    for members in sampled_together(rows):
         first = rows[members[0]]
         stack = [
             None

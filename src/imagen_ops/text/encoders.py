@@ -52,6 +52,7 @@ PACKAGED_ENCODERS = {
         "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
     ),
 }
+TOKEN_BUCKET = 8  # encoder inputs are padded to a multiple of this many tokens (encode_layers)
 _HUB_PATTERNS = ["*.json", "*.model", "*.txt", "*.safetensors", "pytorch_model*.bin"]
 
 
@@ -223,28 +224,49 @@ class TextEncoder:
     @torch.no_grad()
     def encode_layers(self, texts: Sequence[str], layers: Sequence[int]) -> list[TextEmbeddings]:
         """The captions' tokens at each of `layers`, from one pass through the model (the
-        embedding cache stores the U-Net's layer and the scorer's)."""
+        embedding cache stores the U-Net's layer and the scorer's).
+
+        A caption's tokens do not depend on its batch: each runs padded to its length rounded
+        up to TOKEN_BUCKET, with the captions of that length. Padded to the batch's longest,
+        a prompt alone (the CLI) and the same prompt among longer ones (evaluation, serving)
+        summed in other orders and were stored one float16 step apart in a few values."""
         texts = list(texts)
         for i, text in enumerate(texts):
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"caption {i} is empty; captions must be non-empty text")
         for layer in layers:
             self.check_layer(layer, "layer")
-        batch = self.tokenizer(
+        lengths = [len(ids) for ids in self._tokenize(texts, None)["input_ids"]]
+        width = max(lengths)
+        tokens = [torch.zeros(len(texts), width, self.dim) for _ in layers]
+        mask = torch.zeros(len(texts), width, dtype=torch.bool)
+        buckets: dict[int, list[int]] = {}
+        for i, n in enumerate(lengths):
+            padded = min(-(-n // TOKEN_BUCKET) * TOKEN_BUCKET, self.max_length)
+            buckets.setdefault(padded, []).append(i)
+        for padded, rows in buckets.items():
+            batch = self._tokenize([texts[i] for i in rows], padded).to(self.device)
+            out = self.model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                output_hidden_states=any(layer >= 0 for layer in layers),
+            )
+            real = batch["attention_mask"].bool()[:, :width]
+            mask[rows, : real.shape[1]] = real.cpu()
+            for k, layer in enumerate(layers):
+                h = out.last_hidden_state if layer < 0 else out.hidden_states[layer]
+                tokens[k][rows, : real.shape[1]] = (h[:, :width] * real[..., None]).float().cpu()
+        return [TextEmbeddings(t, mask) for t in tokens]
+
+    def _tokenize(self, texts: list[str], padded: int | None):
+        """Token ids truncated to max_length; `padded` pads every caption to that length."""
+        return self.tokenizer(
             texts,
-            padding="longest",
+            padding="max_length" if padded else False,
             truncation=True,
-            max_length=self.max_length,
-            return_tensors="pt",
-        ).to(self.device)
-        out = self.model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            output_hidden_states=any(layer >= 0 for layer in layers),
+            max_length=padded or self.max_length,
+            return_tensors="pt" if padded else None,
         )
-        mask = batch["attention_mask"].bool()
-        states = [out.last_hidden_state if k < 0 else out.hidden_states[k] for k in layers]
-        return [TextEmbeddings((h * mask[..., None]).float().cpu(), mask.cpu()) for h in states]
 
 
 def _kind_of(model_type: str) -> str:
