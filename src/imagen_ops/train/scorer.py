@@ -171,7 +171,7 @@ def _loss(
     negatives alone: in-batch captions are easy and would otherwise drown out the few
     negatives that teach binding and relations.
 
-    `embedded`: the B captions' text embeddings, then k hard negatives' per image
+    `embedded`: the B captions' text embeddings, then those of the k hard negatives of each image
     (image-major), k >= 0."""
     img = model.embed_images(images)
     b = len(img)
