@@ -13,11 +13,12 @@ from imagen_ops.config import TextConfig, UNetConfig
 from imagen_ops.diffusion.guidance import Conditioning, classifier_free_guidance
 from imagen_ops.diffusion.objectives import to_x0
 from imagen_ops.diffusion.schedules import alpha_sigma
+from imagen_ops.models.layers import Linear
 from imagen_ops.models.unet import (
     AttentionBlock,
     LayoutHead,
     LayoutPrior,
-    Linear,
+    TransformerLayer,
     UNet,
     explicit_attention,
     layout_loss,
@@ -234,6 +235,27 @@ def test_linear_rows_do_not_depend_on_how_many_come_with_them():
     torch.testing.assert_close(layer.weight.grad, plain.weight.grad)
 
 
+def test_transformer_layer_is_torchs_and_does_not_depend_on_the_batch():
+    """TransformerLayer computes nn.TransformerEncoderLayer's function (its weights load
+    into one) in training and inference, and a caption's tokens are the same alone."""
+    torch.manual_seed(0)
+    layer = TransformerLayer(32, 4)
+    torch_layer = torch.nn.TransformerEncoderLayer(
+        32, 4, 64, dropout=0.0, batch_first=True, norm_first=True
+    )
+    torch_layer.load_state_dict(layer.state_dict())
+    x = torch.randn(24, 6, 32)
+    mask = torch.arange(6) < torch.randint(1, 7, (24, 1))
+    for train in (True, False):
+        layer.train(train), torch_layer.train(train)
+        with torch.set_grad_enabled(train):
+            ours, theirs = layer(x, mask), torch_layer(x, src_key_padding_mask=~mask)
+        torch.testing.assert_close(ours[mask], theirs[mask], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        for k in (0, 5, 23):
+            assert torch.equal(layer(x[k : k + 1], mask[k : k + 1]), ours[k : k + 1])
+
+
 def test_batched_guidance_equals_two_passes_through_the_network():
     stage = Stage(
         "base",
@@ -347,7 +369,8 @@ def test_a_mode_stage_keeps_one_drawn_layout_per_seed_whatever_the_batch():
         return out, steps
 
     out, steps = run(stage, settings)
-    assert torch.equal(out, run(stage, settings.updated(batch_size=5))[0])
+    for size in (5, 1):
+        assert torch.equal(out, run(stage, settings.updated(batch_size=size))[0]), size
     with torch.no_grad():
         means = stage.net.layout(text.tokens[:1], text.mask[:1]).means[0]
     ups = torch.nn.functional.interpolate(means, size=(16, 16), mode="bilinear")

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from imagen_ops.config import ScorerConfig
 from imagen_ops.files import atomic_dir, sha256_files
+from imagen_ops.models.layers import Linear
 from imagen_ops.models.unet import position_encoding
 from imagen_ops.text.encoders import TextEmbeddings
 
@@ -57,7 +58,7 @@ class ImageTower(nn.Module):
             ]
             size, width = size // 2, out
         self.body = nn.Sequential(*layers)
-        self.head = nn.Linear(width * size * size, cfg.embed_dim)
+        self.head = Linear(width * size * size, cfg.embed_dim)
 
     def forward(self, images: Tensor) -> Tensor:
         # channels_last: on the CPU, oneDNN's convolutions at these widths (16-64 channels)
@@ -70,13 +71,13 @@ class TextHead(nn.Module):
     def __init__(self, cfg: ScorerConfig, text_dim: int):
         super().__init__()
         w = cfg.text_width
-        self.proj = nn.Linear(text_dim, w)
+        self.proj = Linear(text_dim, w)
         self.layer = nn.TransformerEncoderLayer(
             w, nhead=4, dim_feedforward=2 * w, dropout=0.0, batch_first=True, norm_first=True
         )
         self.query = nn.Parameter(torch.randn(1, 1, w) * 0.02)
         self.pool = nn.MultiheadAttention(w, 4, batch_first=True)
-        self.out = nn.Sequential(nn.LayerNorm(w), nn.Linear(w, cfg.embed_dim))
+        self.out = nn.Sequential(nn.LayerNorm(w), Linear(w, cfg.embed_dim))
 
     def forward(self, text: TextEmbeddings) -> Tensor:
         pad = ~text.mask

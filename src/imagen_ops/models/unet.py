@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from imagen_ops.config import UNetConfig
 from imagen_ops.diffusion.objectives import OBJECTIVES, target
 from imagen_ops.diffusion.schedules import alpha_sigma
+from imagen_ops.models.layers import Linear, linear
 
 __all__ = ["LayoutHead", "LayoutPrior", "UNet", "layout_loss", "layout_target", "mode_errors"]
 
@@ -45,25 +46,6 @@ def zero_init(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         nn.init.zeros_(p)
     return module
-
-
-class Linear(nn.Linear):
-    """nn.Linear whose output rows do not depend on how many rows come with them.
-
-    MKL's sgemm takes other kernels for a few rows (on an AVX-512 AMD EPYC: fewer than 12
-    and not a multiple of 4) whose sums round differently, and the noise embedding and FiLM
-    layers see one row per image; a short input is zero-padded to MIN_ROWS rows, so a
-    seed's image is the same at every batch size, bit for bit.
-    """
-
-    MIN_ROWS = 16
-
-    def forward(self, x: Tensor) -> Tensor:
-        rows = x.numel() // x.shape[-1]
-        if rows >= self.MIN_ROWS:
-            return super().forward(x)
-        padded = F.pad(x.reshape(rows, x.shape[-1]), (0, 0, 0, self.MIN_ROWS - rows))
-        return super().forward(padded)[:rows].reshape(*x.shape[:-1], self.out_features)
 
 
 def explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
@@ -270,6 +252,25 @@ def position_encoding(length: int, width: int) -> Tensor:
     return out
 
 
+class TransformerLayer(nn.TransformerEncoderLayer):
+    """A pre-norm nn.TransformerEncoderLayer (its parameters, names and initialisation, no
+    dropout) computed through `linear` and `masked_attention`: torch's own forward, and its
+    inference fast path, sum a short batch's rows in other orders."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__(width, heads, 2 * width, dropout=0.0, batch_first=True, norm_first=True)
+
+    def forward(self, x: Tensor, key_mask: Tensor) -> Tensor:  # type: ignore[override]
+        """x (B, L, width); key_mask (B, L) True for the tokens to attend to."""
+        attn = self.self_attn
+        qkv = linear(self.norm1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+        q, k, v = (split_heads(t, attn.num_heads) for t in qkv)
+        a = merge_heads(masked_attention(q, k, v, key_mask))
+        x = x + linear(a, attn.out_proj.weight, attn.out_proj.bias)
+        h = F.relu(linear(self.norm2(x), self.linear1.weight, self.linear1.bias))
+        return x + linear(h, self.linear2.weight, self.linear2.bias)
+
+
 class TextConditioning(nn.Module):
     """LayerNorm + projection of the frozen encoder's tokens, a learned null token, and an
     attention-pooled summary that joins the noise embedding (Imagen's pooled text).
@@ -300,12 +301,7 @@ class TextConditioning(nn.Module):
             self.query = nn.Parameter(torch.randn(1, 1, width) * 0.02)
             self.to_kv = Linear(width, 2 * width)
             self.to_emb = nn.Sequential(nn.LayerNorm(width), Linear(width, emb_dim))
-        self.layers = nn.ModuleList(
-            nn.TransformerEncoderLayer(
-                width, self.heads, 2 * width, dropout=0.0, batch_first=True, norm_first=True
-            )
-            for _ in range(layers)
-        )
+        self.layers = nn.ModuleList(TransformerLayer(width, self.heads) for _ in range(layers))
 
     def forward(self, text: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """Return (tokens with the null token first, their mask, pooled embedding or None)."""
@@ -315,7 +311,7 @@ class TextConditioning(nn.Module):
         if len(self.layers):  # the null token is always there: no row is fully masked
             tokens = tokens + position_encoding(*tokens.shape[1:]).to(tokens)
             for layer in self.layers:
-                tokens = layer(tokens, src_key_padding_mask=~mask)
+                tokens = layer(tokens, mask)
         if not self.pooled:
             return tokens, mask, None
         q = self.query.expand(b, -1, -1)
