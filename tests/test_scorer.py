@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ from imagen_ops.data.shapes import (
 )
 from imagen_ops.images import from_uint8
 from imagen_ops.scorer import Scorer, load_scorer
-from imagen_ops.text.cache import CacheMismatchError, EmbeddingCache, build_cache
+from imagen_ops.text.cache import CacheMismatchError, EmbeddingCache, build_cache, stored_rows
 from imagen_ops.train.scorer import ScorerPaths, train_scorer, word_swap
 
 from .conftest import TINY_SCORER, tiny_params
@@ -194,19 +195,20 @@ def test_the_text_head_reads_word_order() -> None:
     assert (first - swapped).abs().max() > 1e-3
 
 
+def stand_in_bank(tokens: np.ndarray, lengths: np.ndarray) -> SimpleNamespace:
+    """A caption bank's `embeddings(rows)` over stored tokens, with no cache on disk."""
+    return SimpleNamespace(embeddings=lambda rows: stored_rows(tokens, lengths, rows))
+
+
 def test_repeated_caption_rows_are_embedded_once_with_the_same_values_and_gradients() -> None:
     """A step embeds each distinct bank row once and gathers: the embeddings and the text
     head's gradients are those of embedding every row (repeats included) on its own."""
-    from types import SimpleNamespace
-
-    from imagen_ops.text.cache import stored_rows
     from imagen_ops.train.scorer import _embed_rows
 
     torch.manual_seed(0)
     scorer = Scorer(scorer_config(), 16, 8)
     tokens = np.random.default_rng(0).normal(size=(6, 5, 8)).astype(np.float16)
-    lengths = np.array([5, 3, 4, 2, 5, 1], dtype=np.int32)
-    bank = SimpleNamespace(embeddings=lambda rows: stored_rows(tokens, lengths, rows))
+    bank = stand_in_bank(tokens, np.array([5, 3, 4, 2, 5, 1], dtype=np.int32))
     rows = np.array([4, 1, 1, 3, 4, 4, 0, 1])
     weights = torch.randn(len(rows), scorer.cfg.embed_dim)
 
@@ -227,17 +229,12 @@ def test_repeated_caption_rows_give_the_same_gradients_every_time() -> None:
     """Training is deterministic only if gathering repeated rows is: at the demo's sizes
     (256 rows, 179 distinct, 128 dimensions) indexing's backward summed repeats in a
     varying order (~1 run in 50 differed in its last bits)."""
-    from types import SimpleNamespace
-
-    from imagen_ops.text.cache import stored_rows
     from imagen_ops.train.scorer import _embed_rows
 
     torch.manual_seed(0)
     scorer = Scorer(ScorerConfig(), 16, 8)
     tokens = np.random.default_rng(0).normal(size=(179, 3, 8)).astype(np.float16)
-    bank = SimpleNamespace(
-        embeddings=lambda rows: stored_rows(tokens, np.full(179, 3, np.int32), rows)
-    )
+    bank = stand_in_bank(tokens, np.full(179, 3, np.int32))
     rows = np.concatenate([np.arange(179), np.random.default_rng(1).integers(0, 179, 77)])
     weights = torch.randn(len(rows), scorer.cfg.embed_dim)
 
