@@ -6,6 +6,8 @@ A prompt and seed give the same pixels alone and in any batch only if no kernel'
 order follows the batch (docs/architecture.md, "Determinism"). On this machine it prints:
 - for the U-Net's linear shapes, the row counts whose rows differ from the same rows among
   64, for nn.Linear and for `models.layers.Linear` (pads under 16 rows);
+- for attention with one query (the pooled text) and with 16, whether SDPA and the
+  explicit product give an item the same alone and in a batch (`masked_attention`);
 - for convolutions of the demo's sizes, whether an image is the same alone, in a batch of
   two and in one of eight (`Stage.denoiser` runs a lone image as two);
 - for a few prompts, the stored float16 values that differ between the prompt alone and
@@ -20,12 +22,14 @@ import argparse
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from imagen_ops.cascade import Stage
 from imagen_ops.config import load_params
 from imagen_ops.diffusion.guidance import Conditioning
 from imagen_ops.models.layers import Linear
+from imagen_ops.models.unet import explicit_attention
 from imagen_ops.text.encoders import TextEmbeddings, load_text_encoder
 
 from common import machine, median_seconds, table
@@ -52,6 +56,23 @@ def conv_batches(conv: nn.Conv2d, size: int) -> list[bool]:
     with torch.no_grad():
         one, two, eight = (conv(x[:n])[:1] for n in (1, 2, 8))
     return [torch.equal(one, two), torch.equal(one, eight), torch.equal(two, eight)]
+
+
+def attention_batches(queries: int) -> list[bool]:
+    """Is item 1 of a batch of 3 the same alone (as two copies), for SDPA and the explicit
+    product (4 heads of 32, 17 keys of which 9 are masked)?"""
+    q, k, v = torch.randn(3, 4, queries, 32), torch.randn(3, 4, 17, 32), torch.randn(3, 4, 17, 32)
+    mask = (torch.arange(17) < 9).expand(3, 1, 1, 17)
+    same = []
+    for attend in (_sdpa, explicit_attention):
+        full = attend(q, k, v, mask)[1]
+        two = [t[1:2].repeat(2, 1, 1, 1) for t in (q, k, v, mask)]
+        same.append(torch.equal(attend(*two)[0], full))
+    return same
+
+
+def _sdpa(q, k, v, mask):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 def stored_differences(encoder, prompts: list[str], longest: bool) -> list[int]:
@@ -96,6 +117,9 @@ def main() -> None:
         rows.append([f"{cin} -> {cout}, {size} px", *("same" if a else "differs" for a in alike)])
     header = ["3x3 convolution", "alone vs in 2", "alone vs in 8", "in 2 vs in 8"]
     print(table(header, rows), "\n")
+
+    rows = [[n, *("same" if a else "differs" for a in attention_batches(n))] for n in (1, 16)]
+    print(table(["attention queries", "SDPA: alone vs in 3", "explicit"], rows), "\n")
 
     encoder = load_text_encoder(params.text)
     counts = [stored_differences(encoder, PROMPTS, longest) for longest in (True, False)]

@@ -163,12 +163,24 @@ def test_guidance_interval_means_the_same_in_the_cli_and_the_served_model(
 
 
 def test_batches_do_not_change_images(cascade) -> None:
+    """A prompt's image is the same, bit for bit, alone (the CLI) and among others of any
+    length in any batch size (evaluation, serving)."""
     settings = tiny_params().sample
-    prompts = ["a red circle", "two blue squares", "a green star", "a yellow circle"]
-    one_batch = sample_u8(cascade, prompts, settings.updated(batch_size=8))
-    singles = sample_u8(cascade, prompts, settings.updated(batch_size=1))
-    assert np.array_equal(one_batch, singles)
-    assert not np.array_equal(one_batch[0], one_batch[1])
+    prompts = [
+        "a red circle",
+        "two blue squares to the left of a green triangle and a yellow star",
+        "a green star",
+        "three small purple circles above a big orange heart",
+        "a yellow circle",
+    ]
+    assert len(set(cascade.widths(prompts))) == 2
+    together = cascade.sample(prompts, settings.updated(batch_size=8))
+    for size in (1, 2):
+        assert torch.equal(cascade.sample(prompts, settings.updated(batch_size=size)), together)
+    for k, prompt in enumerate(prompts):
+        alone = cascade.sample([prompt], settings, seeds=[settings.seed + k])
+        assert torch.equal(alone[0], together[k]), prompt
+    assert not torch.equal(together[0], together[1])
 
 
 def test_fp32_images_do_not_depend_on_the_thread_count(cascade) -> None:
@@ -323,13 +335,20 @@ def test_work_is_the_pixels_the_networks_denoise(cascade) -> None:
 
     settings = tiny_params().sample.updated(guidance_interval=[0.5, 1.0])
     image = read_image(png(_user_image(32)))
+    # one short prompt, then two short ones with a long one: batched by padded width, the
+    # long one alone runs its unguided steps as two
+    mixed = ["a red circle", "two blue squares to the left of a green triangle", "a star"]
     hooks = [stage.net.register_forward_pre_hook(count) for stage in cascade.stages]
     try:
-        for strength, from_image in [(1.0, None), (0.6, image)]:
-            run = settings.updated(strength=strength)
-            pixels.clear()
-            cascade.sample(["a red circle"], run, image=from_image)
-            assert sum(pixels) == cascade.work(run, 1, from_image=from_image is not None)
+        for prompts in [mixed[:1], mixed]:
+            for strength, from_image in [(1.0, None), (0.6, image)]:
+                run = settings.updated(strength=strength)
+                pixels.clear()
+                cascade.sample(prompts, run, image=from_image)
+                n, widths = len(prompts), cascade.widths(prompts)
+                expected = cascade.work(run, n, widths=widths, from_image=from_image is not None)
+                assert sum(pixels) == expected
+        assert cascade.work(settings, 3, widths=cascade.widths(mixed)) > cascade.work(settings, 3)
     finally:
         for hook in hooks:
             hook.remove()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -39,7 +40,7 @@ from imagen_ops.diffusion.schedules import Schedule, alpha_sigma, make_schedule,
 from imagen_ops.files import atomic_dir, sha256_files
 from imagen_ops.models.unet import UNet
 from imagen_ops.scorer import Scorer, load_scorer
-from imagen_ops.text.encoders import TextEmbeddings, TextEncoder
+from imagen_ops.text.encoders import TextEmbeddings, TextEncoder, token_bucket
 
 __all__ = [
     "Cascade",
@@ -275,43 +276,60 @@ class Cascade:
         """Embed prompts with the cascade's frozen encoder (loaded on first use) at `layer`
         (default text.layer; the scorer reads its own), rounded as the embedding cache
         stores them, so a prompt gets the embedding it trained on."""
-        if self._encoder is None:
-            from imagen_ops.text.encoders import load_text_encoder
-
-            self._encoder = load_text_encoder(self.text)
         checked = []
         for k, prompt in enumerate(prompts):
             try:
                 checked.append(check_prompt(prompt))
             except ValueError as err:
                 raise ValueError(f"prompt {k + 1}: {err}") from None
-        return self._encoder.encode(checked, layer).as_stored()
+        return self._text_encoder().encode(checked, layer).as_stored()
+
+    def _text_encoder(self) -> TextEncoder:
+        """The frozen encoder, loaded on first use."""
+        if self._encoder is None:
+            from imagen_ops.text.encoders import load_text_encoder
+
+            self._encoder = load_text_encoder(self.text)
+        return self._encoder
 
     def work(
         self,
         settings: SampleConfig,
         n: int,
         *,
+        widths: Sequence[int] | None = None,
         from_image: bool = False,
         lowres_size: int | None = None,
     ) -> float:
         """Pixel-steps of a `sample` call for `n` images (image-to-image / inpainting with
         `from_image`, super-resolution of a `lowres_size` image): over the stages it runs,
         the network's passes x pixels, two passes at the steps guidance runs (the serving
-        budget's unit); a batch of one is two passes where guidance does not run
-        (Stage.denoiser)."""
+        budget's unit). Prompts of one padded width (`widths`, from `Cascade.widths`; by
+        default one width for all) are batched together, and a batch of one is two passes
+        where guidance does not run (Stage.denoiser)."""
         runs = self._runs(settings, from_image, lowres_size)
+        if widths is not None and len(widths) != n:
+            raise ValueError(f"{len(widths)} widths for {n} prompts")
+        groups = list(Counter(widths).values()) if widths is not None else [n]
         size, interval = settings.batch_size, settings.guidance_interval
 
-        def pixel_steps(stage: Stage, plan: StageSampling, ts: list[float], rows: int) -> int:
-            lone = rows if size == 1 else int(rows % size == 1)  # batches of one image
+        def pixel_steps(stage: Stage, plan: StageSampling, ts: list[float], repeat: int) -> int:
+            together = [g * repeat for g in groups]
+            batches = [min(size, r - s) for r in together for s in range(0, r, size)]
+            rows, lone = sum(batches), batches.count(1)
             guided = [guides(plan.guidance, interval, t) for t in evaluated_times(ts)]
             return stage.resolution**2 * sum(rows * (1 + g) + lone * (not g) for g in guided)
 
-        work = sum(pixel_steps(*run, n) for run in runs)
+        work = sum(pixel_steps(*run, 1) for run in runs)
         if settings.rerank > 1:  # best of N: N candidates through the first stage
-            work += pixel_steps(*runs[0], n * settings.rerank)
+            work += pixel_steps(*runs[0], settings.rerank)
         return float(work)
+
+    def widths(self, prompts: Sequence[str]) -> list[int]:
+        """The prompts' padded widths (TextEmbeddings.widths) from the tokenizer alone."""
+        encoder = self._text_encoder()
+        lengths = encoder.token_lengths(prompts)
+        return [token_bucket(max(min(n, encoder.max_length), 1)) for n in lengths]
 
     def _runs(
         self, settings: SampleConfig, from_image: bool, lowres_size: int | None
@@ -391,22 +409,26 @@ class Cascade:
                 callback(name, j, t, x, x0)
 
         def through(runs, text, seeds, inputs) -> Tensor:
-            """Batches of images, each through `runs`."""
-            out = []
-            for start in range(0, len(text), settings.batch_size):
-                rows = slice(start, start + settings.batch_size)
-                out.append(
-                    self._sample_batch(
-                        text[rows].to(self.device),
+            """Batches of images, each through `runs`. A batch holds prompts of one padded
+            width (TextEmbeddings.widths), so no image's shapes depend on the other prompts."""
+            out: list[Tensor | None] = [None] * len(text)
+            widths = text.widths()
+            for width in sorted(set(widths)):
+                group = [k for k, w in enumerate(widths) if w == width]
+                for start in range(0, len(group), settings.batch_size):
+                    rows = group[start : start + settings.batch_size]
+                    images = self._sample_batch(
+                        text[torch.tensor(rows)].fitted(width).to(self.device),
                         negative,
-                        seeds[rows],
+                        [seeds[k] for k in rows],
                         *(None if t is None else t[rows].to(self.device) for t in inputs),
                         settings=settings,
                         runs=runs,
                         callback=on_step,
                     )
-                )
-            return torch.cat(out)
+                    for k, image in zip(rows, images, strict=True):
+                        out[k] = image
+            return torch.stack(out)
 
         inputs = (image, mask, lowres)
         if rerank > 1:  # 2. best of N: candidates through the first stage, scored

@@ -71,10 +71,11 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -
 
     `scaled_dot_product_attention` everywhere except bf16 / fp16 on the CPU, where its
     kernel is ~3x slower than the explicit product for these short sequences (BENCHMARKS.md,
-    "attention on CPU").
+    "attention on CPU"), and a single query (the pooled text) on the CPU, where its kernel's
+    sums follow the batch: an image alone and in a batch rounded apart.
     """
     mask = None if key_mask is None else key_mask[:, None, None, :]
-    if q.device.type != "cpu" or q.dtype == torch.float32:
+    if q.device.type != "cpu" or (q.dtype == torch.float32 and q.shape[-2] > 1):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return explicit_attention(q, k, v, mask)
 

@@ -179,6 +179,7 @@ def validate_request(
             work += cascade.work(
                 first.settings,
                 len(members),
+                widths=cascade.widths([rows[k].prompt for k in members]),
                 from_image=first.image is not None,
                 lowres_size=None if first.lowres is None else first.lowres.shape[-1],
             )

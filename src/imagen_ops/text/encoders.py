@@ -35,11 +35,13 @@ if TYPE_CHECKING:
 __all__ = [
     "ENCODER_KINDS",
     "PACKAGED_ENCODERS",
+    "TOKEN_BUCKET",
     "TextEmbeddings",
     "TextEncoder",
     "TextEncoderUnavailableError",
     "load_text_encoder",
     "resolve_encoder_dir",
+    "token_bucket",
 ]
 
 log = logging.getLogger(__name__)
@@ -52,7 +54,15 @@ PACKAGED_ENCODERS = {
         "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
     ),
 }
-TOKEN_BUCKET = 8  # encoder inputs are padded to a multiple of this many tokens (encode_layers)
+TOKEN_BUCKET = 8  # a caption is padded to a multiple of this many tokens (encoder, sampling)
+
+
+def token_bucket(length: int) -> int:
+    """`length` tokens rounded up to TOKEN_BUCKET: a caption's padded width, which depends on
+    the caption alone (kernels sum a longer padded sequence in another order)."""
+    return -(-length // TOKEN_BUCKET) * TOKEN_BUCKET
+
+
 _HUB_PATTERNS = ["*.json", "*.model", "*.txt", "*.safetensors", "pytorch_model*.bin"]
 
 
@@ -88,6 +98,16 @@ class TextEmbeddings:
         """Tokens rounded to float16, as the embedding cache stores them: the stages train
         on these values, and a prompt embedded live then matches its cached embedding."""
         return TextEmbeddings(self.tokens.half().float(), self.mask)
+
+    def widths(self) -> list[int]:
+        """Each caption's own width: its token count rounded up to TOKEN_BUCKET."""
+        return [token_bucket(max(int(n), 1)) for n in self.mask.sum(1)]
+
+    def fitted(self, length: int) -> TextEmbeddings:
+        """Exactly `length` tokens: padding cut or appended, never a real token."""
+        if self.mask[:, length:].any():
+            raise ValueError(f"captions of more than {length} tokens cannot fit {length}")
+        return TextEmbeddings(self.tokens[:, :length], self.mask[:, :length]).padded(length)
 
     def padded(self, length: int) -> TextEmbeddings:
         """Zero tokens (mask False) appended up to `length`."""
@@ -242,7 +262,7 @@ class TextEncoder:
         mask = torch.zeros(len(texts), width, dtype=torch.bool)
         buckets: dict[int, list[int]] = {}
         for i, n in enumerate(lengths):
-            padded = min(-(-n // TOKEN_BUCKET) * TOKEN_BUCKET, self.max_length)
+            padded = min(token_bucket(n), self.max_length)
             buckets.setdefault(padded, []).append(i)
         for padded, rows in buckets.items():
             batch = self._tokenize([texts[i] for i in rows], padded).to(self.device)
