@@ -14,10 +14,10 @@ from imagen_ops.config import TextConfig
 from imagen_ops.text.cache import CacheMismatchError, EmbeddingCache, build_cache
 from imagen_ops.text.encoders import (
     PACKAGED_ENCODERS,
-    TOKEN_BUCKET,
     TextEncoderUnavailableError,
     load_text_encoder,
     resolve_encoder_dir,
+    token_bucket,
 )
 
 CAPTIONS = [
@@ -125,7 +125,7 @@ def test_text_layer_picks_that_hidden_state(tiny_t5_dir, layer):
     got = encoder.encode(CAPTIONS)
     for k, caption in enumerate(CAPTIONS):  # each caption padded to a multiple of 8 tokens
         n = len(encoder.tokenizer(caption)["input_ids"])
-        padded = -(-n // TOKEN_BUCKET) * TOKEN_BUCKET
+        padded = token_bucket(n)
         batch = encoder.tokenizer(
             [caption], padding="max_length", max_length=padded, return_tensors="pt"
         )
