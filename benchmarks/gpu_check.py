@@ -14,7 +14,8 @@ A lent GPU machine has no network and a few minutes, so `run` does in one proces
 3. training: every stage with its recipe steps and warm-up scaled down to its share of the
    time left (the table says which fraction of the recipe each stage ran);
 4. alignment: the trained cascade samples the held-out prompts (eval.per_category of each
-   category, the evaluate stage's selection) and the exact evaluator scores them.
+   category, the evaluate stage's selection) and the exact evaluator scores them; then the
+   evaluate stage's guidance sweep (eval.guidance_sweep on eval.sweep_samples prompts).
 
 The machine cannot download the text encoder, and the packaged MiniLM weights (91 MB)
 exceed what travels, so `encoder` writes the same weights in float16 (46 MB) to a folder
@@ -34,11 +35,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 
 from imagen_ops.cascade import Cascade, load_stage
-from imagen_ops.config import Params, apply_overrides, deep_merge, parse_params
+from imagen_ops.config import (
+    Params,
+    SampleConfig,
+    apply_overrides,
+    deep_merge,
+    parse_params,
+)
 from imagen_ops.data.ingest import ingest
 from imagen_ops.data.prepare import PreparedData, prepare
 from imagen_ops.data.sources import synth_source
@@ -57,7 +65,7 @@ from common import machine, table
 
 log = logging.getLogger("gpu_check")
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s
-RESERVE_S = 75.0  # sampling and judging the held-out prompts, writing the results
+RESERVE_S = 60.0  # 1,000 held-out prompts sampled and judged in 12-15 s on an H200, the sweep
 DRY_STEPS, DRY_LOG_EVERY, PROBE_STEPS = 20, 5, 10
 
 
@@ -271,28 +279,42 @@ def train_all(raw: dict[str, Any], work: Path, stages: dict[str, Any], deadline:
 
 
 def alignment(params: Params, work: Path, dev: torch.device, out: Path) -> dict[str, Any]:
-    """The trained cascade on the evaluate stage's held-out prompts, by the exact evaluator."""
+    """The trained cascade on the evaluate stage's held-out prompts, by the exact evaluator;
+    then each other `eval.guidance_sweep` weight on the first `eval.sweep_samples` of them,
+    as the evaluate stage sweeps (a few seconds each on a GPU)."""
     cascade = Cascade(
         [load_stage(work / "models" / name, device=dev) for name in params.stages], params.text
     )
     prompts = held_out(work / "prepared", work / "text_cache", params.text, params.eval)
+    scenes = [json.loads(s) for s in prompts.scenes]
     settings = params.sample.plain()
     seeds = [settings.seed + k for k in range(len(prompts.records))]
-    start = time.perf_counter()
-    images = to_uint8(cascade.sample(prompts.text, settings, seeds))
-    seconds = time.perf_counter() - start
-    scenes = [json.loads(s) for s in prompts.scenes]
-    report = alignment_report(list(images), scenes, judge_all(list(images), scenes))
+
+    def score(point: SampleConfig, n: int) -> tuple[np.ndarray, dict[str, Any]]:
+        start = time.perf_counter()
+        images = to_uint8(cascade.sample(prompts.text[:n], point, seeds[:n]))
+        ms = (time.perf_counter() - start) / n * 1e3
+        report = alignment_report(list(images), scenes[:n], judge_all(list(images), scenes[:n]))
+        weights = " ".join(f"{w:g}" for w in point.per_stage("guidance", len(params.stages)))
+        print(
+            f"alignment ({n} held-out prompts, {images.shape[1]} px, {point.sampler} "
+            f"{point.steps}, guidance {weights}): balanced {report['balanced']:.3f}, "
+            + ", ".join(f"{c} {report[c]:.3f}" for c in CATEGORIES if report[c] is not None)
+            + f", single_exact {report['single_exact']:.3f}; sampling {ms:.1f} ms per image",
+            flush=True,
+        )
+        return images, {**report, "guidance": weights, "sampling_ms_per_image": ms}
+
+    print()
+    images, report = score(settings, len(seeds))
     make_grid(images[:32], prompts.captions[:32]).save(out / "gpu_check_grid.png")
-    print(
-        f"\nalignment ({len(images)} held-out prompts, {images.shape[1]} px, "
-        f"{settings.sampler} {settings.steps}): balanced {report['balanced']:.3f}, "
-        + ", ".join(f"{c} {report[c]:.3f}" for c in CATEGORIES if report[c] is not None)
-        + f", single_exact {report['single_exact']:.3f}; sampling "
-        f"{seconds / len(images) * 1e3:.1f} ms per image",
-        flush=True,
-    )
-    return {**report, "sampling_ms_per_image": seconds / len(images) * 1e3}
+    n_sweep = min(params.eval.sweep_samples, len(seeds))
+    sweep = [
+        score(point, n_sweep)[1]
+        for point in (settings.updated(guidance=w) for w in params.eval.guidance_sweep)
+        if point != settings
+    ]
+    return {**report, "guidance_sweep": sweep}
 
 
 def run(args: argparse.Namespace) -> None:
