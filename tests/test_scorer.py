@@ -195,6 +195,36 @@ def test_the_text_head_reads_word_order() -> None:
     assert (first - swapped).abs().max() > 1e-3
 
 
+def test_the_text_head_computes_torchs_layer_and_attention_pooling() -> None:
+    """The head keeps nn.TransformerEncoderLayer's and nn.MultiheadAttention's parameters
+    and their function, so a scorer trained through torch's modules loads and scores the
+    same; it only sums in an order that does not follow the batch."""
+    from imagen_ops.models.unet import position_encoding
+    from imagen_ops.text.encoders import TextEmbeddings
+
+    torch.manual_seed(0)
+    head = Scorer(scorer_config(), 16, 8).text
+    torch_layer = torch.nn.TransformerEncoderLayer(
+        head.proj.out_features,
+        4,
+        2 * head.proj.out_features,
+        0.0,
+        batch_first=True,
+        norm_first=True,
+    )
+    torch_layer.load_state_dict(head.layer.state_dict())
+    tokens = torch.randn(3, 6, 8)
+    mask = torch.arange(6)[None, :] < torch.tensor([[6], [3], [1]])
+    pad = ~mask
+    x = head.proj(tokens)
+    x = torch_layer(x + position_encoding(*x.shape[1:]), src_key_padding_mask=pad)
+    query = head.query.expand(3, -1, -1)
+    pooled, _ = head.pool(query, x, x, key_padding_mask=pad)
+    torch.testing.assert_close(
+        head(TextEmbeddings(tokens, mask)), head.out(pooled[:, 0]), rtol=1e-5, atol=1e-6
+    )
+
+
 def stand_in_bank(tokens: np.ndarray, lengths: np.ndarray) -> SimpleNamespace:
     """A caption bank's `embeddings(rows)` over stored tokens, with no cache on disk."""
     return SimpleNamespace(embeddings=lambda rows: stored_rows(tokens, lengths, rows))
@@ -311,6 +341,33 @@ def test_scorer_rejects_what_it_cannot_use(tmp_path) -> None:
         load_scorer(tmp_path / "s")
     assert load_scorer(tmp_path / "s", cache_layer=2).text_layer == 2
     assert torch.isfinite(scorer.scale)
+
+
+def test_best_of_n_scores_a_prompt_alone_as_among_others_bit_for_bit(tiny_models) -> None:
+    """Each prompt's candidates are scored together with its text at its own width, so a
+    prompt's scores, and so its pick, do not depend on the prompts sampled beside it."""
+    from imagen_ops.cascade import Cascade
+
+    params = tiny_params()
+    cascade = Cascade.from_dir(tiny_models, params.stage_names(), params.text)
+    torch.manual_seed(0)
+    cascade.scorer = scorer = Scorer(params.scorer, 16, 384).eval()
+    recorded: list[torch.Tensor] = []
+    similarity = scorer.similarity
+
+    def recording(images, text):
+        recorded.append(similarity(images, text))
+        return recorded[-1]
+
+    scorer.similarity = recording
+    prompts, seeds = ["a red circle", "a green star to the left of a yellow triangle"], [3, 11]
+    assert len(set(cascade.widths(prompts))) == 2
+    settings = params.sample.updated(rerank=3)
+    together = cascade.sample(prompts, settings, seeds)
+    scores_together, recorded[:] = torch.cat(recorded), []
+    alone = torch.cat([cascade.sample([prompts[k]], settings, [seeds[k]]) for k in range(2)])
+    assert torch.equal(torch.cat(recorded), scores_together)
+    assert torch.equal(alone, together)
 
 
 def test_a_packaged_model_carries_its_scorer_and_reranks(tiny_models, tmp_path) -> None:

@@ -194,6 +194,16 @@ def test_truncation_is_counted_and_logged(tiny_t5_dir, tmp_path, caplog):
     assert "truncated" in caplog.text
 
 
+@pytest.mark.parametrize("max_length", [6, 12, 128])
+def test_tokenizer_widths_are_the_embeddings_widths(tiny_t5_dir, max_length):
+    """TextEncoder.widths (serving's budget, from the tokenizer alone) is the width each
+    caption is sampled at, truncated or not, whatever max_length's remainder by 8."""
+    encoder = load_text_encoder(TextConfig(encoder=str(tiny_t5_dir), max_length=max_length))
+    widths = encoder.widths(CAPTIONS)
+    assert widths == encoder.encode(CAPTIONS).widths()
+    assert (set(widths) == {8}) == (max_length < 8)  # truncated captions share a width
+
+
 def test_cache_round_trip_equals_direct_encoding(minilm, tmp_path):
     manifest = build_cache(CAPTIONS, minilm, tmp_path / "cache", batch_size=2, progress=False)
     assert manifest["num_unique"] == 5 and manifest["num_records"] == 6

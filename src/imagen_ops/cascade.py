@@ -40,7 +40,7 @@ from imagen_ops.diffusion.schedules import Schedule, alpha_sigma, make_schedule,
 from imagen_ops.files import atomic_dir, sha256_files
 from imagen_ops.models.unet import UNet
 from imagen_ops.scorer import Scorer, load_scorer
-from imagen_ops.text.encoders import TextEmbeddings, TextEncoder, token_bucket
+from imagen_ops.text.encoders import TextEmbeddings, TextEncoder
 
 __all__ = [
     "Cascade",
@@ -326,10 +326,8 @@ class Cascade:
         return float(work)
 
     def widths(self, prompts: Sequence[str]) -> list[int]:
-        """The prompts' padded widths (TextEmbeddings.widths) from the tokenizer alone."""
-        encoder = self._text_encoder()
-        lengths = encoder.token_lengths(prompts)
-        return [token_bucket(max(min(n, encoder.max_length), 1)) for n in lengths]
+        """The prompts' padded widths (TextEncoder.widths), which batch them when sampled."""
+        return self._text_encoder().widths(prompts)
 
     def _runs(
         self, settings: SampleConfig, from_image: bool, lowres_size: int | None
@@ -378,7 +376,8 @@ class Cascade:
         - `scorer_text`: for best of N when `text` is embeddings, the prompts' embeddings at
           the scorer's layer (`text.scorer_layer`) where it is not text.layer.
         Image k uses seed `seeds[k]` (default `settings.seed + k`) whatever batch it is in;
-        `settings.batch_size` images go through the network at a time.
+        up to `settings.batch_size` prompts of one padded width go through the network at a
+        time, so an image does not depend on the other prompts.
         """
         # 1. validate and encode the text once
         prompts = None
@@ -437,9 +436,17 @@ class Cascade:
             first = through(
                 runs[:1], text[pick], candidates, [None if t is None else t[pick] for t in inputs]
             )
-            scores = self.scorer.similarity(first, scorer_text[pick].to(self.device))
-            scores = scores.view(n, rerank)
-            seeds = [candidates[k * rerank + int(j)] for k, j in enumerate(scores.argmax(1))]
+            widths = scorer_text.widths()
+
+            def scores(k: int) -> Tensor:
+                """Prompt k's candidates scored together, its text at its own width: no
+                pick depends on the other prompts."""
+                rows = slice(k * rerank, (k + 1) * rerank)
+                own = scorer_text[pick[rows]].fitted(widths[k]).to(self.device)
+                return self.scorer.similarity(first[rows], own)
+
+            best = torch.stack([scores(k) for k in range(n)]).argmax(1)
+            seeds = [candidates[k * rerank + int(j)] for k, j in enumerate(best)]
         # 3. batches of images, each through the stages
         images = through(runs, text, seeds, inputs)
         bar.close()

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from imagen_ops.config import ScorerConfig
 from imagen_ops.files import atomic_dir, sha256_files
 from imagen_ops.models.layers import Linear
-from imagen_ops.models.unet import position_encoding
+from imagen_ops.models.unet import TransformerLayer, multihead_attention, position_encoding
 from imagen_ops.text.encoders import TextEmbeddings
 
 __all__ = ["SCORER_FORMAT", "Scorer", "load_scorer", "scorer_digest"]
@@ -72,19 +72,16 @@ class TextHead(nn.Module):
         super().__init__()
         w = cfg.text_width
         self.proj = Linear(text_dim, w)
-        self.layer = nn.TransformerEncoderLayer(
-            w, nhead=4, dim_feedforward=2 * w, dropout=0.0, batch_first=True, norm_first=True
-        )
+        self.layer = TransformerLayer(w, 4)
         self.query = nn.Parameter(torch.randn(1, 1, w) * 0.02)
-        self.pool = nn.MultiheadAttention(w, 4, batch_first=True)
+        self.pool = nn.MultiheadAttention(w, 4, batch_first=True)  # its parameters
         self.out = nn.Sequential(nn.LayerNorm(w), Linear(w, cfg.embed_dim))
 
     def forward(self, text: TextEmbeddings) -> Tensor:
-        pad = ~text.mask
         x = self.proj(text.tokens)
-        x = self.layer(x + position_encoding(*x.shape[1:]).to(x), src_key_padding_mask=pad)
-        pooled, _ = self.pool(self.query.expand(len(x), -1, -1), x, x, key_padding_mask=pad)
-        return self.out(pooled[:, 0])
+        x = self.layer(x + position_encoding(*x.shape[1:]).to(x), text.mask)
+        query = self.query.expand(len(x), -1, -1)
+        return self.out(multihead_attention(self.pool, x, text.mask, query)[:, 0])
 
 
 class Scorer(nn.Module):

@@ -263,13 +263,27 @@ class TransformerLayer(nn.TransformerEncoderLayer):
 
     def forward(self, x: Tensor, key_mask: Tensor) -> Tensor:  # type: ignore[override]
         """x (B, L, width); key_mask (B, L) True for the tokens to attend to."""
-        attn = self.self_attn
-        qkv = linear(self.norm1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-        q, k, v = (split_heads(t, attn.num_heads) for t in qkv)
-        a = merge_heads(masked_attention(q, k, v, key_mask))
-        x = x + linear(a, attn.out_proj.weight, attn.out_proj.bias)
+        x = x + multihead_attention(self.self_attn, self.norm1(x), key_mask)
         h = F.relu(linear(self.norm2(x), self.linear1.weight, self.linear1.bias))
         return x + linear(h, self.linear2.weight, self.linear2.bias)
+
+
+def multihead_attention(
+    attn: nn.MultiheadAttention, tokens: Tensor, key_mask: Tensor, query: Tensor | None = None
+) -> Tensor:
+    """nn.MultiheadAttention's function with its parameters, through `linear` and
+    `masked_attention` (no row's sums depend on the batch): self-attention over `tokens`
+    (B, L, width), or `query` (B, Q, width) attending to them; key_mask (B, L) True to attend."""
+    weight, bias = attn.in_proj_weight, attn.in_proj_bias
+    if query is None:
+        q, k, v = linear(tokens, weight, bias).chunk(3, dim=-1)
+    else:
+        d = attn.embed_dim
+        q = linear(query, weight[:d], bias[:d])
+        k, v = linear(tokens, weight[d:], bias[d:]).chunk(2, dim=-1)
+    q, k, v = (split_heads(t, attn.num_heads) for t in (q, k, v))
+    a = merge_heads(masked_attention(q, k, v, key_mask))
+    return linear(a, attn.out_proj.weight, attn.out_proj.bias)
 
 
 class TextConditioning(nn.Module):

@@ -58,9 +58,10 @@ TOKEN_BUCKET = 8  # a caption is padded to a multiple of this many tokens (encod
 
 
 def token_bucket(length: int) -> int:
-    """`length` tokens rounded up to TOKEN_BUCKET: a caption's padded width, which depends on
-    the caption alone (kernels sum a longer padded sequence in another order)."""
-    return -(-length // TOKEN_BUCKET) * TOKEN_BUCKET
+    """`length` tokens (at least one) rounded up to TOKEN_BUCKET: a caption's padded width,
+    which depends on the caption alone (kernels sum a longer padded sequence in another
+    order)."""
+    return -(-max(length, 1) // TOKEN_BUCKET) * TOKEN_BUCKET
 
 
 _HUB_PATTERNS = ["*.json", "*.model", "*.txt", "*.safetensors", "pytorch_model*.bin"]
@@ -101,13 +102,15 @@ class TextEmbeddings:
 
     def widths(self) -> list[int]:
         """Each caption's own width: its token count rounded up to TOKEN_BUCKET."""
-        return [token_bucket(max(int(n), 1)) for n in self.mask.sum(1)]
+        return [token_bucket(int(n)) for n in self.mask.sum(1)]
 
     def fitted(self, length: int) -> TextEmbeddings:
-        """Exactly `length` tokens: padding cut or appended, never a real token."""
+        """Exactly `length` tokens: padding cut or appended, never a real token. Contiguous:
+        a cut view's strides would send a linear layer down another summation path."""
         if self.mask[:, length:].any():
             raise ValueError(f"captions of more than {length} tokens cannot fit {length}")
-        return TextEmbeddings(self.tokens[:, :length], self.mask[:, :length]).padded(length)
+        cut = TextEmbeddings(self.tokens[:, :length].contiguous(), self.mask[:, :length])
+        return cut.padded(length)
 
     def padded(self, length: int) -> TextEmbeddings:
         """Zero tokens (mask False) appended up to `length`."""
@@ -228,6 +231,11 @@ class TextEncoder:
         """Untruncated token counts (to report truncation)."""
         return [len(ids) for ids in self.tokenizer(list(texts), truncation=False)["input_ids"]]
 
+    def widths(self, texts: Sequence[str]) -> list[int]:
+        """Each caption's width (TextEmbeddings.widths of its embeddings) from the tokenizer
+        alone: its token count, truncated to max_length, rounded up to TOKEN_BUCKET."""
+        return [token_bucket(min(n, self.max_length)) for n in self.token_lengths(texts)]
+
     def check_layer(self, layer: int, key: str) -> None:
         """Refuse a hidden layer the model does not have, naming the setting (`key`)."""
         if layer > self.num_layers:
@@ -256,7 +264,7 @@ class TextEncoder:
                 raise ValueError(f"caption {i} is empty; captions must be non-empty text")
         for layer in layers:
             self.check_layer(layer, "layer")
-        lengths = [len(ids) for ids in self._tokenize(texts, None)["input_ids"]]
+        lengths = [min(n, self.max_length) for n in self.token_lengths(texts)]
         width = max(lengths)
         tokens = [torch.zeros(len(texts), width, self.dim) for _ in layers]
         mask = torch.zeros(len(texts), width, dtype=torch.bool)
@@ -278,14 +286,10 @@ class TextEncoder:
                 tokens[k][rows, : real.shape[1]] = (h[:, :width] * real[..., None]).float().cpu()
         return [TextEmbeddings(t, mask) for t in tokens]
 
-    def _tokenize(self, texts: list[str], padded: int | None):
-        """Token ids truncated to max_length; `padded` pads every caption to that length."""
+    def _tokenize(self, texts: list[str], padded: int):
+        """Token ids truncated and padded to `padded` (<= max_length) tokens."""
         return self.tokenizer(
-            texts,
-            padding="max_length" if padded else False,
-            truncation=True,
-            max_length=padded or self.max_length,
-            return_tensors="pt" if padded else None,
+            texts, padding="max_length", truncation=True, max_length=padded, return_tensors="pt"
         )
 
 
