@@ -2,6 +2,7 @@
 
     python benchmarks/probe_relation.py readout [--steps 3000] [--layer K] [--seed S]
         [--all-categories] [--batch 32] [--lr 1e-3]
+    python benchmarks/probe_relation.py head [--params P] [-S key=value] [--batch 64] ...
     python benchmarks/probe_relation.py unet [--steps 1000] [--logsnr -6 -4] [-S key=value]
 
 Both probes train on the position scenes of the prepared training split alone (with
@@ -16,6 +17,10 @@ prompt's axis (bench_relation.contrast), as a fraction of the training images' c
   read by cross-attention from 16 learned queries, one per cell of a 4 x 4 grid),
   regressing the images' 4 x 4 mean. The frozen tokens (of `--layer`, one the cache
   holds) carry the relation if this learns it.
+- `head`: the base stage's own layout head, as its U-Net builds it (width embedding_dim,
+  attention_head_dim, layout_modes; params.yaml or a recipe merged with --params and -S),
+  read through its mixture's mean: does the stage's head leave the plateau in its
+  train.layout steps?
 - `unet`: the base stage's U-Net (params.yaml, overridable with -S like the CLI), its
   output taken as x0 and trained on the x0 error at log-SNR uniform in `--logsnr` alone, where
   the noisy image holds almost no layout and the caption must supply it (the denoiser's
@@ -66,7 +71,7 @@ def split_scenes(
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("probe", choices=["readout", "unet"])
+    parser.add_argument("probe", choices=["readout", "head", "unet"])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--prepared", default="artifacts/prepared")
     parser.add_argument("--cache", default="artifacts/text_cache")
@@ -104,6 +109,18 @@ def main() -> None:
         net: nn.Module = LayoutHead(cache.dim, 128, 32, GRID, text_layers=stage.unet.text_layers)
         x = F.avg_pool2d(x, stage.resolution // GRID)
         steps = args.steps or 3000
+    elif args.probe == "head":
+        if not stage.unet.layout_grid:
+            raise SystemExit("the base stage has no layout head: set its unet.layout_grid")
+        own = UNet(
+            stage.unet,
+            text_dim=cache.dim,
+            super_resolution=False,
+            objective=stage.diffusion.objective,
+        )
+        net = own.layout
+        x = F.avg_pool2d(x, stage.resolution // stage.unet.layout_grid)
+        steps = args.steps or stage.train.layout.steps
     else:
         # the U-Net's own attention, without the layout head
         plain = stage.unet.model_copy(update={"layout_grid": 0, "layout_modes": 1})
@@ -124,7 +141,7 @@ def main() -> None:
             )
         idx = torch.randint(len(x), (args.batch,), generator=gen)
         x0, tokens, tokens_mask = x[idx], text[idx], mask[idx]
-        if args.probe == "readout":
+        if args.probe != "unet":
             loss = layout_loss(net(tokens, tokens_mask), x0)
         else:
             logsnr = lo + (hi - lo) * torch.rand(args.batch, generator=gen)
@@ -141,7 +158,7 @@ def evaluate(
     net: nn.Module, probe: str, mean_image: Tensor, x: Tensor, text: Tensor, mask: Tensor
 ) -> Tensor:
     """The probe's prediction for each held-out caption (x: their images, for the shape)."""
-    if probe == "readout":
+    if probe != "unet":
         return net(text, mask).mean()
     logsnr = torch.full((len(x),), -4.0)
     alpha, sigma = alpha_sigma(logsnr, like=x)

@@ -117,6 +117,24 @@ def test_layout_modes_need_a_layout_head() -> None:
     )
 
 
+def test_layout_width_sizes_the_layout_head_alone() -> None:
+    """The head's width is its own (default embedding_dim); the U-Net's text path keeps
+    embedding_dim. A width with no head, or one the attention heads do not divide, is
+    refused by name."""
+    from imagen_ops.models.unet import UNet
+
+    head = ("stages.base.unet.layout_grid=2", "stages.base.unet.layout_modes=2")
+    for extra, want in (((), None), (("stages.base.unet.layout_width=64",), 64)):
+        cfg = tiny_params(*head, *extra).stages["base"]
+        net = UNet(cfg.unet, text_dim=8, super_resolution=False, objective="v")
+        assert net.layout.text.proj[1].out_features == (want or cfg.unet.embedding_dim)
+        assert net.text.proj[1].out_features == cfg.unet.embedding_dim
+    with pytest.raises(ConfigError, match=r"layout_width sizes the layout head: set layout_grid"):
+        tiny_params("stages.base.unet.layout_width=64")
+    with pytest.raises(ConfigError, match=r"layout_width must be a multiple of attention_head_"):
+        tiny_params(*head, "stages.base.unet.layout_width=65")
+
+
 def test_per_stage_sample_list_length_mismatch() -> None:
     with pytest.raises(ConfigError, match=r"sample\.guidance has 3 values for a 2-stage cascade"):
         tiny_params("sample.guidance=[3.0, 1.0, 1.0]")

@@ -218,6 +218,13 @@ class UNetConfig(Section):
         description="the layout head's mixture modes: layouts a caption leaves open stay apart; "
         "the prior mean is the modes' posterior given x_t (1: a plain regression)",
     )
+    layout_width: int | None = Field(
+        None,
+        ge=1,
+        description="the layout head's width (default embedding_dim): a head 512 wide stays "
+        "on the word-order plateau that a 128-wide one leaves (BENCHMARKS: why the GPU run's "
+        "relation is a coin flip)",
+    )
     layout_condition: Literal["posterior", "mode"] = Field(
         "posterior",
         description="the prior mean: the modes' posterior given x_t, or one mode (trained: "
@@ -234,6 +241,11 @@ class UNetConfig(Section):
             raise ValueError("layout_modes > 1 is a mixture over a layout head: set layout_grid")
         if self.layout_condition == "mode" and self.layout_modes < 2:
             raise ValueError("layout_condition 'mode' picks one of layout_modes: set it >= 2")
+        if self.layout_width is not None:
+            if not self.layout_grid:
+                raise ValueError("layout_width sizes the layout head: set layout_grid")
+            if self.layout_width % self.attention_head_dim:
+                raise ValueError("layout_width must be a multiple of attention_head_dim")
         if any(m < 1 for m in self.channel_mults) or any(b < 1 for b in self.num_res_blocks):
             raise ValueError("channel_mults and num_res_blocks must be >= 1")
         for m in self.channel_mults:

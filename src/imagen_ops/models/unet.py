@@ -548,7 +548,11 @@ class UNet(nn.Module):
         )
         self.layout = (
             LayoutHead(
-                text_dim, width, cfg.attention_head_dim, cfg.layout_grid, modes=cfg.layout_modes
+                text_dim,
+                cfg.layout_width or width,
+                cfg.attention_head_dim,
+                cfg.layout_grid,
+                modes=cfg.layout_modes,
             )
             if cfg.layout_grid
             else None
