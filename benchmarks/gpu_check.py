@@ -294,7 +294,8 @@ def alignment(params: Params, work: Path, dev: torch.device, out: Path) -> dict[
         start = time.perf_counter()
         images = to_uint8(cascade.sample(prompts.text[:n], point, seeds[:n]))
         ms = (time.perf_counter() - start) / n * 1e3
-        report = alignment_report(list(images), scenes[:n], judge_all(list(images), scenes[:n]))
+        drawn = list(images)
+        report = alignment_report(drawn, scenes[:n], judge_all(drawn, scenes[:n]))
         weights = " ".join(f"{w:g}" for w in point.per_stage("guidance", len(params.stages)))
         print(
             f"alignment ({n} held-out prompts, {images.shape[1]} px, {point.sampler} "

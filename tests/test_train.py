@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -17,6 +18,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from imagen_ops import pipeline
 from imagen_ops.cascade import load_stage
 from imagen_ops.data.dataset import StageData
 from imagen_ops.data.prepare import PreparedData
@@ -160,6 +162,50 @@ def test_checkpoint_of_other_settings_is_not_resumed(tiny_data, tmp_path, caplog
     trainer = Trainer(train_settings(other, "base"), paths_for(tiny_data, tmp_path), progress=False)
     assert trainer._resume() == 0
     assert "afresh" in caplog.text
+
+
+def test_checkpoint_of_other_prepared_data_is_not_resumed(tiny_data, tmp_path, caplog):
+    """Another split of the same source table (data.prepare.val_fraction) trains on other
+    images: DVC reruns the stage, and its old final checkpoint must not be exported."""
+    from imagen_ops.data.prepare import prepare
+
+    paths = paths_for(tiny_data, tmp_path)
+    Trainer(train_settings(tiny_params(), "base"), paths, progress=False).fit()
+    assert Trainer(train_settings(tiny_params(), "base"), paths, progress=False)._resume() == 6
+
+    resplit = tiny_params("data.prepare.val_fraction=0.5")
+    prepare(tiny_data["data"], tmp_path / "prepared", [16, 32], resplit.data.prepare, False)
+    other = dataclasses.replace(paths, prepared=tmp_path / "prepared")
+    trainer = Trainer(train_settings(resplit, "base"), other, progress=False)
+    assert trainer._resume() == 0
+    assert "afresh" in caplog.text
+
+
+def test_checkpoint_of_other_training_code_is_not_resumed(tiny_data, tmp_path, monkeypatch):
+    """A checkpoint names the training code (dvc.yaml's code deps of train_<stage>): after
+    an edit there, the rerun DVC starts trains afresh; an edit elsewhere keeps resuming."""
+    paths = paths_for(tiny_data, tmp_path)
+    settings = train_settings(tiny_params(), "base")
+    Trainer(settings, paths, progress=False).fit()
+
+    package = tmp_path / "package"
+    shutil.copytree(pipeline.PACKAGE, package, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(pipeline, "PACKAGE", package)
+    (package / "eval" / "__init__.py").write_text("# an edit outside training\n", "utf-8")
+    (package / "diffusion" / "__pycache__").mkdir()
+    (package / "diffusion" / "__pycache__" / "x.pyc").write_bytes(b"bytecode")
+    assert Trainer(settings, paths, progress=False)._resume() == 6
+
+    with (package / "diffusion" / "schedules.py").open("a", encoding="utf-8") as f:
+        f.write("# an edit to the noise schedule's module\n")
+    assert Trainer(settings, paths, progress=False)._resume() == 0
+
+
+def test_code_digest_names_each_missing_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"src/imagen_ops/data/dataset\.py is missing"):
+        pipeline.code_digest(pipeline.TRAIN_CODE, package=tmp_path)
+    with pytest.raises(ValueError, match="outside src/imagen_ops/"):
+        pipeline.code_digest(["flows/retrain.py"])
 
 
 def run_dirs(paths: TrainPaths) -> list[Path]:
@@ -573,3 +619,26 @@ def test_layout_head_is_fitted_alone_first_and_a_resume_does_not_refit_it(
         tiny_params("stages.base.train.layout.steps=10")
     with pytest.raises(ValueError, match=r"train\.crop"):
         tiny_params("stages.sr32.unet.layout_grid=2", "stages.sr32.train.crop=16")
+
+
+def test_ema_follows_its_formula_tensor_by_tensor():
+    """w_ema <- d w_ema + (1 - d) w for each floating tensor, with the warm-up decay;
+    integer buffers (BatchNorm's counter) are copied."""
+    from imagen_ops.train.ema import EMA
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.BatchNorm1d(6))
+    ema = EMA(net, decay=0.9)
+    expected = {k: v.clone().float() for k, v in net.state_dict().items()}  # kept as float32
+    for step in range(3):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        net(torch.randn(4, 5))  # BatchNorm's running stats and counter move
+        ema.update(net, step)
+        d = min(0.9, (1 + step) / (10 + step))
+        for k, v in net.state_dict().items():
+            expected[k] = d * expected[k] + (1 - d) * v if v.is_floating_point() else v.float()
+    for k, v in expected.items():
+        torch.testing.assert_close(ema.state_dict()[k], v, rtol=1e-6, atol=1e-7, msg=k)
+    assert ema.state_dict()["1.num_batches_tracked"].item() == 3

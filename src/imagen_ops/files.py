@@ -22,6 +22,7 @@ __all__ = [
     "sha256_bytes",
     "sha256_file",
     "sha256_files",
+    "sha256_tree",
     "write_bytes_atomic",
     "write_json_atomic",
     "write_text_atomic",
@@ -111,6 +112,14 @@ def sha256_files(files: Mapping[str, Path]) -> str:
     for label, path in files.items():
         h.update(f"{label}:{sha256_file(path)}\n".encode())
     return h.hexdigest()
+
+
+def sha256_tree(root: str | Path, pattern: str = "*") -> str:
+    """sha256 over the files under `root` matching `pattern`, labelled by their relative
+    paths: a folder's content identity, wherever it lies."""
+    root = Path(root)
+    files = sorted(p for p in root.rglob(pattern) if p.is_file())
+    return sha256_files({p.relative_to(root).as_posix(): p for p in files})
 
 
 class LockedError(RuntimeError):

@@ -14,6 +14,7 @@ leaving dvc.yaml silently incomplete.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +24,13 @@ import yaml
 
 from imagen_ops.charts import chart_path
 from imagen_ops.config import Params, TrainSettings
-from imagen_ops.files import write_text_atomic
+from imagen_ops.files import sha256_file, sha256_tree, write_text_atomic
 
 __all__ = [
+    "TRAIN_CODE",
     "ParamsView",
     "PipelineStage",
+    "code_digest",
     "pipeline_stages",
     "prune_lock",
     "render_dvc_yaml",
@@ -64,6 +67,25 @@ EVAL_CODE = (
     "src/imagen_ops/cascade.py",
     "src/imagen_ops/scorer.py",
 )
+PACKAGE = Path(__file__).resolve().parent  # src/imagen_ops in a checkout, else site-packages
+PACKAGE_PREFIX = "src/imagen_ops/"
+
+
+def code_digest(code: Sequence[str], package: Path | None = None) -> str:
+    """sha256 over the Python sources of `code` (paths as dvc.yaml lists them), read from
+    the package that runs: what a training checkpoint records of the code that wrote it,
+    so that a stage DVC reruns for a code change never resumes the old code's steps."""
+    root = package or PACKAGE
+    parts = []
+    for entry in code:
+        if not entry.startswith(PACKAGE_PREFIX):
+            raise ValueError(f"{entry}: code outside {PACKAGE_PREFIX} cannot be digested")
+        path = root / entry.removeprefix(PACKAGE_PREFIX)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: {entry} is missing from the installed package")
+        digest = sha256_tree(path, "*.py") if path.is_dir() else sha256_file(path)
+        parts.append(f"{entry}:{digest}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -32,9 +32,10 @@ from imagen_ops.config import TrainConfig, TrainSettings, flatten
 from imagen_ops.data.dataset import Batch, StageData, prefetch, step_generator
 from imagen_ops.data.prepare import PreparedData
 from imagen_ops.device import use_bf16
-from imagen_ops.files import sha256_file
+from imagen_ops.files import sha256_file, sha256_tree
 from imagen_ops.images import make_grid, to_uint8
 from imagen_ops.models.unet import layout_loss
+from imagen_ops.pipeline import TRAIN_CODE, code_digest
 from imagen_ops.text.cache import EmbeddingCache
 from imagen_ops.train import distributed
 from imagen_ops.train.checkpoint import latest_valid, prune_runs, save_checkpoint, touch
@@ -159,7 +160,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self.fingerprint = self._fingerprint(prepared, cache, init_from)
+        self.fingerprint = self._fingerprint(init_from)
         self.run_dir = paths.checkpoints / self.fingerprint[:16]  # this run's checkpoints
         self.metrics = MetricsCSV(paths.metrics)
         self.skipped = self.consecutive_nonfinite = 0
@@ -177,10 +178,10 @@ class Trainer:
         self.stage.net.load_state_dict(source.net.state_dict())
         log.info("warm start from %s", path)
 
-    def _fingerprint(
-        self, prepared: PreparedData, cache: EmbeddingCache, init_from: Path | None
-    ) -> str:
-        """What a checkpoint must agree with to be resumed."""
+    def _fingerprint(self, init_from: Path | None) -> str:
+        """What a checkpoint must agree with to be resumed: the settings, the bytes of the
+        prepared data and the embeddings, the warm start and the training code. A stage
+        that DVC reruns because any of them changed starts afresh."""
         keys = {
             "stage": self.cfg.model_dump(
                 mode="json",
@@ -197,9 +198,10 @@ class Trainer:
                 },
             ),
             "text": self.settings.text.model_dump(mode="json"),
-            "data": prepared.manifest["source_table_sha256"],
-            "cache": cache.manifest["captions_sha256"],
+            "data": sha256_tree(self.paths.prepared),  # its split and pixels, not only its
+            "cache": sha256_tree(self.paths.cache),  # source table and captions
             "init_from": _stage_digest(init_from) if init_from else None,
+            "code": code_digest(TRAIN_CODE),
         }
         return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()
 
