@@ -79,7 +79,7 @@ class TextHead(nn.Module):
 
     def forward(self, text: TextEmbeddings) -> Tensor:
         x = self.proj(text.tokens)
-        x = self.layer(x + position_encoding(*x.shape[1:]).to(x), text.mask)
+        x = self.layer(x + position_encoding(*x.shape[1:], x.device).to(x), text.mask)
         query = self.query.expand(len(x), -1, -1)
         return self.out(multihead_attention(self.pool, x, text.mask, query)[:, 0])
 

@@ -244,11 +244,13 @@ class NoiseEmbedding(nn.Module):
         return self.mlp(sinusoidal(logsnr, self.dim))
 
 
-def position_encoding(length: int, width: int) -> Tensor:
-    """Transformer position encodings (Vaswani et al. 2017), (length, width)."""
-    pos = torch.arange(length, dtype=torch.float32)[:, None]
-    freq = torch.exp(-math.log(10_000) * torch.arange(0, width, 2, dtype=torch.float32) / width)
-    out = torch.zeros(length, width)
+def position_encoding(length: int, width: int, device: torch.device | None = None) -> Tensor:
+    """Transformer position encodings (Vaswani et al. 2017), (length, width), float32, built
+    on `device`: one built on the CPU is a host-to-device copy in every training step."""
+    pos = torch.arange(length, dtype=torch.float32, device=device)[:, None]
+    steps = torch.arange(0, width, 2, dtype=torch.float32, device=device)
+    freq = torch.exp(-math.log(10_000) * steps / width)
+    out = torch.zeros(length, width, device=device)
     out[:, 0::2], out[:, 1::2] = torch.sin(pos * freq), torch.cos(pos * freq)
     return out
 
@@ -324,7 +326,7 @@ class TextConditioning(nn.Module):
         tokens = torch.cat([self.null.expand(b, -1, -1), self.proj(text)], dim=1)
         mask = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=mask.device), mask], dim=1)
         if len(self.layers):  # the null token is always there: no row is fully masked
-            tokens = tokens + position_encoding(*tokens.shape[1:]).to(tokens)
+            tokens = tokens + position_encoding(*tokens.shape[1:], tokens.device).to(tokens)
             for layer in self.layers:
                 tokens = layer(tokens, mask)
         if not self.pooled:

@@ -24,13 +24,17 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
+        """One multi-tensor lerp over the floating-point tensors (one kernel launch per
+        group on a GPU, where a loop launches one per tensor; the same sums per tensor)."""
         d = self.decay_at(step)
+        emas, weights = [], []
         for k, v in model.state_dict().items():
-            ema = self.params[k]
             if v.dtype.is_floating_point:
-                ema.lerp_(v.detach().float(), 1 - d)
+                emas.append(self.params[k])
+                weights.append(v.detach().float())
             else:
-                ema.copy_(v)
+                self.params[k].copy_(v)
+        torch._foreach_lerp_(emas, weights, 1 - d)
 
     def state_dict(self) -> dict[str, Tensor]:
         return self.params
