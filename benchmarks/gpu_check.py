@@ -10,7 +10,9 @@ A lent GPU machine has no network and a few minutes, so `run` does in one proces
 1. data: the recipe's synthetic set (synth -> prepare -> encode_text);
 2. each stage: a short run of the real Trainer (compilation included), then its optimizer
    step timed on one fixed batch (the model alone) and the trainer's own images/s (what
-   the data pipeline lets through); MFU against the card's dense bf16 peak, peak memory;
+   the data pipeline lets through); MFU against the card's dense bf16 peak, peak memory,
+   and (torch.profiler) the share of the step the GPU spends in kernels, and kernels per
+   step: a step that waits on the host gains little from a faster card;
 3. training: every stage with its recipe steps and warm-up scaled down to its share of the
    time left (the table says which fraction of the recipe each stage ran);
 4. alignment: the trained cascade samples the held-out prompts (eval.per_category of each
@@ -66,7 +68,7 @@ from common import machine, table
 log = logging.getLogger("gpu_check")
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s
 RESERVE_S = 60.0  # 1,000 held-out prompts sampled and judged in 12-15 s on an H200, the sweep
-DRY_STEPS, DRY_LOG_EVERY, PROBE_STEPS = 20, 5, 10
+DRY_STEPS, DRY_LOG_EVERY, PROBE_STEPS, PROFILE_STEPS = 20, 5, 10, 3
 
 
 class Rates(NullTracker):
@@ -137,18 +139,58 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def fixed_batch(trainer: Trainer) -> list[tuple[Any, Any]]:
+    """Step 0's micro-batches, on the device: what `probe` and `kernel_time` repeat."""
+    dev, cl = trainer.device, trainer.tcfg.channels_last
+    return [(b.to(dev, cl), n.to(dev)) for b, n in trainer._micro_batches(0)]
+
+
 def probe(trainer: Trainer, steps: int) -> float:
     """Seconds per optimizer step on one fixed batch already on the device (no data work):
     the Trainer's own step, so the compiled graph and the optimizer are the real ones."""
-    dev, cl = trainer.device, trainer.tcfg.channels_last
-    micro = [(b.to(dev, cl), n.to(dev)) for b, n in trainer._micro_batches(0)]
+    micro = fixed_batch(trainer)
     trainer._optimize(0, micro)
-    sync(dev)
+    sync(trainer.device)
     start = time.perf_counter()
     for step in range(steps):
         trainer._optimize(step, micro)
-    sync(dev)
+    sync(trainer.device)
     return (time.perf_counter() - start) / steps
+
+
+def kernel_time(trainer: Trainer, steps: int) -> dict[str, float]:
+    """GPU kernel seconds and kernels per optimizer step (torch.profiler). Kernel time over
+    the unprofiled step time is the share of the step the GPU computes; well under 1, the
+    step waits on the host (launches, syncs), which a faster GPU does not shorten."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    micro = fixed_batch(trainer)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for step in range(steps):
+            trainer._optimize(step, micro)
+        sync(trainer.device)
+    busy = [  # the device's own events: an op's row repeats its kernels' time
+        e
+        for e in prof.key_averages()
+        if e.device_type == DeviceType.CUDA and not e.is_user_annotation
+    ]
+    return {
+        "kernel_s": sum(e.self_device_time_total for e in busy) / 1e6 / steps,
+        "kernels": sum(e.count for e in busy) / steps,
+    }
+
+
+def launch_us(device: torch.device, n: int = 5000) -> float:
+    """Microseconds per tiny eager op, launched and synchronised: the host's share of a
+    step made of many small kernels (one host differs from the next)."""
+    x = torch.zeros((), device=device)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(n):
+        x.add_(1)
+    sync(device)
+    return (time.perf_counter() - start) / n * 1e6
 
 
 def measure_stage(
@@ -175,8 +217,18 @@ def measure_stage(
     cuda = trainer.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    model_rate = tc.batch_size / probe(trainer, PROBE_STEPS)
+    step_s = probe(trainer, PROBE_STEPS)
+    model_rate = tc.batch_size / step_s
+    kernels: dict[str, Any] = {}
+    if cuda:
+        try:
+            kernels = kernel_time(trainer, PROFILE_STEPS)
+            kernels["gpu_busy"] = kernels["kernel_s"] / step_s
+        except Exception as err:  # a diagnosis: never worth the run's budget
+            log.exception("profiling stage %s failed", name)
+            kernels = {"profile_error": f"{type(err).__name__}: {err}"[:500]}
     return {
+        **kernels,
         "px": tc.crop or stage.resolution,
         "batch": tc.batch_size,
         "compile": tc.compile,
@@ -222,6 +274,8 @@ def throughput(raw: dict[str, Any], work: Path, dev: torch.device) -> dict[str, 
             round(s["trainer_images_per_s"]),
             round(s["tflops"], 1),
             f"{s['mfu']:.1%}" if s["mfu"] is not None else "n/a",
+            f"{s['gpu_busy']:.0%}" if "gpu_busy" in s else "n/a",
+            round(s["kernels"]) if "kernels" in s else "n/a",
             round(s["peak_gib"], 1) if s["peak_gib"] is not None else "n/a",
             round(s["first_run_s"], 1),
             round(s["recipe_minutes"], 1),
@@ -237,6 +291,8 @@ def throughput(raw: dict[str, Any], work: Path, dev: torch.device) -> dict[str, 
         "images/s (trainer)",
         "TFLOP/s",
         "MFU",
+        "GPU busy",
+        "kernels/step",
         "peak GiB",
         "first run s",
         "recipe min",
@@ -338,6 +394,8 @@ def run(args: argparse.Namespace) -> None:
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    result["launch_us"] = launch_us(dev)
+    print(f"one tiny op launched and synchronised: {result['launch_us']:.1f} us", flush=True)
     result["data_seconds"] = make_data(params, work)
     save()
     measured = throughput(raw, work, dev)
