@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -280,7 +281,13 @@ def test_repo_recipes_apply_to_the_repo_params(tmp_path) -> None:
         source = root / "params.yaml"
         old, new = (flatten(yaml.safe_load(p.read_text())) for p in (source, out))
         lost = Counter(source.read_text().splitlines()) - Counter(out.read_text().splitlines())
-        assert sum(lost.values()) == sum(old[k] != new[k] for k in old), lost
+        changed = [k for k in old if old[k] != new[k]]
+        # one line per changed leaf, except a flow mapping's leaves (`layout: {steps: ...}`),
+        # which share their line
+        flow = set(re.findall(r"^\s*(\w+): \{", source.read_text(), re.MULTILINE))
+        parents = [k.rpartition(".")[0] for k in changed]
+        shared = Counter(p for p in parents if p.rpartition(".")[2] in flow)
+        assert sum(lost.values()) == len(changed) - sum(n - 1 for n in shared.values()), lost
         # a second apply of the same recipe changes nothing
         again = tmp_path / f"{recipe.stem}.again.yaml"
         argv = ["params", "apply", str(recipe), "--params", str(out), "--out", str(again)]
