@@ -9,7 +9,10 @@ stage alone at its resolution (reranking acts after the first stage):
 1. validation: the scorer's cosine of each plain (N = 1) sample with its prompt against
    the exact oracle's verdict: AUC of correct vs incorrect and Spearman's rho;
 2. best of N for each N: balanced alignment (and per category), KID against the same
-   prompts' real images, and seconds per prompt, measured side by side in one run.
+   prompts' real images, and seconds per prompt, measured side by side in one run;
+3. the scoring's share of best of N (largest N): the scorer called once per prompt, as
+   `Cascade.sample` calls it (a pick must not depend on the other prompts), against one
+   call over every candidate, in ms per prompt beside the sampling's.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from imagen_ops.cascade import Cascade, load_stage
 from imagen_ops.config import load_params
@@ -28,9 +32,10 @@ from imagen_ops.eval.evaluate import held_out, scorer_cosines
 from imagen_ops.eval.fid import InceptionFeatures, fid_kid
 from imagen_ops.eval.ranking import auc, spearman
 from imagen_ops.images import to_uint8
-from imagen_ops.scorer import load_scorer
+from imagen_ops.scorer import Scorer, load_scorer
+from imagen_ops.text.encoders import TextEmbeddings
 
-from common import machine, table
+from common import machine, median_seconds, table
 
 
 def main() -> None:
@@ -89,10 +94,36 @@ def main() -> None:
                 "spearman": spearman(cosine, correct),
             }
         print(f"N = {n}: {rows[-1]}", flush=True)
+    scoring = scoring_cost(scorer, prompts.scorer_text, max(args.n), cascade.stages[0].resolution)
+    scoring["sampling_ms_per_prompt"] = rows[-1]["s_per_prompt"] * 1e3
+    print("\nscoring best of N, ms per prompt:", scoring)
     print("\nvalidation against the exact oracle (N = 1 samples):", validation)
     print("\n" + table(list(rows[0]), [list(r.values()) for r in rows]))
     if args.out:
-        Path(args.out).write_text(json.dumps({"validation": validation, "rows": rows}, indent=2))
+        result = {"validation": validation, "rows": rows, "scoring": scoring}
+        Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+@torch.no_grad()
+def scoring_cost(scorer: Scorer, text: TextEmbeddings, n: int, resolution: int) -> dict:
+    """ms per prompt to score n candidates each: one call per prompt (what best of N does,
+    its text at its own width) against one call over all (the pixels do not matter)."""
+    prompts = len(text)
+    images = torch.rand(prompts * n, 3, resolution, resolution) * 2 - 1
+    pick = torch.arange(prompts).repeat_interleave(n)
+    widths = text.widths()
+    own = [text[pick[k * n : (k + 1) * n]].fitted(widths[k]) for k in range(prompts)]
+    every = text[pick]
+
+    def per_prompt() -> None:
+        for k in range(prompts):
+            scorer.similarity(images[k * n : (k + 1) * n], own[k])
+
+    per, one = (
+        median_seconds(fn, repeats=5, warmup=1) / prompts * 1e3
+        for fn in (per_prompt, lambda: scorer.similarity(images, every))
+    )
+    return {"n": n, "prompts": prompts, "per_prompt_calls": per, "one_call": one}
 
 
 if __name__ == "__main__":
