@@ -183,7 +183,9 @@ def test_checkpoint_of_other_prepared_data_is_not_resumed(tiny_data, tmp_path, c
 
 def test_checkpoint_of_other_training_code_is_not_resumed(tiny_data, tmp_path, monkeypatch):
     """A checkpoint names the training code (dvc.yaml's code deps of train_<stage>): after
-    an edit there, the rerun DVC starts trains afresh; an edit elsewhere keeps resuming."""
+    an edit there, the rerun DVC starts trains afresh; an edit elsewhere keeps resuming.
+    The exported stage does not name it: an edit that trains the same weights (a comment)
+    exports the same files, so the registry sees the same model, not a new version."""
     paths = paths_for(tiny_data, tmp_path)
     settings = train_settings(tiny_params(), "base")
     Trainer(settings, paths, progress=False).fit()
@@ -198,7 +200,11 @@ def test_checkpoint_of_other_training_code_is_not_resumed(tiny_data, tmp_path, m
 
     with (package / "diffusion" / "schedules.py").open("a", encoding="utf-8") as f:
         f.write("# an edit to the noise schedule's module\n")
-    assert Trainer(settings, paths, progress=False)._resume() == 0
+    afresh = Trainer(settings, dataclasses.replace(paths, out=tmp_path / "again"), progress=False)
+    assert afresh._resume() == 0
+    afresh.fit()
+    for name in ("config.json", "model.safetensors", "ema.safetensors"):
+        assert (paths.out / name).read_bytes() == (tmp_path / "again" / name).read_bytes(), name
 
 
 def test_code_digest_names_each_missing_path(tmp_path):

@@ -433,11 +433,9 @@ class Trainer:
                 f"stage {self.stage.name}: non-finite weights ({', '.join(bad[:3])}); nothing "
                 f"exported to {self.paths.out}. Lower train.lr or use precision fp32"
             )
-        self.stage.save(
-            self.paths.out,
-            weights,
-            {"trained_steps": self.tcfg.steps, "fingerprint": self.fingerprint},
-        )
+        # Not the fingerprint: it names the code, and a refactor that trains the same
+        # weights must give the same stage, digest and registered version
+        self.stage.save(self.paths.out, weights, {"trained_steps": self.tcfg.steps})
         self.metrics.flush()
         self.metrics.write_chart(f"training: stage {self.stage.name}")
         log.info("stage %s written to %s", self.stage.name, self.paths.out)
