@@ -145,10 +145,9 @@ def fixed_batch(trainer: Trainer) -> list[tuple[Any, Any]]:
     return [(b.to(dev, cl), n.to(dev)) for b, n in trainer._micro_batches(0)]
 
 
-def probe(trainer: Trainer, steps: int) -> float:
+def probe(trainer: Trainer, micro: list[tuple[Any, Any]], steps: int) -> float:
     """Seconds per optimizer step on one fixed batch already on the device (no data work):
     the Trainer's own step, so the compiled graph and the optimizer are the real ones."""
-    micro = fixed_batch(trainer)
     trainer._optimize(0, micro)
     sync(trainer.device)
     start = time.perf_counter()
@@ -158,14 +157,13 @@ def probe(trainer: Trainer, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def kernel_time(trainer: Trainer, steps: int) -> dict[str, float]:
+def kernel_time(trainer: Trainer, micro: list[tuple[Any, Any]], steps: int) -> dict[str, float]:
     """GPU kernel seconds and kernels per optimizer step (torch.profiler). Kernel time over
     the unprofiled step time is the share of the step the GPU computes; well under 1, the
     step waits on the host (launches, syncs), which a faster GPU does not shorten."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    micro = fixed_batch(trainer)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for step in range(steps):
             trainer._optimize(step, micro)
@@ -217,12 +215,13 @@ def measure_stage(
     cuda = trainer.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    step_s = probe(trainer, PROBE_STEPS)
+    micro = fixed_batch(trainer)
+    step_s = probe(trainer, micro, PROBE_STEPS)
     model_rate = tc.batch_size / step_s
     kernels: dict[str, Any] = {}
     if cuda:
         try:
-            kernels = kernel_time(trainer, PROFILE_STEPS)
+            kernels = kernel_time(trainer, micro, PROFILE_STEPS)
             kernels["gpu_busy"] = kernels["kernel_s"] / step_s
         except Exception as err:  # a diagnosis: never worth the run's budget
             log.exception("profiling stage %s failed", name)
