@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imagen_ops.cascade import Cascade, load_stage
+from imagen_ops.cascade import Cascade, candidate_scores, load_stage
 from imagen_ops.config import load_params
 from imagen_ops.eval.alignment import CATEGORIES, alignment_report, judge_all
 from imagen_ops.eval.evaluate import held_out, scorer_cosines
@@ -110,18 +110,13 @@ def scoring_cost(scorer: Scorer, text: TextEmbeddings, n: int, resolution: int) 
     its text at its own width) against one call over all (the pixels do not matter)."""
     prompts = len(text)
     images = torch.rand(prompts * n, 3, resolution, resolution) * 2 - 1
-    pick = torch.arange(prompts).repeat_interleave(n)
-    widths = text.widths()
-    own = [text[pick[k * n : (k + 1) * n]].fitted(widths[k]) for k in range(prompts)]
-    every = text[pick]
-
-    def per_prompt() -> None:
-        for k in range(prompts):
-            scorer.similarity(images[k * n : (k + 1) * n], own[k])
-
+    every = text[torch.arange(prompts).repeat_interleave(n)]
     per, one = (
         median_seconds(fn, repeats=5, warmup=1) / prompts * 1e3
-        for fn in (per_prompt, lambda: scorer.similarity(images, every))
+        for fn in (
+            lambda: candidate_scores(scorer, images, text, n),
+            lambda: scorer.similarity(images, every),
+        )
     )
     return {"n": n, "prompts": prompts, "per_prompt_calls": per, "one_call": one}
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import replace
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,6 +24,7 @@ from imagen_ops.data.shapes import (
 from imagen_ops.images import from_uint8
 from imagen_ops.scorer import Scorer, load_scorer
 from imagen_ops.text.cache import CacheMismatchError, EmbeddingCache, build_cache, stored_rows
+from imagen_ops.text.encoders import TextEmbeddings
 from imagen_ops.train.scorer import ScorerPaths, train_scorer, word_swap
 
 from .conftest import TINY_SCORER, tiny_params
@@ -183,7 +184,6 @@ def test_the_text_head_reads_word_order() -> None:
     """The same tokens in another order embed differently: "a red circle above a blue
     square" and "a blue square above a red circle" must not be one caption to the scorer
     (without position encodings the head is permutation-invariant)."""
-    from imagen_ops.text.encoders import TextEmbeddings
 
     torch.manual_seed(0)
     scorer = Scorer(scorer_config(), 16, 8)
@@ -200,7 +200,6 @@ def test_the_text_head_computes_torchs_layer_and_attention_pooling() -> None:
     and their function, so a scorer trained through torch's modules loads and scores the
     same; it only sums in an order that does not follow the batch."""
     from imagen_ops.models.unet import position_encoding
-    from imagen_ops.text.encoders import TextEmbeddings
 
     torch.manual_seed(0)
     head = Scorer(scorer_config(), 16, 8).text
@@ -225,9 +224,11 @@ def test_the_text_head_computes_torchs_layer_and_attention_pooling() -> None:
     )
 
 
-def stand_in_bank(tokens: np.ndarray, lengths: np.ndarray) -> SimpleNamespace:
+def stand_in_bank(
+    tokens: np.ndarray, lengths: np.ndarray
+) -> Callable[[np.ndarray], TextEmbeddings]:
     """A caption bank's `embeddings(rows)` over stored tokens, with no cache on disk."""
-    return SimpleNamespace(embeddings=lambda rows: stored_rows(tokens, lengths, rows))
+    return lambda rows: stored_rows(tokens, lengths, rows)
 
 
 def test_repeated_caption_rows_are_embedded_once_with_the_same_values_and_gradients() -> None:
@@ -238,7 +239,7 @@ def test_repeated_caption_rows_are_embedded_once_with_the_same_values_and_gradie
     torch.manual_seed(0)
     scorer = Scorer(scorer_config(), 16, 8)
     tokens = np.random.default_rng(0).normal(size=(6, 5, 8)).astype(np.float16)
-    bank = stand_in_bank(tokens, np.array([5, 3, 4, 2, 5, 1], dtype=np.int32))
+    embeddings = stand_in_bank(tokens, np.array([5, 3, 4, 2, 5, 1], dtype=np.int32))
     rows = np.array([4, 1, 1, 3, 4, 4, 0, 1])
     weights = torch.randn(len(rows), scorer.cfg.embed_dim)
 
@@ -248,8 +249,8 @@ def test_repeated_caption_rows_are_embedded_once_with_the_same_values_and_gradie
         (out * weights).sum().backward()
         return out.detach(), [p.grad.clone() for p in scorer.text.parameters()]
 
-    once, once_grad = embed_and_grad(lambda: _embed_rows(scorer, bank, rows))
-    every, every_grad = embed_and_grad(lambda: scorer.embed_text(bank.embeddings(rows)))
+    once, once_grad = embed_and_grad(lambda: _embed_rows(scorer, embeddings, rows))
+    every, every_grad = embed_and_grad(lambda: scorer.embed_text(embeddings(rows)))
     assert torch.equal(once, every)
     for a, b in zip(once_grad, every_grad, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
@@ -264,13 +265,13 @@ def test_repeated_caption_rows_give_the_same_gradients_every_time() -> None:
     torch.manual_seed(0)
     scorer = Scorer(ScorerConfig(), 16, 8)
     tokens = np.random.default_rng(0).normal(size=(179, 3, 8)).astype(np.float16)
-    bank = stand_in_bank(tokens, np.full(179, 3, np.int32))
+    embeddings = stand_in_bank(tokens, np.full(179, 3, np.int32))
     rows = np.concatenate([np.arange(179), np.random.default_rng(1).integers(0, 179, 77)])
     weights = torch.randn(len(rows), scorer.cfg.embed_dim)
 
     def gradient() -> torch.Tensor:
         scorer.zero_grad()
-        (_embed_rows(scorer, bank, rows) * weights).sum().backward()
+        (_embed_rows(scorer, embeddings, rows) * weights).sum().backward()
         return scorer.text.proj.weight.grad.clone()
 
     first = gradient()
@@ -280,7 +281,6 @@ def test_repeated_caption_rows_give_the_same_gradients_every_time() -> None:
 def test_the_hard_loss_ranks_the_caption_against_its_own_negatives() -> None:
     """With hard negatives equal to the true caption the hard term is exactly log(1 + k)
     (k tied logits); weight 0 leaves plain InfoNCE."""
-    from imagen_ops.text.encoders import TextEmbeddings
     from imagen_ops.train.scorer import _loss
 
     torch.manual_seed(0)

@@ -436,16 +436,7 @@ class Cascade:
             first = through(
                 runs[:1], text[pick], candidates, [None if t is None else t[pick] for t in inputs]
             )
-            widths = scorer_text.widths()
-
-            def scores(k: int) -> Tensor:
-                """Prompt k's candidates scored together, its text at its own width: no
-                pick depends on the other prompts."""
-                rows = slice(k * rerank, (k + 1) * rerank)
-                own = scorer_text[pick[rows]].fitted(widths[k]).to(self.device)
-                return self.scorer.similarity(first[rows], own)
-
-            best = torch.stack([scores(k) for k in range(n)]).argmax(1)
+            best = candidate_scores(self.scorer, first, scorer_text, rerank).argmax(1)
             seeds = [candidates[k * rerank + int(j)] for k, j in enumerate(best)]
         # 3. batches of images, each through the stages
         images = through(runs, text, seeds, inputs)
@@ -498,10 +489,12 @@ class Cascade:
         bf16 = use_bf16(settings.precision, self.device)
         for stage, plan, ts in runs:
             size = (3, stage.resolution, stage.resolution)
+            known = None if image is None else _resized(image, stage.resolution)
+            generated = None if mask is None else _generated(mask, stage.resolution)
             cond = Conditioning(
                 text.tokens,
                 text.mask,
-                layout_key=_layout_key(stage, text, seeds, image, mask),
+                layout_key=_layout_key(stage, text, seeds, known, generated),
             )
             if stage.lowres is not None:
                 t_aug = torch.full((n,), float(plan.aug_level), device=self.device)
@@ -526,12 +519,11 @@ class Cascade:
                 settings.quantile,
             )
             x = noise(size)
-            if image is not None:  # image-to-image: start from the image noised to `strength`
-                known = _resized(image, stage.resolution)
+            if known is not None:  # image-to-image: start from the image noised to `strength`
                 alpha, sigma = alpha_sigma(stage.schedule(torch.tensor(ts[0])), like=known)
                 x = alpha * known + sigma * x
-                if mask is not None:
-                    denoise = keep_known(denoise, known, _generated(mask, stage.resolution))
+                if generated is not None:
+                    denoise = keep_known(denoise, known, generated)
             x = sample(
                 settings.sampler,
                 denoise,
@@ -553,30 +545,43 @@ def _layout_key(
     stage: Stage,
     text: TextEmbeddings,
     seeds: Sequence[int],
-    image: Tensor | None,
-    mask: Tensor | None,
+    known: Tensor | None,
+    generated: Tensor | None,
 ) -> Tensor | None:
     """What a `layout_condition: mode` stage conditions on (UNet.forward's `layout_key`): for
-    image-to-image the input image (the x0 it stands for), else each seed's mode drawn from
-    the caption's weights (inpainting: given the pixels it keeps), by a uniform from a stream
-    of its own, so no noise draw moves. Both halves of guidance read the same key, each
-    taking its own nearest mode."""
+    image-to-image the input image at the stage's size (`known`, the x0 it stands for), else
+    each seed's mode drawn from the caption's weights (inpainting: given the pixels outside
+    `generated`), by a uniform from a stream of its own, so no noise draw moves. Both halves
+    of guidance read the same key, each taking its own nearest mode."""
     if stage.config.unet.layout_condition != "mode":
         return None
-    if image is not None and mask is None:
-        return _resized(image, stage.resolution)
+    if known is not None and generated is None:
+        return known
     words = [_seed_word(int(s), (LAYOUT_STREAM,)) for s in seeds]
     u = torch.tensor([(w >> 11) / 2.0**53 for w in words], device=text.tokens.device)
     prior = stage.net.layout(text.tokens, text.mask)
-    if image is not None:  # inpainting
-        kept = ~_generated(mask, stage.resolution)
-        prior = prior.given(_resized(image, stage.resolution), kept)
+    if known is not None and generated is not None:  # inpainting
+        prior = prior.given(known, ~generated)
     return prior.drawn(u)
 
 
 def _generated(mask: Tensor, size: int) -> Tensor:
     """Where inpainting draws at `size` px: the mask's area share there above one half."""
     return F.interpolate(mask, size=(size, size), mode="area") > 0.5
+
+
+def candidate_scores(scorer: Scorer, images: Tensor, text: TextEmbeddings, n: int) -> Tensor:
+    """The scorer's cosines (prompts, n) of each prompt's n candidates (`images`, prompt by
+    prompt) with its caption (`text`, one row per prompt). A prompt's candidates are scored
+    together in a call of their own, its text at its own width: no pick depends on the
+    other prompts (best of N)."""
+    widths = text.widths()
+
+    def scores(k: int) -> Tensor:
+        own = text[torch.full((n,), k)].fitted(widths[k]).to(images.device)
+        return scorer.similarity(images[k * n : (k + 1) * n], own)
+
+    return torch.stack([scores(k) for k in range(len(text))])
 
 
 def candidate_seed(seed: int, j: int) -> int:

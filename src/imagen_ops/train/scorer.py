@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -193,14 +194,17 @@ def _loss(
     return infonce + hard_weight * hard_loss
 
 
-def _embed_rows(model: Scorer, bank: _CaptionBank, rows: np.ndarray) -> torch.Tensor:
-    """`model.embed_text` of bank rows in one pass of the text head, each distinct row once:
+def _embed_rows(
+    model: Scorer, embeddings: Callable[[np.ndarray], TextEmbeddings], rows: np.ndarray
+) -> torch.Tensor:
+    """`model.embed_text` of caption rows (`embeddings`: rows -> their token embeddings,
+    `_CaptionBank.embeddings`) in one pass of the text head, each distinct row once:
     a step's captions and hard negatives repeat (~30% of the demo's rows), and two passes
     cost ~10% more than one (benchmarks/bench_scorer_step.py). Gathered by a one-hot
     matmul, not indexing: indexing's backward adds a repeated row's gradients atomically
     on the CPU, in an order that changes from run to run, and the weights with it."""
     unique, inverse = np.unique(rows, return_inverse=True)
-    embedded = model.embed_text(bank.embeddings(unique))
+    embedded = model.embed_text(embeddings(unique))
     return F.one_hot(torch.from_numpy(inverse), len(unique)).to(embedded.dtype) @ embedded
 
 
@@ -257,7 +261,7 @@ def train_scorer(
             if (rows >= 0).all():
                 text_rows = np.concatenate([captions, rows.reshape(-1)])
         x = from_uint8(images[train[positions]])
-        text_emb = _embed_rows(model, bank, text_rows)
+        text_emb = _embed_rows(model, bank.embeddings, text_rows)
         loss = _loss(model, x, text_emb, captions, cfg.hard_negative_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()

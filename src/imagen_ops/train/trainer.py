@@ -32,7 +32,7 @@ from imagen_ops.config import TrainConfig, TrainSettings, flatten
 from imagen_ops.data.dataset import Batch, StageData, prefetch, step_generator
 from imagen_ops.data.prepare import PreparedData
 from imagen_ops.device import use_bf16
-from imagen_ops.files import sha256_file, sha256_tree
+from imagen_ops.files import sha256_files, sha256_tree
 from imagen_ops.images import make_grid, to_uint8
 from imagen_ops.models.unet import layout_loss
 from imagen_ops.pipeline import TRAIN_CODE, code_digest
@@ -96,10 +96,7 @@ def _optimizer(
 def _stage_digest(path: Path) -> str:
     """Content identity of a warm-start source (config + EMA weights), not its location:
     a registry download lands in a new temporary folder every time."""
-    h = hashlib.sha256()
-    for name in ("config.json", "ema.safetensors"):
-        h.update(sha256_file(path / name).encode())
-    return h.hexdigest()
+    return sha256_files({name: path / name for name in ("config.json", "ema.safetensors")})
 
 
 class Trainer:
