@@ -250,9 +250,16 @@ def test_params_apply_merges_a_recipe_and_validates(tmp_path, monkeypatch) -> No
     text = params.read_text()
     assert text.startswith("# header comment\n") and "steps: 78  # keep me" in text
     assert load_params(params) == tiny_params("stages.base.train.steps=78")
-    recipe.write_text("stages:\n  base:\n    train:\n      stepz: 1\n")
+    # -S overrides are written over the recipe, into the file (they were ignored before)
+    argv = ["params", "apply", str(recipe), "--params", str(params)]
+    assert main([*argv, "-S", "stages.base.train.steps=79", "-S", "sample.seed=5"]) == 0
+    text = params.read_text()
+    assert "steps: 79  # keep me" in text
+    assert load_params(params) == tiny_params("stages.base.train.steps=79", "sample.seed=5")
     before = params.read_text()
-    assert main(["params", "apply", str(recipe), "--params", str(params)]) == 2
+    assert main([*argv, "-S", "stages.base.train.stepz=1"]) == 2, "a bad override is refused"
+    recipe.write_text("stages:\n  base:\n    train:\n      stepz: 1\n")
+    assert main(argv) == 2
     assert params.read_text() == before, "an invalid recipe leaves params.yaml untouched"
 
 

@@ -301,12 +301,13 @@ def cmd_params_apply(args: argparse.Namespace) -> None:
     import yaml
     from ruamel.yaml import YAML
 
-    from imagen_ops.config import deep_merge, flatten, parse_params
+    from imagen_ops.config import apply_overrides, deep_merge, flatten, parse_params
     from imagen_ops.files import write_text_atomic
 
     source = Path(args.params or "params.yaml")
     base = yaml.safe_load(source.read_text()) or {}
-    recipe = yaml.safe_load(Path(args.recipe).read_text()) or {}
+    # -S overrides are written over the recipe's values, into the file like them
+    recipe = apply_overrides(yaml.safe_load(Path(args.recipe).read_text()) or {}, args.set)
     merged = deep_merge(base, recipe)
     parse_params(merged, f"{source} + {args.recipe}")  # validate before writing
     # Round-trip the file so its comments and layout survive; only the recipe's leaves change.
@@ -320,7 +321,8 @@ def cmd_params_apply(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else source
     write_text_atomic(out, text.getvalue())
     changed = {k: v for k, v in flatten(merged).items() if flatten(base).get(k) != v}
-    _out(f"wrote {out}; {len(changed)} value(s) from {args.recipe}:")
+    overridden = f" and {len(args.set)} -S override(s)" if args.set else ""
+    _out(f"wrote {out}; {len(changed)} value(s) from {args.recipe}{overridden}:")
     for key, value in changed.items():
         _out(f"  {key}: {value}")
 
@@ -591,7 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(
         "apply",
         cmd_params_apply,
-        "write params.yaml with a recipe (configs/*.yaml) merged in",
+        "write params.yaml with a recipe (configs/*.yaml) merged in, -S overrides over it",
         params_sub,
     )
     p.add_argument("recipe", help="partial params file, e.g. configs/quality.yaml")
