@@ -184,7 +184,6 @@ def test_the_text_head_reads_word_order() -> None:
     """The same tokens in another order embed differently: "a red circle above a blue
     square" and "a blue square above a red circle" must not be one caption to the scorer
     (without position encodings the head is permutation-invariant)."""
-
     torch.manual_seed(0)
     scorer = Scorer(scorer_config(), 16, 8)
     tokens = torch.randn(1, 5, 8)
@@ -224,7 +223,7 @@ def test_the_text_head_computes_torchs_layer_and_attention_pooling() -> None:
     )
 
 
-def stand_in_bank(
+def stand_in_embeddings(
     tokens: np.ndarray, lengths: np.ndarray
 ) -> Callable[[np.ndarray], TextEmbeddings]:
     """A caption bank's `embeddings(rows)` over stored tokens, with no cache on disk."""
@@ -239,7 +238,7 @@ def test_repeated_caption_rows_are_embedded_once_with_the_same_values_and_gradie
     torch.manual_seed(0)
     scorer = Scorer(scorer_config(), 16, 8)
     tokens = np.random.default_rng(0).normal(size=(6, 5, 8)).astype(np.float16)
-    embeddings = stand_in_bank(tokens, np.array([5, 3, 4, 2, 5, 1], dtype=np.int32))
+    embeddings = stand_in_embeddings(tokens, np.array([5, 3, 4, 2, 5, 1], dtype=np.int32))
     rows = np.array([4, 1, 1, 3, 4, 4, 0, 1])
     weights = torch.randn(len(rows), scorer.cfg.embed_dim)
 
@@ -265,7 +264,7 @@ def test_repeated_caption_rows_give_the_same_gradients_every_time() -> None:
     torch.manual_seed(0)
     scorer = Scorer(ScorerConfig(), 16, 8)
     tokens = np.random.default_rng(0).normal(size=(179, 3, 8)).astype(np.float16)
-    embeddings = stand_in_bank(tokens, np.full(179, 3, np.int32))
+    embeddings = stand_in_embeddings(tokens, np.full(179, 3, np.int32))
     rows = np.concatenate([np.arange(179), np.random.default_rng(1).integers(0, 179, 77)])
     weights = torch.randn(len(rows), scorer.cfg.embed_dim)
 

@@ -306,16 +306,16 @@ def cmd_params_apply(args: argparse.Namespace) -> None:
 
     source = Path(args.params or "params.yaml")
     base = yaml.safe_load(source.read_text()) or {}
-    # -S overrides are written over the recipe's values, into the file like them
-    recipe = apply_overrides(yaml.safe_load(Path(args.recipe).read_text()) or {}, args.set)
-    merged = deep_merge(base, recipe)
+    # the recipe's values with the -S overrides over them: what is written into the file
+    patch = apply_overrides(yaml.safe_load(Path(args.recipe).read_text()) or {}, args.set)
+    merged = deep_merge(base, patch)
     parse_params(merged, f"{source} + {args.recipe}")  # validate before writing
-    # Round-trip the file so its comments and layout survive; only the recipe's leaves change.
+    # Round-trip the file so its comments and layout survive; only the patch's leaves change.
     rt = YAML()
     rt.preserve_quotes = True
     rt.representer.add_representer(type(None), _null)  # not ruamel's empty value
     document = rt.load(source.read_text())
-    _merge_in_place(document, recipe)
+    _merge_in_place(document, patch)
     text = io.StringIO()
     rt.dump(document, text)
     out = Path(args.out) if args.out else source
