@@ -1,12 +1,18 @@
-"""The real training loop on prepared data: batches built inline vs on a background thread.
+"""The real training loop on prepared data, and its batch builder alone.
 
     python benchmarks/bench_trainer.py [--stage base] [--steps 30] [--rounds 3]
+                                       [--workers 1 2] [--builder-only] [-S KEY=VALUE]
 
-Needs `dvc repro encode_text` (artifacts/prepared, artifacts/text_cache). Runs the
-trainer's own batch builder and optimizer step (bf16, AdamW, EMA, clipping) for `steps`
-steps per round, alternating the two ways of building batches, and prints the median
-images/s of each. On CUDA the trainer uses the background thread; on the CPU it builds
-batches inline, because the thread's tensor ops compete with the step's OpenMP threads.
+Needs `dvc repro encode_text` (artifacts/prepared, artifacts/text_cache).
+
+1. The loop: the trainer's own batch builder and optimizer step (bf16, AdamW, EMA,
+   clipping) for `steps` steps per round, alternating batches built inline and on a
+   background thread; median images/s of each. On CUDA the trainer builds on background
+   threads; on the CPU inline, because the threads' tensor ops compete with the step's
+   OpenMP threads.
+2. The builder alone: images/s that `prefetch` delivers with each number of `--workers`
+   threads and nothing consuming but the loop (the most a GPU step can be fed), beside
+   the builder inline.
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from imagen_ops.config import load_params
 from imagen_ops.data.dataset import prefetch
@@ -33,8 +41,11 @@ def main() -> None:
     parser.add_argument("--cache", default="artifacts/text_cache")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--builder-only", action="store_true", help="skip the training loop")
+    parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
-    params = load_params(args.params)
+    params = load_params(args.params, args.set)
     print(f"machine: {machine()}\n")
     with tempfile.TemporaryDirectory() as tmp:
         paths = TrainPaths(
@@ -46,34 +57,48 @@ def main() -> None:
         )
         trainer = Trainer(train_settings(params, args.stage), paths, progress=False)
         batch = params.stages[args.stage].train.batch_size
-        speeds: dict[str, list[float]] = {"inline": [], "background thread": []}
-        step = 0
-        for _ in range(args.rounds):
-            for mode in speeds:
-                steps = range(step, step + args.steps)
-                batches = (
-                    prefetch(trainer._micro_batches, steps)
-                    if mode != "inline"
-                    else ((s, trainer._micro_batches(s)) for s in steps)
-                )
-                start = time.perf_counter()
-                for s, micro in batches:
-                    trainer._optimize(s, micro)
-                speeds[mode].append(args.steps * batch / (time.perf_counter() - start))
-                step += args.steps
-    base = statistics.median(speeds["background thread"])
-    print(
-        f"### Training loop, stage {args.stage}, batch {batch}, {args.rounds} x {args.steps} steps"
-    )
-    print(
-        table(
-            ["batches built", "images/s (median)", "ratio"],
-            [
-                [mode, round(statistics.median(v), 1), round(statistics.median(v) / base, 2)]
-                for mode, v in speeds.items()
-            ],
-        )
-    )
+        build = trainer._micro_batches
+        sources: dict[str, Source] = {"inline": lambda steps: ((s, build(s)) for s in steps)}
+        if not args.builder_only:
+            loop = {**sources, "background thread": lambda steps: prefetch(build, steps)}
+            rates = median_rates(loop, lambda s, micro: trainer._optimize(s, micro), args)
+            print(f"### Training loop, stage {args.stage}, batch {batch}, {rounds(args)}")
+            print(rate_table("batches built", rates, batch, "background thread") + "\n")
+        for w in args.workers:
+            sources[f"{w} thread(s)"] = lambda steps, w=w: prefetch(build, steps, workers=w)
+        rates = median_rates(sources, lambda s, micro: None, args)
+        print(f"### Batch builder alone, stage {args.stage}, batch {batch}, {rounds(args)}")
+        print(rate_table("built", rates, batch, "inline"))
+
+
+Source = Callable[[range], Iterable[tuple[int, Any]]]
+
+
+def rounds(args: argparse.Namespace) -> str:
+    return f"{args.rounds} x {args.steps} steps"
+
+
+def median_rates(
+    sources: dict[str, Source], consume: Callable[[int, Any], object], args: argparse.Namespace
+) -> dict[str, float]:
+    """Median steps/s of each source of batches, alternated within each round (every
+    round builds new steps, so no source reads pages another left in the cache)."""
+    speeds: dict[str, list[float]] = {mode: [] for mode in sources}
+    step = 0
+    for _ in range(args.rounds):
+        for mode, source in sources.items():
+            steps = range(step, step + args.steps)
+            start = time.perf_counter()
+            for s, micro in source(steps):
+                consume(s, micro)
+            speeds[mode].append(args.steps / (time.perf_counter() - start))
+            step += args.steps
+    return {mode: statistics.median(v) for mode, v in speeds.items()}
+
+
+def rate_table(what: str, rates: dict[str, float], batch: int, base: str) -> str:
+    rows = [[m, round(r * batch), round(r / rates[base], 2)] for m, r in rates.items()]
+    return table([what, "images/s (median)", "ratio"], rows)
 
 
 if __name__ == "__main__":

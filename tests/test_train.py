@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from safetensors.torch import load_file
 
 from imagen_ops import pipeline
 from imagen_ops.cascade import load_stage
-from imagen_ops.data.dataset import StageData
+from imagen_ops.data.dataset import StageData, prefetch
 from imagen_ops.data.prepare import PreparedData
 from imagen_ops.models.unet import mode_errors
 from imagen_ops.pipeline import train_settings
@@ -648,3 +649,63 @@ def test_ema_follows_its_formula_tensor_by_tensor():
     for k, v in expected.items():
         torch.testing.assert_close(ema.state_dict()[k], v, rtol=1e-6, atol=1e-7, msg=k)
     assert ema.state_dict()["1.num_batches_tracked"].item() == 3
+
+
+def test_prefetch_threads_deliver_the_inline_batches_in_step_order(tiny_data, tmp_path):
+    """On CUDA several threads build batches ahead (PREFETCH_WORKERS). Later steps finish
+    first here, yet every step arrives in order with the batch and noise built inline."""
+    params = tiny_params("stages.sr32.train.crop=16")
+    trainer = Trainer(
+        train_settings(params, "sr32"), paths_for(tiny_data, tmp_path, "sr32"), progress=False
+    )
+
+    def slow_early(step: int):
+        time.sleep(0.01 * (8 - step))
+        return trainer._micro_batches(step)
+
+    got = list(prefetch(slow_early, range(8), workers=3))
+    assert [step for step, _ in got] == list(range(8))
+    for step, micro in got:
+        (batch, noise), (ref_batch, ref_noise) = micro[0], trainer._micro_batches(step)[0]
+        assert torch.equal(batch.images, ref_batch.images)
+        assert torch.equal(batch.lowres, ref_batch.lowres)
+        assert torch.equal(batch.text.tokens, ref_batch.text.tokens)
+        for field in dataclasses.fields(noise):
+            assert torch.equal(getattr(noise, field.name), getattr(ref_noise, field.name))
+
+
+def _prefetch_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("prefetch")]
+
+
+def test_prefetch_raises_a_builders_error_at_its_step_and_stops_the_rest():
+    built: list[int] = []
+
+    def make(step: int) -> int:
+        built.append(step)
+        if step == 3:
+            raise OSError("step 3: a damaged shard")
+        return step
+
+    got = []
+    with pytest.raises(OSError, match="step 3: a damaged shard"):
+        for _, value in prefetch(make, range(1000), workers=2, depth=4):
+            got.append(value)
+    assert got == [0, 1, 2]
+    assert max(built) <= 3 + 4, "no more than `depth` steps are built past the failing one"
+    assert not _prefetch_threads(), "the builders stopped with the consumer"
+
+
+def test_prefetch_stops_its_builders_when_the_consumer_stops():
+    built: list[int] = []
+
+    def make(step: int) -> int:
+        built.append(step)
+        return step
+
+    batches = prefetch(make, range(1000), workers=2, depth=4)
+    assert [next(batches)[0] for _ in range(2)] == [0, 1]
+    batches.close()  # what `fit` does when a step raises or the run is interrupted
+    assert max(built) <= 1 + 4 and not _prefetch_threads()
+    with pytest.raises(ValueError, match="workers >= 1"):
+        next(prefetch(make, range(3), workers=0))

@@ -8,10 +8,11 @@ distributed run takes its slice of the same global batch a single process would 
 
 from __future__ import annotations
 
-import queue
-import threading
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -23,6 +24,8 @@ from imagen_ops.text.cache import EmbeddingCache
 from imagen_ops.text.encoders import TextEmbeddings
 
 __all__ = ["Batch", "StageData", "prefetch", "step_generator"]
+
+T = TypeVar("T")
 
 
 def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
@@ -114,40 +117,30 @@ class StageData:
 
 
 def prefetch(
-    make: Callable[[int], Batch], steps: range, depth: int = 3
-) -> Iterator[tuple[int, Batch]]:
-    """Build batches on a background thread (`make(step) -> Batch`), in step order.
+    make: Callable[[int], T], steps: Iterable[int], workers: int = 1, depth: int | None = None
+) -> Iterator[tuple[int, T]]:
+    """Build batches on background threads (`make(step)`), yielded in step order.
 
-    Gathering from memory-mapped arrays releases the GIL, so the next batch is ready when
-    the training step ends. The thread is a daemon and stops when the consumer does.
+    Gathering from memory-mapped arrays and drawing noise release the GIL, so `workers`
+    threads build that many steps at once while the training step runs. A step's batch
+    is a pure function of its step, so which thread builds it changes nothing. Up to
+    `depth` steps (default 2 x workers) are built ahead of the one being consumed. A
+    worker's exception is raised here, at its step; when the consumer stops, the steps
+    not yet started are cancelled.
     """
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def worker() -> None:
-        try:
-            for step in steps:
-                if stop.is_set():
-                    return
-                q.put((step, make(step)))
-        except BaseException as err:  # surfaced in the consumer, never swallowed
-            q.put((None, err))
-        q.put((None, None))
-
-    thread = threading.Thread(target=worker, daemon=True, name="prefetch")
-    thread.start()
+    depth = 2 * workers if depth is None else depth
+    if workers < 1 or depth < 1:
+        raise ValueError(f"prefetch needs workers >= 1 and depth >= 1, got {workers}, {depth}")
+    pending: deque[tuple[int, Future[T]]] = deque()
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="prefetch")
     try:
-        while True:
-            step, item = q.get()
-            if step is None:
-                if item is not None:
-                    raise item
-                return
-            yield step, item
+        for step in steps:
+            pending.append((step, pool.submit(make, step)))
+            if len(pending) > depth:
+                done, future = pending.popleft()
+                yield done, future.result()
+        while pending:
+            done, future = pending.popleft()
+            yield done, future.result()
     finally:
-        stop.set()
-        while thread.is_alive():  # drain so the worker is never blocked on a full queue
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                thread.join(timeout=0.05)
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -1,6 +1,6 @@
 """One trainer for any cascade stage (Imagen trains its stages independently).
 
-The loop: build the step's micro-batches on a background thread, accumulate gradients
+The loop: build the step's micro-batches (ahead, on threads, on CUDA), accumulate gradients
 (DDP syncs on the last micro-batch), clip, skip non-finite updates, step AdamW or Adafactor
 at the warmup-cosine learning rate of the step, update the EMA, log, checkpoint. The data
 order, the noise and the learning rate are functions of the step, so a checkpoint's step,
@@ -17,7 +17,7 @@ import json
 import logging
 import math
 import time
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,11 @@ from imagen_ops.train.tracking import MetricsCSV, NullTracker, Tracker
 __all__ = ["TrainPaths", "TrainResult", "Trainer", "TrainingDivergedError", "lr_at"]
 
 log = logging.getLogger(__name__)
+
+# Threads that build batches ahead on CUDA. One thread drawing the per-example noise of a
+# 256-image 64 px batch held the H200's sr64 trainer to 58 % of its step rate (BENCHMARKS:
+# the gpu recipe on one H200 again; the batch builder's threads).
+PREFETCH_WORKERS = 4
 
 
 class TrainingDivergedError(RuntimeError):
@@ -294,44 +299,45 @@ class Trainer:
         t_window, t_start, steps_run = time.perf_counter(), time.perf_counter(), 0
         loss = float("nan")
         steps = range(start, tc.steps)
-        # On CUDA the next batch is built on a background thread while the GPU computes. On
-        # the CPU that thread's tensor ops compete with the step's OpenMP threads for the
+        # On CUDA the next batches are built on background threads while the GPU computes.
+        # On the CPU their tensor ops would compete with the step's OpenMP threads for the
         # same cores, which halves throughput (BENCHMARKS.md), so batches are built inline.
         batches = (
-            prefetch(self._micro_batches, steps)
+            prefetch(self._micro_batches, steps, workers=PREFETCH_WORKERS)
             if self.device.type == "cuda"
             else ((s, self._micro_batches(s)) for s in steps)
         )
-        for step, micro in batches:
-            loss, norm = self._optimize(step, micro)
-            window.append(loss)
-            steps_run += 1
-            bar.update(1)
-            done = step + 1
-            if done % tc.log_every == 0 or done == tc.steps:
-                elapsed = time.perf_counter() - t_window
-                finite = [v for v in window if math.isfinite(v)]
-                row = {
-                    "step": done,
-                    "loss": float(np.mean(finite)) if finite else float("nan"),
-                    "lr": lr_at(step, tc),
-                    "grad_norm": norm,
-                    "skipped": self.skipped,
-                }
-                speed = len(window) * tc.batch_size / elapsed  # MLflow only: the CSV is
-                bar.set_postfix(  # a DVC output and stays the same on identical reruns
-                    loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{speed:.0f}"
-                )
-                if main:
-                    self.metrics.append(row)
-                    logged = {k: v for k, v in row.items() if k != "step"}
-                    self.tracker.log_metrics({**logged, "images_per_s": speed}, done)
-                window, t_window = [], time.perf_counter()
-            if main and (done % tc.checkpoint_every == 0 or done == tc.steps):
-                self._save_checkpoint(done)
-            previews = main and self.tracker.enabled and tc.sample_every > 0
-            if previews and (done % tc.sample_every == 0 or done == tc.steps):
-                self._preview(done)
+        with closing(batches):  # an interrupted run stops its builders at once
+            for step, micro in batches:
+                loss, norm = self._optimize(step, micro)
+                window.append(loss)
+                steps_run += 1
+                bar.update(1)
+                done = step + 1
+                if done % tc.log_every == 0 or done == tc.steps:
+                    elapsed = time.perf_counter() - t_window
+                    finite = [v for v in window if math.isfinite(v)]
+                    row = {
+                        "step": done,
+                        "loss": float(np.mean(finite)) if finite else float("nan"),
+                        "lr": lr_at(step, tc),
+                        "grad_norm": norm,
+                        "skipped": self.skipped,
+                    }
+                    speed = len(window) * tc.batch_size / elapsed  # MLflow only: the CSV is
+                    bar.set_postfix(  # a DVC output and stays the same on identical reruns
+                        loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{speed:.0f}"
+                    )
+                    if main:
+                        self.metrics.append(row)
+                        logged = {k: v for k, v in row.items() if k != "step"}
+                        self.tracker.log_metrics({**logged, "images_per_s": speed}, done)
+                    window, t_window = [], time.perf_counter()
+                if main and (done % tc.checkpoint_every == 0 or done == tc.steps):
+                    self._save_checkpoint(done)
+                previews = main and self.tracker.enabled and tc.sample_every > 0
+                if previews and (done % tc.sample_every == 0 or done == tc.steps):
+                    self._preview(done)
         bar.close()
         seconds = time.perf_counter() - t_start
         if main:
