@@ -61,7 +61,7 @@ def main() -> None:
         sources: dict[str, Source] = {"inline": lambda steps: ((s, build(s)) for s in steps)}
         if not args.builder_only:
             loop = {**sources, "background thread": lambda steps: prefetch(build, steps)}
-            rates = median_rates(loop, lambda s, micro: trainer._optimize(s, micro), args)
+            rates = median_rates(loop, trainer._optimize, args)
             print(f"### Training loop, stage {args.stage}, batch {batch}, {rounds(args)}")
             print(rate_table("batches built", rates, batch, "background thread") + "\n")
         for w in args.workers:
@@ -81,8 +81,8 @@ def rounds(args: argparse.Namespace) -> str:
 def median_rates(
     sources: dict[str, Source], consume: Callable[[int, Any], object], args: argparse.Namespace
 ) -> dict[str, float]:
-    """Median steps/s of each source of batches, alternated within each round (every
-    round builds new steps, so no source reads pages another left in the cache)."""
+    """Median steps/s of each source of batches, the sources alternated within each round
+    (the machine is shared and noisy), each on steps of its own."""
     speeds: dict[str, list[float]] = {mode: [] for mode in sources}
     step = 0
     for _ in range(args.rounds):
