@@ -22,6 +22,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -58,14 +59,15 @@ def main() -> None:
         trainer = Trainer(train_settings(params, args.stage), paths, progress=False)
         batch = params.stages[args.stage].train.batch_size
         build = trainer._micro_batches
-        sources: dict[str, Source] = {"inline": lambda steps: ((s, build(s)) for s in steps)}
+        sources: dict[str, Source] = {
+            "inline" if w == 0 else f"{w} thread(s)": partial(prefetch, build, workers=w)
+            for w in dict.fromkeys((0, *args.workers))
+        }
         if not args.builder_only:
-            loop = {**sources, "background thread": lambda steps: prefetch(build, steps)}
+            loop = {"inline": sources["inline"], "background thread": partial(prefetch, build)}
             rates = median_rates(loop, trainer._optimize, args)
             print(f"### Training loop, stage {args.stage}, batch {batch}, {rounds(args)}")
             print(rate_table("batches built", rates, batch, "background thread") + "\n")
-        for w in args.workers:
-            sources[f"{w} thread(s)"] = lambda steps, w=w: prefetch(build, steps, workers=w)
         rates = median_rates(sources, lambda s, micro: None, args)
         print(f"### Batch builder alone, stage {args.stage}, batch {batch}, {rounds(args)}")
         print(rate_table("built", rates, batch, "inline"))

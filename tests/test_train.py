@@ -707,5 +707,22 @@ def test_prefetch_stops_its_builders_when_the_consumer_stops():
     assert [next(batches)[0] for _ in range(2)] == [0, 1]
     batches.close()  # what `fit` does when a step raises or the run is interrupted
     assert max(built) <= 1 + 4 and not _prefetch_threads()
-    with pytest.raises(ValueError, match="workers >= 1"):
-        next(prefetch(make, range(3), workers=0))
+    with pytest.raises(ValueError, match="workers >= 0"):
+        next(prefetch(make, range(3), workers=-1))
+
+
+def test_prefetch_without_workers_builds_each_step_when_asked_in_the_callers_thread():
+    """workers=0 is the CPU trainer's path: nothing is built ahead and no thread starts,
+    because the builder's tensor ops would compete with the step's OpenMP threads."""
+    built: list[tuple[int, str]] = []
+
+    def make(step: int) -> int:
+        built.append((step, threading.current_thread().name))
+        return step * 10
+
+    batches = prefetch(make, range(5, 1000), workers=0)
+    assert built == []
+    assert [next(batches) for _ in range(3)] == [(5, 50), (6, 60), (7, 70)]
+    main = threading.current_thread().name
+    assert built == [(5, main), (6, main), (7, main)]
+    assert not _prefetch_threads()

@@ -119,18 +119,22 @@ class StageData:
 def prefetch(
     make: Callable[[int], T], steps: Iterable[int], workers: int = 1, depth: int | None = None
 ) -> Iterator[tuple[int, T]]:
-    """Build batches on background threads (`make(step)`), yielded in step order.
+    """Build batches (`make(step)`) on `workers` background threads, yielded in step order.
 
     Gathering from memory-mapped arrays and drawing noise release the GIL, so `workers`
     threads build that many steps at once while the training step runs. A step's batch
     is a pure function of its step, so which thread builds it changes nothing. Up to
     `depth` steps (default 2 x workers) are built ahead of the one being consumed. A
     worker's exception is raised here, at its step; when the consumer stops, the steps
-    not yet started are cancelled.
+    not yet started are cancelled. `workers=0` builds each step in the consumer's thread
+    when it is asked for, as DataLoader's `num_workers=0` does.
     """
+    if workers == 0:
+        yield from ((step, make(step)) for step in steps)
+        return
     depth = 2 * workers if depth is None else depth
-    if workers < 1 or depth < 1:
-        raise ValueError(f"prefetch needs workers >= 1 and depth >= 1, got {workers}, {depth}")
+    if workers < 0 or depth < 1:
+        raise ValueError(f"prefetch needs workers >= 0 and depth >= 1, got {workers}, {depth}")
     pending: deque[tuple[int, Future[T]]] = deque()
     pool = ThreadPoolExecutor(workers, thread_name_prefix="prefetch")
     try:

@@ -302,11 +302,8 @@ class Trainer:
         # On CUDA the next batches are built on background threads while the GPU computes.
         # On the CPU their tensor ops would compete with the step's OpenMP threads for the
         # same cores, which halves throughput (BENCHMARKS.md), so batches are built inline.
-        batches = (
-            prefetch(self._micro_batches, steps, workers=PREFETCH_WORKERS)
-            if self.device.type == "cuda"
-            else ((s, self._micro_batches(s)) for s in steps)
-        )
+        workers = PREFETCH_WORKERS if self.device.type == "cuda" else 0
+        batches = prefetch(self._micro_batches, steps, workers=workers)
         with closing(batches):  # an interrupted run stops its builders at once
             for step, micro in batches:
                 loss, norm = self._optimize(step, micro)
@@ -315,23 +312,7 @@ class Trainer:
                 bar.update(1)
                 done = step + 1
                 if done % tc.log_every == 0 or done == tc.steps:
-                    elapsed = time.perf_counter() - t_window
-                    finite = [v for v in window if math.isfinite(v)]
-                    row = {
-                        "step": done,
-                        "loss": float(np.mean(finite)) if finite else float("nan"),
-                        "lr": lr_at(step, tc),
-                        "grad_norm": norm,
-                        "skipped": self.skipped,
-                    }
-                    speed = len(window) * tc.batch_size / elapsed  # MLflow only: the CSV is
-                    bar.set_postfix(  # a DVC output and stays the same on identical reruns
-                        loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{speed:.0f}"
-                    )
-                    if main:
-                        self.metrics.append(row)
-                        logged = {k: v for k, v in row.items() if k != "step"}
-                        self.tracker.log_metrics({**logged, "images_per_s": speed}, done)
+                    self._log(step, window, norm, time.perf_counter() - t_window, bar)
                     window, t_window = [], time.perf_counter()
                 if main and (done % tc.checkpoint_every == 0 or done == tc.steps):
                     self._save_checkpoint(done)
@@ -345,6 +326,25 @@ class Trainer:
         return TrainResult(
             tc.steps, loss, self.skipped, seconds, steps_run * tc.batch_size / max(seconds, 1e-9)
         )
+
+    def _log(self, step: int, losses: list[float], norm: float, seconds: float, bar: tqdm) -> None:
+        """One row for the window of `losses` that ends at `step`: its mean finite loss to
+        metrics.csv and MLflow, images/s to MLflow and the bar only (the CSV is a DVC output
+        and stays the same on identical reruns)."""
+        finite = [v for v in losses if math.isfinite(v)]
+        row = {
+            "step": step + 1,
+            "loss": float(np.mean(finite)) if finite else float("nan"),
+            "lr": lr_at(step, self.tcfg),
+            "grad_norm": norm,
+            "skipped": self.skipped,
+        }
+        speed = len(losses) * self.tcfg.batch_size / seconds
+        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{speed:.0f}")
+        if self.dist.is_main:
+            self.metrics.append(row)
+            logged = {k: v for k, v in row.items() if k != "step"}
+            self.tracker.log_metrics({**logged, "images_per_s": speed}, step + 1)
 
     def _fit_layout(self) -> None:
         """Fit the layout head alone on its own loss (layout_loss, train.layout): its word-order
