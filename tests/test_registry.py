@@ -451,8 +451,9 @@ def test_register_with_the_paired_gate(tiny_models, store) -> None:
     from mlflow import MlflowClient
 
     from imagen_ops.eval.golden import make_golden
+    from imagen_ops.registry.promotion import Decision
     from imagen_ops.registry.pyfunc import ModelSpec
-    from imagen_ops.registry.register import RegisterPaths, move_champion, register
+    from imagen_ops.registry.register import RegisterPaths, carry_out, move_champion, register
 
     params = tiny_params("sample.rerank=4")
     golden = make_golden(2, seed=5)
@@ -493,6 +494,16 @@ def test_register_with_the_paired_gate(tiny_models, store) -> None:
     assert aliases()["champion"] == first["version"]
     assert move_champion(params.registry, second["version"], expected=first["version"]) is None
     assert aliases()["champion"] == second["version"]
+
+    # a promoting decision whose champion moved since the gate read it is not carried out
+    promoting = Decision(True, "better", "golden.accuracy", 0.9, 0.5, True, 0.0)
+    stale, found = carry_out(params.registry, first["version"], promoting, expected="7")
+    assert not stale.promote and found == second["version"]
+    assert f"champion moved to version {second['version']}" in stale.reason
+    assert f"promote --version {first['version']}" in stale.reason and "(better)" in stale.reason
+    assert aliases()["champion"] == second["version"]
+    kept = carry_out(params.registry, first["version"], promoting, expected=second["version"])
+    assert kept == (promoting, second["version"]) and aliases()["champion"] == first["version"]
 
 
 def yaml_dump(raw: dict) -> str:

@@ -392,6 +392,26 @@ def move_champion(cfg: RegistryConfig, version: str, expected: str | None) -> st
     return None
 
 
+def carry_out(
+    cfg: RegistryConfig, version: str, decision: Decision, expected: str | None
+) -> tuple[Decision, str | None]:
+    """Make `version` the champion if `decision` promotes it and the champion is still the
+    `expected` one the gate compared against. If another run or a promote moved it since,
+    the decision becomes "not promoted", saying why. Returns the decision and the champion
+    it was measured against (the one found, if it moved)."""
+    if not decision.promote:
+        return decision, expected
+    moved_to = move_champion(cfg, version, expected=expected)
+    if moved_to is None:
+        return decision, expected
+    reason = (
+        f"champion moved to version {moved_to} during this run (another run or a promote): "
+        f"not promoted; `imagen-ops promote --version {version}` re-runs the gate "
+        f"({decision.reason})"
+    )
+    return replace(decision, promote=False, reason=reason), moved_to
+
+
 def _description(tags: dict[str, str | None], metrics: dict[str, Any], d: Decision) -> str:
     alignment = (metrics.get("alignment") or {}).get("balanced")
     return (
@@ -496,17 +516,7 @@ def register(
             client.set_model_version_tag(cfg.model_name, version, key, value)
         _describe_registered_model(client, cfg.model_name)
         client.set_registered_model_alias(cfg.model_name, CHALLENGER, version)
-        if decision.promote:
-            moved_to = move_champion(cfg, version, expected=champion_version)
-            if moved_to is not None:
-                decision = replace(
-                    decision,
-                    promote=False,
-                    reason=f"champion moved to version {moved_to} during this run (another run "
-                    f"or a promote): not promoted; `imagen-ops promote --version {version}` "
-                    f"re-runs the gate ({decision.reason})",
-                )
-                champion_version = moved_to
+        decision, champion_version = carry_out(cfg, version, decision, champion_version)
         if decision.n is not None:
             mlflow.log_metric(GOLDEN, decision.challenger)
         for key, value in decision_tags(decision).items():
@@ -571,14 +581,7 @@ def promote(
     )
     if force and not decision.promote:
         decision = replace(decision, promote=True, reason=f"forced: {decision.reason}")
-    if decision.promote:
-        moved_to = move_champion(cfg, version, expected=champion_version)
-        if moved_to is not None:
-            decision = replace(
-                decision,
-                promote=False,
-                reason=f"champion moved to version {moved_to} meanwhile: not promoted",
-            )
+    decision, _ = carry_out(cfg, version, decision, champion_version)
     for key, value in decision_tags(decision).items():
         client.set_model_version_tag(cfg.model_name, version, key, value)
     log.info("%s version %s: %s", cfg.model_name, version, decision.reason)
