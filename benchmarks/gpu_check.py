@@ -113,7 +113,6 @@ def make_data(params: Params, work: Path) -> dict[str, float]:
         captions,
         load_text_encoder(params.text),
         work / "text_cache",
-        batch_size=params.text.batch_size,
         progress=False,
     )
     seconds["encode_text"] = time.perf_counter() - start

@@ -10,9 +10,12 @@ order follows the batch (docs/architecture.md, "Determinism"). On this machine i
   explicit product give an item the same alone and in a batch (`masked_attention`);
 - for convolutions of the demo's sizes, whether an image is the same alone, in a batch of
   two and in one of eight (`Stage.denoiser` runs a lone image as two);
+- for the text encoder's feed-forward shapes (MiniLM's), the row counts up to 300 whose rows
+  differ from the same rows among 2048 (MKL's kernel follows the row count);
 - for a few prompts, the stored float16 values that differ between the prompt alone and
-  among longer prompts: padded to the batch's longest (the old encoding) and to the
-  caption's own length rounded up to 8 tokens (`text.encoders.TOKEN_BUCKET`);
+  among 64 prompts: padded to the batch's longest (the first encoding), to the caption's
+  own length rounded up to 8 tokens (`text.encoders.TOKEN_BUCKET`) in a pass as large as
+  the batch (the second), and in passes of exactly `text.batch_size` (now);
 - the network's time for one image and for two, per demo stage (the lone image's cost).
 """
 
@@ -83,21 +86,42 @@ def _sdpa(q, k, v, mask):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def stored_differences(encoder, prompts: list[str], longest: bool) -> list[int]:
-    """Per prompt: stored values that differ between the prompt alone and among `prompts`."""
+def row_ranges(k: int, n: int) -> str:
+    """Row counts 1..300 whose outputs differ from the same rows among 2048, as ranges."""
+    layer, x = nn.Linear(k, n), torch.randn(2048, k)
+    with torch.no_grad():
+        full = layer(x)
+        bad = [m for m in range(1, 301) if not torch.equal(layer(x[:m]), full[:m])]
+    runs: list[list[int]] = []
+    for m in bad:
+        if runs and m == runs[-1][1] + 1:
+            runs[-1][1] = m
+        else:
+            runs.append([m, m])
+    return ", ".join(f"{a}-{b}" if a < b else f"{a}" for a, b in runs) or "none"
+
+
+def stored_differences(encoder, prompts: list[str], mode: str) -> list[int]:
+    """Per distinct prompt: stored values that differ between the prompt alone and among
+    `prompts`, encoded padded to the longest, in passes as large as the batch, or now."""
 
     def encode(texts: list[str]) -> torch.Tensor:
-        if not longest:
-            return encoder.encode(texts).as_stored().tokens
+        if mode == "batch pass":  # every pass as large as the batch
+            encoder.cfg = cfg.model_copy(update={"batch_size": len(texts)})
+        if mode != "longest":
+            tokens = encoder.encode(texts).as_stored().tokens
+            encoder.cfg = cfg
+            return tokens
         batch = encoder.tokenizer(texts, padding="longest", return_tensors="pt")
         with torch.no_grad():
             h = encoder.model(**batch).last_hidden_state
         mask = batch["attention_mask"].bool()
         return TextEmbeddings(h * mask[..., None], mask).as_stored().tokens
 
+    cfg = encoder.cfg
     together = encode(prompts)
     counts = []
-    for k, prompt in enumerate(prompts):
+    for k, prompt in enumerate(dict.fromkeys(prompts)):
         alone = encode([prompt])[0]
         counts.append(int((alone != together[k, : len(alone)]).sum()))
     return counts
@@ -129,10 +153,15 @@ def main() -> None:
     rows = [[n, *attention_batches(n)] for n in (1, 16)]
     print(table(["attention queries", "SDPA: items that differ", "explicit"], rows), "\n")
 
+    rows = [[f"{k} -> {n}", row_ranges(k, n)] for k, n in [(384, 1536), (1536, 384)]]
+    print(table(["encoder linear", "row counts whose rows differ"], rows), "\n")
+
     encoder = load_text_encoder(params.text)
-    counts = [stored_differences(encoder, PROMPTS, longest) for longest in (True, False)]
-    rows = [[p, a, b] for p, a, b in zip(PROMPTS, *counts, strict=True)]
-    print(table(["prompt", "padded to the longest", "padded to its own 8"], rows), "\n")
+    modes = ("longest", "batch pass", "fixed pass")
+    counts = [stored_differences(encoder, PROMPTS * 16, mode) for mode in modes]
+    rows = [[p, *c] for p, *c in zip(PROMPTS, *counts, strict=True)]
+    header = ["prompt", "padded to the longest", "own 8, pass of the batch", "own 8, fixed pass"]
+    print(table(header, rows), "\n")
 
     rows = []
     for name, cfg in params.stages.items():

@@ -174,7 +174,7 @@ def test_version_and_every_help_shows_an_example(capsys) -> None:
                 yield from leaves(sub, (*path, name))
 
     commands = list(leaves(build_parser()))
-    assert len(commands) == len(EXAMPLES) == 15
+    assert len(commands) == len(EXAMPLES) == 16
     for path, parser in commands:
         text = parser.format_help()
         assert "examples:\n  " in text and f"imagen-ops {path[0]}" in text, path
@@ -261,6 +261,32 @@ def test_params_apply_merges_a_recipe_and_validates(tmp_path, monkeypatch) -> No
     recipe.write_text("stages:\n  base:\n    train:\n      stepz: 1\n")
     assert main(argv) == 2
     assert params.read_text() == before, "an invalid recipe leaves params.yaml untouched"
+
+
+def test_params_show_prints_every_resolved_parameter(capsys, caplog) -> None:
+    from imagen_ops.config import flatten, load_params
+
+    root = Path(__file__).resolve().parents[1]
+    argv = ["params", "show", "--params", str(root / "params.yaml")]
+    assert main(argv) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown == load_params(root / "params.yaml").model_dump(mode="json")
+    written = flatten(yaml.safe_load((root / "params.yaml").read_text()))
+    defaults = set(flatten(shown)) - set(written)
+    assert "stages.base.train.grad_clip" in defaults, "keys the file leaves out are shown too"
+    # a section, one value, and -S overrides over both
+    assert main([*argv, "stages.base.train", "-S", "stages.base.train.steps=100"]) == 0
+    section = yaml.safe_load(capsys.readouterr().out)
+    assert (
+        section["steps"] == 100
+        and section["grad_clip"] == shown["stages"]["base"]["train"]["grad_clip"]
+    )
+    assert main([*argv, "sample.guidance"]) == 0
+    assert json.loads(capsys.readouterr().out) == shown["sample"]["guidance"]
+    assert main([*argv, "paths.golden"]) == 0
+    assert capsys.readouterr().out == f"{shown['paths']['golden']}\n"
+    assert main([*argv, "sample.guidanse"]) == 2
+    assert "no parameter 'sample.guidanse'" in caplog.text
 
 
 def test_repo_recipes_apply_to_the_repo_params(tmp_path) -> None:

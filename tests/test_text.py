@@ -204,14 +204,20 @@ def test_tokenizer_widths_are_the_embeddings_widths(tiny_t5_dir, max_length):
     assert (set(widths) == {8}) == (max_length < 8)  # truncated captions share a width
 
 
-def test_cache_round_trip_equals_direct_encoding(minilm, tmp_path):
-    manifest = build_cache(CAPTIONS, minilm, tmp_path / "cache", batch_size=2, progress=False)
+def test_cache_round_trip_equals_direct_encoding(tmp_path):
+    """The cache stores what the encoder gives a caption sent alone, to the float16 bit,
+    whether its pass is full or filled (passes of 2 rows: 5 distinct captions)."""
+    encoder = load_text_encoder(TextConfig(batch_size=2))
+    manifest = build_cache(CAPTIONS, encoder, tmp_path / "cache", progress=False)
     assert manifest["num_unique"] == 5 and manifest["num_records"] == 6
     cache = EmbeddingCache.open(tmp_path / "cache", TextConfig(), CAPTIONS)
     got = cache.lookup(np.array([2, 0, 3]))
-    want = minilm.encode([CAPTIONS[2], CAPTIONS[0], CAPTIONS[3]])
+    want = encoder.encode([CAPTIONS[2], CAPTIONS[0], CAPTIONS[3]])
     assert torch.equal(got.mask, want.mask)
     torch.testing.assert_close(got.tokens, want.tokens, atol=2e-3, rtol=2e-3)  # float16 storage
+    for k in (2, 0, 3):
+        alone = encoder.encode([CAPTIONS[k]]).as_stored()
+        assert torch.equal(cache.lookup(np.array([k])).tokens, alone.tokens), CAPTIONS[k]
     assert torch.all(got.tokens[~got.mask] == 0)
     # records 0 and 3 share a caption and therefore a cache row
     assert cache.index[0] == cache.index[3]

@@ -106,7 +106,6 @@ def cmd_encode_text(args: argparse.Namespace) -> None:
         load_text_encoder(text),
         _path(args.out, params.paths.text_cache),
         extra_layers=[text.scorer_layer],  # the scorer reads its own layer
-        batch_size=text.batch_size,
         progress=not args.quiet,
     )
     _out(json.dumps(manifest, indent=2))
@@ -327,6 +326,22 @@ def cmd_params_apply(args: argparse.Namespace) -> None:
         _out(f"  {key}: {value}")
 
 
+def cmd_params_show(args: argparse.Namespace) -> None:
+    import yaml
+
+    from imagen_ops.config import ConfigError
+
+    resolved: Any = _params(args).model_dump(mode="json")
+    for part in args.key.split(".") if args.key else []:
+        if not isinstance(resolved, dict) or part not in resolved:
+            raise ConfigError(f"params show: no parameter {args.key!r} (at {part!r})")
+        resolved = resolved[part]
+    if isinstance(resolved, dict):
+        _out(yaml.safe_dump(resolved, sort_keys=False, default_flow_style=False).rstrip())
+    else:  # one value: a string as it is (for shell use), anything else as JSON
+        _out(resolved if isinstance(resolved, str) else json.dumps(resolved))
+
+
 def _null(representer: Any, _: None) -> Any:
     return representer.represent_scalar("tag:yaml.org,2002:null", "null")
 
@@ -510,6 +525,10 @@ EXAMPLES = {
         "imagen-ops data ingest 'shards/train-{000..009}.tar'",
     ],
     "cmd_params_apply": ["imagen-ops params apply configs/quality.yaml"],
+    "cmd_params_show": [
+        "imagen-ops params show",
+        "imagen-ops params show stages.base.train -S stages.base.train.steps=100",
+    ],
     "cmd_pipeline_write": ["imagen-ops pipeline write", "imagen-ops pipeline write --check"],
     "cmd_prepare": ["imagen-ops prepare"],
     "cmd_encode_text": ["imagen-ops encode-text -S text.batch_size=32"],
@@ -529,7 +548,7 @@ EXAMPLES = {
         'MLFLOW_TRACKING_URI=sqlite:////srv/mlflow.db imagen-ops sample "a star" '
         "--model models:/imagen-ops@champion",
     ],
-    "cmd_evaluate": ["imagen-ops evaluate -S eval.num_samples=256"],
+    "cmd_evaluate": ["imagen-ops evaluate -S eval.per_category=128"],
     "cmd_register": ["imagen-ops register"],
     "cmd_reproduce": ["imagen-ops reproduce models:/imagen-ops/3"],
     "cmd_golden_make": ["imagen-ops golden make && dvc add golden"],
@@ -598,6 +617,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("recipe", help="partial params file, e.g. configs/quality.yaml")
     p.add_argument("--out", help="where to write (default: the --params file itself)")
+    p = add(
+        "show",
+        cmd_params_show,
+        "print every parameter, resolved: the file's values, config.py's defaults for the "
+        "keys it leaves out, -S overrides over both",
+        params_sub,
+    )
+    p.add_argument("key", nargs="?", help="a section or key, e.g. stages.base.train")
 
     pipeline = sub.add_parser("pipeline", help="the DVC stage graph generated from params.yaml")
     pipeline_sub = pipeline.add_subparsers(dest="pipeline_command", required=True)

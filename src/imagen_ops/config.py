@@ -170,7 +170,12 @@ class TextConfig(Section):
         "encoder trains for similarity); the cache holds it beside `layer`",
     )
     max_length: int = Field(128, ge=1, le=4096)
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(
+        64,
+        ge=1,
+        description="captions per encoder pass; every pass has exactly this many rows (a "
+        "short one is filled), so a caption's tokens do not depend on the captions beside it",
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "auto"
 

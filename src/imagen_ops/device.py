@@ -2,8 +2,9 @@
 
 device "auto" is CUDA when present, else the CPU. precision "auto" is bfloat16 autocast
 where the hardware computes it natively (CUDA with bf16, a CPU with AVX512-BF16 / AMX,
-as oneDNN reports), else float32: on an AVX2-only CPU bf16 convolutions are emulated and
-run ~70x slower than float32 (BENCHMARKS.md), on a native one ~2x faster.
+as oneDNN reports), else float32: on an AVX2-only CPU bf16 is emulated, ~59x slower
+than float32 for a convolution block and ~12x for a training step (BENCHMARKS.md); on a
+native one the demo trains ~1.5x faster.
 """
 
 from __future__ import annotations

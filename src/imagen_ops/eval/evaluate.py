@@ -1,14 +1,17 @@
 """The evaluate stage: sample the cascade for held-out prompts and measure the images.
 
-1. sample the whole cascade for the first `eval.num_samples` validation captions (their
-   embeddings come from the cache; the encoder never runs), timing each stage;
+1. sample the whole cascade for the held-out prompts: `eval.per_category` validation
+   captions of each category where the data carries scene specs, else the first
+   `eval.num_samples` (their embeddings come from the cache; the encoder never runs),
+   timing each stage;
 2. FID / KID against the same prompts' real images (features cached per data version),
    CLIP score where a CLIP model is configured, exact shapes alignment where the data
    carries scene specs;
 3. a guidance sweep: alignment, KID and CLIP score for each `eval.guidance_sweep` value of
    `sample.guidance` (the paper's quality / alignment trade-off);
-4. reports/metrics.json (DVC metrics), reports/guidance_sweep.csv (DVC plots), and
-   PNGs, a grid and a self-contained HTML report under artifacts/eval/.
+4. reports/scores.json (the headline numbers: DVC metrics), reports/metrics.json (every
+   measurement and failure reason), reports/guidance_sweep.csv (DVC plots), and PNGs,
+   a grid and a self-contained HTML report under artifacts/eval/.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ disagrees with params.yaml or with the caption table is an error, never silently
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 from collections.abc import Sequence
@@ -82,7 +83,6 @@ def build_cache(
     out_dir: str | Path,
     *,
     extra_layers: Sequence[int] = (),
-    batch_size: int = 64,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Encode every distinct caption once, at `text.layer` and at each of `extra_layers`,
@@ -92,7 +92,7 @@ def build_cache(
     index = np.array([row[c] for c in captions], dtype=np.int32)
     extra = [k for k in dict.fromkeys(extra_layers) if k != encoder.cfg.layer]
     tokens, lengths, truncated = encode_captions(
-        unique, encoder, batch_size, progress, [encoder.cfg.layer, *extra]
+        unique, encoder, progress, [encoder.cfg.layer, *extra]
     )
     if np.isinf(tokens).any():
         raise FloatingPointError("embeddings overflow float16; use a smaller encoder dtype range")
@@ -126,13 +126,14 @@ def build_cache(
 def encode_captions(
     unique: Sequence[str],
     encoder: TextEncoder,
-    batch_size: int = 64,
     progress: bool = True,
     layers: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Token embeddings (K, N, W, D) at each of the K `layers` (default: text.layer) as
     stored (float16), lengths (N,) and the number of captions truncated to max_length, for
-    captions in the given order."""
+    captions in the given order. They go to the encoder by width, `text.batch_size` at a
+    time: the encoder's passes have that many rows whatever it is sent (a short one is
+    filled), so only each width's last pass computes rows it throws away."""
     layers = [encoder.cfg.layer] if layers is None else list(layers)
     lengths_full = encoder.token_lengths(unique)
     truncated = sum(n > encoder.max_length for n in lengths_full)
@@ -149,16 +150,20 @@ def encode_captions(
     tokens = np.zeros((len(layers), len(unique), width, encoder.dim), dtype=np.float16)
     lengths = np.zeros(len(unique), dtype=np.int32)
     bar = tqdm(total=len(unique), desc="encode_text", unit="caption", disable=not progress)
-    for start in range(0, len(unique), batch_size):
-        rows = order[start : start + batch_size]
-        embs = encoder.encode_layers([unique[i] for i in rows], layers)
-        for k, emb in enumerate(embs):
-            values = emb.tokens.numpy()
-            if not np.isfinite(values).all():
-                raise FloatingPointError(f"{encoder.name} produced non-finite embeddings")
-            tokens[k, rows, : values.shape[1]] = values.astype(np.float16)
-        lengths[rows] = embs[0].mask.sum(1).numpy()  # one mask for every layer
-        bar.update(len(rows))
+    widths = encoder.widths(unique)
+    per_pass = encoder.cfg.batch_size
+    for _, run in itertools.groupby(order, key=lambda i: widths[i]):  # one width at a time
+        same_width = list(run)
+        for start in range(0, len(same_width), per_pass):
+            rows = np.array(same_width[start : start + per_pass])
+            embs = encoder.encode_layers([unique[i] for i in rows], layers)
+            for k, emb in enumerate(embs):
+                values = emb.tokens.numpy()
+                if not np.isfinite(values).all():
+                    raise FloatingPointError(f"{encoder.name} produced non-finite embeddings")
+                tokens[k, rows, : values.shape[1]] = values.astype(np.float16)
+            lengths[rows] = embs[0].mask.sum(1).numpy()  # one mask for every layer
+            bar.update(len(rows))
     bar.close()
     return tokens, lengths, truncated
 

@@ -254,10 +254,14 @@ class TextEncoder:
         """The captions' tokens at each of `layers`, from one pass through the model (the
         embedding cache stores the U-Net's layer and the scorer's).
 
-        A caption's tokens do not depend on its batch: each runs padded to its length rounded
-        up to TOKEN_BUCKET, with the captions of that length. Padded to the batch's longest,
-        a prompt alone (the CLI) and the same prompt among longer ones (evaluation, serving)
-        summed in other orders and were stored one float16 step apart in a few values."""
+        A caption's tokens do not depend on its batch, because no kernel's shape does: each
+        runs padded to its length rounded up to TOKEN_BUCKET, with the captions of that
+        length, in passes of exactly `text.batch_size` captions (a short pass is filled with
+        copies of its last caption). Padded to the batch's longest, a prompt alone (the CLI)
+        and among longer ones (evaluation, serving) summed in other orders; and MKL picks
+        its matrix-product kernel by the row count (on an AMX Xeon, the 1536 -> 384
+        projection rounds differently for 57 to 192 rows than for more), so a pass of
+        another size moved the prompt's values (docs/architecture.md, "Determinism")."""
         texts = list(texts)
         for i, text in enumerate(texts):
             if not isinstance(text, str) or not text.strip():
@@ -272,18 +276,27 @@ class TextEncoder:
         for i, n in enumerate(lengths):
             padded = min(token_bucket(n), self.max_length)
             buckets.setdefault(padded, []).append(i)
-        for padded, rows in buckets.items():
-            batch = self._tokenize([texts[i] for i in rows], padded).to(self.device)
+        per_pass = self.cfg.batch_size
+        passes = [
+            (padded, rows[start : start + per_pass])
+            for padded, rows in buckets.items()
+            for start in range(0, len(rows), per_pass)
+        ]
+        for padded, rows in passes:
+            chunk = [texts[i] for i in rows]
+            chunk += chunk[-1:] * (per_pass - len(rows))
+            batch = self._tokenize(chunk, padded).to(self.device)
             out = self.model(
                 input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"],
                 output_hidden_states=any(layer >= 0 for layer in layers),
             )
-            real = batch["attention_mask"].bool()[:, :width]
+            real = batch["attention_mask"].bool()[: len(rows), :width]
             mask[rows, : real.shape[1]] = real.cpu()
             for k, layer in enumerate(layers):
                 h = out.last_hidden_state if layer < 0 else out.hidden_states[layer]
-                tokens[k][rows, : real.shape[1]] = (h[:, :width] * real[..., None]).float().cpu()
+                h = h[: len(rows), :width] * real[..., None]
+                tokens[k][rows, : real.shape[1]] = h.float().cpu()
         return [TextEmbeddings(t, mask) for t in tokens]
 
     def _tokenize(self, texts: list[str], padded: int):

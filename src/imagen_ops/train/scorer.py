@@ -108,7 +108,7 @@ class _CaptionBank:
         stored = cache.layer_tokens(layer)
         width = stored.shape[1]
         if new:
-            (tokens,), lengths, _ = encode_captions(new, encoder, cfg.batch_size, progress, [layer])
+            (tokens,), lengths, _ = encode_captions(new, encoder, progress, [layer])
             width = max(width, tokens.shape[1])
         self.tokens = np.zeros((len(unique), width, cache.dim), dtype=np.float16)
         self.lengths = np.zeros(len(unique), dtype=np.int32)
