@@ -22,7 +22,7 @@ from imagen_ops.device import native_bf16
 from imagen_ops.pipeline import train_settings
 from imagen_ops.train.trainer import Trainer, TrainPaths
 
-from common import machine, table
+from common import machine, parse_args, path_options, table
 
 
 def conv_ms(bf16: bool, rounds: int = 5) -> float:
@@ -60,10 +60,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--stage", default="base")
-    parser.add_argument("--prepared", default="artifacts/prepared")
-    parser.add_argument("--cache", default="artifacts/text_cache")
+    path_options(parser, "prepared", "cache")
     parser.add_argument("--steps", type=int, default=10)
-    args = parser.parse_args()
+    args = parse_args(parser)
     print(f"machine: {machine()}; native bf16: {native_bf16(torch.device('cpu'))}\n")
     rows = []
     for precision in ("fp32", "bf16"):

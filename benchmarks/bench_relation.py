@@ -46,7 +46,7 @@ from imagen_ops.diffusion.schedules import alpha_sigma
 from imagen_ops.eval.alignment import Detection, detect_objects, score_detections
 from imagen_ops.images import from_uint8, to_uint8
 
-from common import machine
+from common import machine, parse_args, path_options
 
 AXIS = {"left_of": 0, "right_of": 0, "above": 1, "below": 1}  # x, y
 SIGN = {"left_of": 1, "right_of": -1, "above": 1, "below": -1}  # A before B along the axis
@@ -156,12 +156,11 @@ def rendered(scenes: list[dict], resolution: int) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--models", default="artifacts/models")
-    parser.add_argument("--prepared", default="artifacts/prepared")
+    path_options(parser, "models", "prepared")
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--noise", type=int, default=8, help="noise draws per prompt (mean)")
     parser.add_argument("--out", help="write the result as JSON here")
-    args = parser.parse_args()
+    args = parse_args(parser)
     params = load_params(args.params)
     print(f"machine: {machine()}\n")
 

@@ -35,20 +35,17 @@ from imagen_ops.images import to_uint8
 from imagen_ops.scorer import Scorer, load_scorer
 from imagen_ops.text.encoders import TextEmbeddings
 
-from common import machine, median_seconds, table
+from common import machine, median_seconds, parse_args, path_options, table
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--models", default="artifacts/models")
-    parser.add_argument("--scorer", default="artifacts/scorer")
-    parser.add_argument("--prepared", default="artifacts/prepared")
-    parser.add_argument("--cache", default="artifacts/text_cache")
+    path_options(parser, "models", "scorer", "prepared", "cache")
     parser.add_argument("--per-category", type=int, default=32)
     parser.add_argument("--n", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--out", help="write the rows as JSON here")
-    args = parser.parse_args()
+    args = parse_args(parser)
     params = load_params(args.params)
     print(f"machine: {machine()}\n")
 

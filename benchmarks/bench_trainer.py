@@ -31,21 +31,20 @@ from imagen_ops.data.dataset import prefetch
 from imagen_ops.pipeline import train_settings
 from imagen_ops.train.trainer import Trainer, TrainPaths
 
-from common import machine, table
+from common import machine, parse_args, path_options, table
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--stage", default="base")
-    parser.add_argument("--prepared", default="artifacts/prepared")
-    parser.add_argument("--cache", default="artifacts/text_cache")
+    path_options(parser, "prepared", "cache")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--builder-only", action="store_true", help="skip the training loop")
     parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args()
+    args = parse_args(parser)
     params = load_params(args.params, args.set)
     print(f"machine: {machine()}\n")
     with tempfile.TemporaryDirectory() as tmp:

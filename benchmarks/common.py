@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -10,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from imagen_ops.config import load_params
 
 
 def machine() -> str:
@@ -52,3 +55,30 @@ def table(header: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+PATH_OPTIONS = {
+    "prepared": "prepared",
+    "cache": "text_cache",
+    "models": "models",
+    "scorer": "scorer",
+}
+"""A benchmark's path option -> the params.yaml `paths` key that owns its default."""
+
+
+def path_options(parser: argparse.ArgumentParser, *flags: str) -> None:
+    """Add `--<flag>` for each of `flags` (PATH_OPTIONS), defaulting to params.yaml's paths."""
+    for flag in flags:
+        parser.add_argument(f"--{flag}", type=Path, help=f"default: paths.{PATH_OPTIONS[flag]}")
+
+
+def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """`parser.parse_args()`, each path option left out taken from `--params`' paths
+    section (with `-S` overrides), as the imagen-ops commands do: PathsConfig owns every
+    pipeline path."""
+    args = parser.parse_args()
+    paths = load_params(args.params, getattr(args, "set", None) or []).paths
+    for flag, key in PATH_OPTIONS.items():
+        if getattr(args, flag, "") is None:
+            setattr(args, flag, Path(getattr(paths, key)))
+    return args

@@ -33,7 +33,7 @@ from imagen_ops.config import load_params
 from imagen_ops.diffusion.guidance import Conditioning
 from imagen_ops.models.layers import Linear
 from imagen_ops.models.unet import explicit_attention
-from imagen_ops.text.encoders import TextEmbeddings, load_text_encoder
+from imagen_ops.text.encoders import TextEmbeddings, TextEncoder, load_text_encoder
 
 from common import machine, median_seconds, table
 
@@ -106,19 +106,18 @@ def stored_differences(encoder, prompts: list[str], mode: str) -> list[int]:
     `prompts`, encoded padded to the longest, in passes as large as the batch, or now."""
 
     def encode(texts: list[str]) -> torch.Tensor:
-        if mode == "batch pass":  # every pass as large as the batch
-            encoder.cfg = cfg.model_copy(update={"batch_size": len(texts)})
+        if mode == "batch pass":  # every pass as large as the batch: an encoder sized to it
+            cfg = encoder.cfg.model_copy(update={"batch_size": len(texts)})
+            sized = TextEncoder(cfg, encoder.model_dir, encoder.weights_id)
+            return sized.encode(texts).as_stored().tokens
         if mode != "longest":
-            tokens = encoder.encode(texts).as_stored().tokens
-            encoder.cfg = cfg
-            return tokens
+            return encoder.encode(texts).as_stored().tokens
         batch = encoder.tokenizer(texts, padding="longest", return_tensors="pt")
         with torch.no_grad():
             h = encoder.model(**batch).last_hidden_state
         mask = batch["attention_mask"].bool()
         return TextEmbeddings(h * mask[..., None], mask).as_stored().tokens
 
-    cfg = encoder.cfg
     together = encode(prompts)
     counts = []
     for k, prompt in enumerate(dict.fromkeys(prompts)):

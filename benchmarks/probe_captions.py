@@ -45,7 +45,7 @@ from imagen_ops.eval.alignment import CATEGORIES, alignment_report, judge_all
 from imagen_ops.eval.evaluate import held_out
 from imagen_ops.images import to_uint8
 
-from common import machine, table
+from common import machine, parse_args, path_options, table
 
 REWORDED_RELATIONS = {
     "left_of": "on the left of",
@@ -91,14 +91,12 @@ CAPTIONS: dict[str, Callable[[Scene, int], str]] = {
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--models", default="artifacts/models")
-    parser.add_argument("--prepared", default="artifacts/prepared")
-    parser.add_argument("--cache", default="artifacts/text_cache")
+    path_options(parser, "models", "prepared", "cache")
     parser.add_argument("--per-category", type=int, default=64)
     parser.add_argument("--seed", type=int, help="default: sample.seed")
     parser.add_argument("--rows", nargs="+", default=list(CAPTIONS), choices=list(CAPTIONS))
     parser.add_argument("--out", help="write the rows as JSON here")
-    args = parser.parse_args()
+    args = parse_args(parser)
     params = load_params(args.params)
     print(f"machine: {machine()}\n")
 

@@ -48,7 +48,7 @@ from imagen_ops.images import from_uint8
 from imagen_ops.models.unet import LayoutHead, UNet, layout_loss
 from imagen_ops.text.cache import EmbeddingCache
 
-from common import machine
+from common import machine, parse_args, path_options
 
 GRID = 4  # the readout's cells per side
 
@@ -73,8 +73,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("probe", choices=["readout", "head", "unet"])
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--prepared", default="artifacts/prepared")
-    parser.add_argument("--cache", default="artifacts/text_cache")
+    path_options(parser, "prepared", "cache")
     parser.add_argument("--steps", type=int)
     parser.add_argument("--every", type=int, default=250)
     parser.add_argument("--logsnr", type=float, nargs=2, default=(-6.0, -4.0))
@@ -86,7 +85,7 @@ def main() -> None:
     parser.add_argument("--layer", type=int, help="the cache's encoder layer (text.layer)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args()
+    args = parse_args(parser)
     params = load_params(args.params, args.set)
     print(f"machine: {machine()}\n")
     torch.manual_seed(args.seed)

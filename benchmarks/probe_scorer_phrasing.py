@@ -26,16 +26,15 @@ from imagen_ops.images import from_uint8
 from imagen_ops.scorer import load_scorer
 from imagen_ops.text.encoders import load_text_encoder
 
-from common import machine
+from common import machine, parse_args, path_options
 
 
 @torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--scorer", default="artifacts/scorer")
-    parser.add_argument("--prepared", default="artifacts/prepared")
-    args = parser.parse_args()
+    path_options(parser, "scorer", "prepared")
+    args = parse_args(parser)
     params = load_params(args.params)
     print(f"machine: {machine()}\n")
 

@@ -28,19 +28,17 @@ from imagen_ops.eval.evaluate import sample_images, score_images
 from imagen_ops.eval.fid import InceptionFeatures
 from imagen_ops.text.cache import EmbeddingCache
 
-from common import machine, table
+from common import machine, parse_args, path_options, table
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("kind", choices=["sampler", "guidance"])
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--models", default="artifacts/models")
-    parser.add_argument("--prepared", default="artifacts/prepared")
-    parser.add_argument("--cache", default="artifacts/text_cache")
+    path_options(parser, "models", "prepared", "cache")
     parser.add_argument("--n", type=int, default=128)
     parser.add_argument("--out", help="write the rows as JSON here")
-    args = parser.parse_args()
+    args = parse_args(parser)
     params = load_params(args.params)
     print(f"machine: {machine()}\n")
 

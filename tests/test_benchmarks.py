@@ -41,3 +41,19 @@ def test_gpu_check_refuses_a_work_folder_an_earlier_run_left(
     with pytest.raises(SystemExit, match=f"--work {work} holds an earlier run"):
         gpu_check.run(args)
     assert not (tmp_path / "out").exists()
+
+
+def test_benchmark_paths_default_to_params_yaml(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A benchmark's --prepared/--cache/... come from params.yaml's paths section (and its
+    -S overrides) unless given: PathsConfig is their one owner, as for the commands."""
+    common = load_script("common", monkeypatch)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--params", default=str(ROOT / "params.yaml"))
+    parser.add_argument("-S", "--set", action="append", default=[])
+    common.path_options(parser, "prepared", "cache", "models")
+    monkeypatch.setattr("sys.argv", ["bench", "-S", "paths.text_cache=elsewhere/cache"])
+    args = common.parse_args(parser)
+    assert args.prepared == Path("artifacts/prepared") and args.cache == Path("elsewhere/cache")
+    assert args.models == Path("artifacts/models") and not hasattr(args, "scorer")
+    monkeypatch.setattr("sys.argv", ["bench", "--models", "mine", "-S", "paths.models=theirs"])
+    assert common.parse_args(parser).models == Path("mine")

@@ -81,16 +81,16 @@ def test_the_caption_bank_encodes_only_what_the_cache_lacks(tiny_data, tmp_path)
     layer = 2  # the scorer's own layer, not text.layer (the last)
     params = tiny_params(f"text.scorer_layer={layer}")
     encoder, encoded = load_text_encoder(params.text), []
-    original = encoder.encode_layers
+    original = encoder.iter_passes
 
-    def counting(texts, layers):
+    def counting(texts, lengths, layers):
         encoded.extend(texts)
-        return original(texts, layers)
+        return original(texts, lengths, layers)
 
     table = PreparedData.open(tiny_data["prepared"]).table
     captions = table["caption"].tolist()
     build_cache(captions, encoder, tmp_path / "cache", extra_layers=[layer], progress=False)
-    encoder.encode_layers = counting
+    encoder.iter_passes = counting
     cache = EmbeddingCache.open(tmp_path / "cache", params.text, captions)
     records = np.arange(len(table))
     negatives = negatives_for(table, records, 0)
@@ -102,7 +102,7 @@ def test_the_caption_bank_encodes_only_what_the_cache_lacks(tiny_data, tmp_path)
         mine, theirs = bank.embeddings(bank.captions[[r]]), cache.lookup(np.array([r]), layer)
         torch.testing.assert_close(mine.tokens, theirs.tokens, rtol=0, atol=0)
     some = [c for d in negatives for c in d.values() if c not in held][:4]
-    live = original(some, [layer])[0].as_stored()
+    live = encoder.encode(some, layer).as_stored()
     stored = bank.embeddings(np.array([bank.row[c] for c in some]))
     torch.testing.assert_close(stored.tokens, live.tokens, rtol=0, atol=1e-3)
     # a cache without the scorer's layer is refused before training starts

@@ -204,13 +204,32 @@ def test_tokenizer_widths_are_the_embeddings_widths(tiny_t5_dir, max_length):
     assert (set(widths) == {8}) == (max_length < 8)  # truncated captions share a width
 
 
+def test_every_encoder_pass_has_batch_size_captions_of_one_width(tiny_t5_dir):
+    """The model sees only (text.batch_size, width) inputs, each caption at its own width
+    (`width_of`), whatever it is sent with; padding comes back as +0."""
+    encoder = load_text_encoder(TextConfig(encoder=str(tiny_t5_dir), batch_size=2))
+    shapes, forward = [], encoder.model.forward
+
+    def spy(input_ids, **kwargs):
+        shapes.append(tuple(input_ids.shape))
+        return forward(input_ids=input_ids, **kwargs)
+
+    encoder.model.forward = spy
+    got = encoder.encode(CAPTIONS)
+    widths = encoder.widths(CAPTIONS)
+    assert {s[0] for s in shapes} == {2} and {s[1] for s in shapes} == set(widths)
+    assert len(shapes) == sum(-(-widths.count(w) // 2) for w in set(widths))
+    assert widths == [encoder.width_of(n) for n in got.mask.sum(1).tolist()]
+    assert not got.tokens[~got.mask].signbit().any()
+
+
 def test_cache_round_trip_equals_direct_encoding(tmp_path):
     """The cache stores what the encoder gives a caption sent alone, to the float16 bit,
     whether its pass is full or filled (passes of 2 rows: 5 distinct captions)."""
     encoder = load_text_encoder(TextConfig(batch_size=2))
     manifest = build_cache(CAPTIONS, encoder, tmp_path / "cache", progress=False)
     assert manifest["num_unique"] == 5 and manifest["num_records"] == 6
-    cache = EmbeddingCache.open(tmp_path / "cache", TextConfig(), CAPTIONS)
+    cache = EmbeddingCache.open(tmp_path / "cache", TextConfig(batch_size=2), CAPTIONS)
     got = cache.lookup(np.array([2, 0, 3]))
     want = encoder.encode([CAPTIONS[2], CAPTIONS[0], CAPTIONS[3]])
     assert torch.equal(got.mask, want.mask)
@@ -218,7 +237,7 @@ def test_cache_round_trip_equals_direct_encoding(tmp_path):
     for k in (2, 0, 3):
         alone = encoder.encode([CAPTIONS[k]]).as_stored()
         assert torch.equal(cache.lookup(np.array([k])).tokens, alone.tokens), CAPTIONS[k]
-    assert torch.all(got.tokens[~got.mask] == 0)
+    assert torch.all(got.tokens[~got.mask] == 0) and not got.tokens[~got.mask].signbit().any()
     # records 0 and 3 share a caption and therefore a cache row
     assert cache.index[0] == cache.index[3]
 
@@ -228,6 +247,7 @@ def test_cache_round_trip_equals_direct_encoding(tmp_path):
     [
         (TextConfig(max_length=64), CAPTIONS, "max_length"),
         (TextConfig(layer=3), CAPTIONS, "layer"),
+        (TextConfig(batch_size=32), CAPTIONS, "batch_size"),
         (TextConfig(encoder="google/t5-v1_1-base"), CAPTIONS, "encoder"),
         (TextConfig(), [*CAPTIONS[:-1], "a different caption"], "captions_sha256"),
     ],

@@ -726,3 +726,5 @@ def test_prefetch_without_workers_builds_each_step_when_asked_in_the_callers_thr
     main = threading.current_thread().name
     assert built == [(5, main), (6, main), (7, main)]
     assert not _prefetch_threads()
+    with pytest.raises(ValueError, match="depth=4 needs workers >= 1"):
+        next(prefetch(make, range(3), workers=0, depth=4))

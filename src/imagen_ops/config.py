@@ -174,7 +174,8 @@ class TextConfig(Section):
         64,
         ge=1,
         description="captions per encoder pass; every pass has exactly this many rows (a "
-        "short one is filled), so a caption's tokens do not depend on the captions beside it",
+        "short one is filled), so a caption's tokens do not depend on the captions beside it; "
+        "the pass size itself can move float16 steps (MKL), so the cache records it",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "auto"

@@ -127,8 +127,11 @@ def prefetch(
     `depth` steps (default 2 x workers) are built ahead of the one being consumed. A
     worker's exception is raised here, at its step; when the consumer stops, the steps
     not yet started are cancelled. `workers=0` builds each step in the consumer's thread
-    when it is asked for, as DataLoader's `num_workers=0` does.
+    when it is asked for, as DataLoader's `num_workers=0` does; nothing is built ahead, so
+    a `depth` with it is refused rather than ignored.
     """
+    if workers == 0 and depth is not None:
+        raise ValueError(f"prefetch depth={depth} needs workers >= 1 (workers=0 builds inline)")
     if workers == 0:
         yield from ((step, make(step)) for step in steps)
         return

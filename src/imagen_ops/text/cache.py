@@ -2,8 +2,9 @@
 
 Layout of a cache directory (written atomically as a whole):
 
-    manifest.json   encoder name, kind, weights id, max_length, layer, extra layers, dim,
-                    stored length L, caption-table hash, counts
+    manifest.json   encoder name, kind, weights id, max_length, layer, batch_size (the
+                    encoder's pass size), extra layers, dim, stored length L,
+                    caption-table hash, counts
     tokens.npy      (U, L, D) float16 token embeddings of the U distinct captions at
                     text.layer, padding 0
     tokens_layer<k>.npy   the same at each extra layer k (the scorer's, text.scorer_layer,
@@ -21,7 +22,6 @@ disagrees with params.yaml or with the caption table is an error, never silently
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
 from collections.abc import Sequence
@@ -70,6 +70,7 @@ def _expected(cfg: TextConfig) -> dict[str, Any]:
         "revision": cfg.revision,
         "max_length": cfg.max_length,
         "layer": cfg.layer,
+        "batch_size": cfg.batch_size,  # the pass size moves float16 steps on some CPUs
     }
 
 
@@ -131,9 +132,7 @@ def encode_captions(
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Token embeddings (K, N, W, D) at each of the K `layers` (default: text.layer) as
     stored (float16), lengths (N,) and the number of captions truncated to max_length, for
-    captions in the given order. They go to the encoder by width, `text.batch_size` at a
-    time: the encoder's passes have that many rows whatever it is sent (a short one is
-    filled), so only each width's last pass computes rows it throws away."""
+    captions in the given order, filled one encoder pass at a time."""
     layers = [encoder.cfg.layer] if layers is None else list(layers)
     lengths_full = encoder.token_lengths(unique)
     truncated = sum(n > encoder.max_length for n in lengths_full)
@@ -144,26 +143,18 @@ def encode_captions(
             len(unique),
             encoder.max_length,
         )
-    # encode in order of length so each batch pads little; rows are restored afterwards
-    order = np.argsort([-n for n in lengths_full], kind="stable")
     width = min(max(lengths_full), encoder.max_length)
     tokens = np.zeros((len(layers), len(unique), width, encoder.dim), dtype=np.float16)
     lengths = np.zeros(len(unique), dtype=np.int32)
     bar = tqdm(total=len(unique), desc="encode_text", unit="caption", disable=not progress)
-    widths = encoder.widths(unique)
-    per_pass = encoder.cfg.batch_size
-    for _, run in itertools.groupby(order, key=lambda i: widths[i]):  # one width at a time
-        same_width = list(run)
-        for start in range(0, len(same_width), per_pass):
-            rows = np.array(same_width[start : start + per_pass])
-            embs = encoder.encode_layers([unique[i] for i in rows], layers)
-            for k, emb in enumerate(embs):
-                values = emb.tokens.numpy()
-                if not np.isfinite(values).all():
-                    raise FloatingPointError(f"{encoder.name} produced non-finite embeddings")
-                tokens[k, rows, : values.shape[1]] = values.astype(np.float16)
-            lengths[rows] = embs[0].mask.sum(1).numpy()  # one mask for every layer
-            bar.update(len(rows))
+    for rows, embs in encoder.iter_passes(unique, lengths_full, layers):
+        for k, emb in enumerate(embs):
+            values = emb.tokens[:, :width].numpy()
+            if not np.isfinite(values).all():
+                raise FloatingPointError(f"{encoder.name} produced non-finite embeddings")
+            tokens[k, rows, : values.shape[1]] = values.astype(np.float16)
+        lengths[rows] = embs[0].mask.sum(1).numpy()  # one mask for every layer
+        bar.update(len(rows))
     bar.close()
     return tokens, lengths, truncated
 

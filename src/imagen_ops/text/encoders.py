@@ -16,7 +16,7 @@ import hashlib
 import importlib.util
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -228,13 +228,20 @@ class TextEncoder:
         return self.cfg.encoder
 
     def token_lengths(self, texts: Sequence[str]) -> list[int]:
-        """Untruncated token counts (to report truncation)."""
+        """Untruncated token counts (to report truncation); an empty caption is refused."""
+        for i, text in enumerate(texts):
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"caption {i} is empty; captions must be non-empty text")
         return [len(ids) for ids in self.tokenizer(list(texts), truncation=False)["input_ids"]]
 
+    def width_of(self, length: int) -> int:
+        """The width of a caption of `length` tokens (TextEmbeddings.widths of its
+        embeddings): truncated to max_length, rounded up to TOKEN_BUCKET."""
+        return token_bucket(min(length, self.max_length))
+
     def widths(self, texts: Sequence[str]) -> list[int]:
-        """Each caption's width (TextEmbeddings.widths of its embeddings) from the tokenizer
-        alone: its token count, truncated to max_length, rounded up to TOKEN_BUCKET."""
-        return [token_bucket(min(n, self.max_length)) for n in self.token_lengths(texts)]
+        """Each caption's width, from the tokenizer alone."""
+        return [self.width_of(n) for n in self.token_lengths(texts)]
 
     def check_layer(self, layer: int, key: str) -> None:
         """Refuse a hidden layer the model does not have, naming the setting (`key`)."""
@@ -249,55 +256,65 @@ class TextEncoder:
         L the longest (truncated) caption."""
         return self.encode_layers(texts, [self.cfg.layer if layer is None else layer])[0]
 
-    @torch.no_grad()
     def encode_layers(self, texts: Sequence[str], layers: Sequence[int]) -> list[TextEmbeddings]:
         """The captions' tokens at each of `layers`, from one pass through the model (the
-        embedding cache stores the U-Net's layer and the scorer's).
-
-        A caption's tokens do not depend on its batch, because no kernel's shape does: each
-        runs padded to its length rounded up to TOKEN_BUCKET, with the captions of that
-        length, in passes of exactly `text.batch_size` captions (a short pass is filled with
-        copies of its last caption). Padded to the batch's longest, a prompt alone (the CLI)
-        and among longer ones (evaluation, serving) summed in other orders; and MKL picks
-        its matrix-product kernel by the row count (on an AMX Xeon, the 1536 -> 384
-        projection rounds differently for 57 to 192 rows than for more), so a pass of
-        another size moved the prompt's values (docs/architecture.md, "Determinism")."""
+        embedding cache stores the U-Net's layer and the scorer's): (B, L, D), L the
+        longest (truncated) caption."""
         texts = list(texts)
-        for i, text in enumerate(texts):
-            if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"caption {i} is empty; captions must be non-empty text")
-        for layer in layers:
-            self.check_layer(layer, "layer")
-        lengths = [min(n, self.max_length) for n in self.token_lengths(texts)]
-        width = max(lengths)
+        lengths = self.token_lengths(texts)
+        width = min(max(lengths), self.max_length)
         tokens = [torch.zeros(len(texts), width, self.dim) for _ in layers]
         mask = torch.zeros(len(texts), width, dtype=torch.bool)
-        buckets: dict[int, list[int]] = {}
-        for i, n in enumerate(lengths):
-            padded = min(token_bucket(n), self.max_length)
-            buckets.setdefault(padded, []).append(i)
-        per_pass = self.cfg.batch_size
-        passes = [
-            (padded, rows[start : start + per_pass])
-            for padded, rows in buckets.items()
-            for start in range(0, len(rows), per_pass)
-        ]
-        for padded, rows in passes:
-            chunk = [texts[i] for i in rows]
-            chunk += chunk[-1:] * (per_pass - len(rows))
-            batch = self._tokenize(chunk, padded).to(self.device)
-            out = self.model(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                output_hidden_states=any(layer >= 0 for layer in layers),
-            )
-            real = batch["attention_mask"].bool()[: len(rows), :width]
-            mask[rows, : real.shape[1]] = real.cpu()
-            for k, layer in enumerate(layers):
-                h = out.last_hidden_state if layer < 0 else out.hidden_states[layer]
-                h = h[: len(rows), :width] * real[..., None]
-                tokens[k][rows, : real.shape[1]] = h.float().cpu()
+        for rows, embs in self.iter_passes(texts, lengths, layers):
+            w = min(width, embs[0].tokens.shape[1])
+            mask[rows, :w] = embs[0].mask[:, :w]
+            for k, emb in enumerate(embs):
+                tokens[k][rows, :w] = emb.tokens[:, :w]
         return [TextEmbeddings(t, mask) for t in tokens]
+
+    @torch.no_grad()
+    def iter_passes(
+        self, texts: Sequence[str], lengths: Sequence[int], layers: Sequence[int]
+    ) -> Iterator[tuple[list[int], list[TextEmbeddings]]]:
+        """Run the model over `texts` (their `token_lengths`), yielding each pass's rows and
+        their tokens at each of `layers`, padded to the pass's width; callers keep only
+        what they need, so memory stays one pass deep (the cache encodes 100,000s).
+
+        A caption's tokens do not depend on the other captions, because no kernel's shape
+        does: each pass holds captions of one width (`width_of`), padded to it, and exactly
+        `text.batch_size` of them (a short pass is filled with copies of its last caption).
+        Padded to the batch's longest, a prompt alone (the CLI) and among longer ones
+        (evaluation, serving) summed in other orders; and MKL picks its matrix-product
+        kernel by the row count (on an AMX Xeon, the 1536 -> 384 projection rounds
+        differently for 57 to 192 rows than for more), so a pass of another size moved the
+        prompt's values (docs/architecture.md, "Determinism")."""
+        for layer in layers:
+            self.check_layer(layer, "layer")
+        groups: dict[int, list[int]] = {}
+        for i, n in enumerate(lengths):
+            groups.setdefault(self.width_of(n), []).append(i)
+        per_pass = self.cfg.batch_size
+        for width, members in groups.items():
+            for start in range(0, len(members), per_pass):
+                rows = members[start : start + per_pass]
+                chunk = [texts[i] for i in rows]
+                chunk += chunk[-1:] * (per_pass - len(rows))
+                batch = self._tokenize(chunk, min(width, self.max_length)).to(self.device)
+                out = self.model(
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    output_hidden_states=any(layer >= 0 for layer in layers),
+                )
+                real = batch["attention_mask"].bool()[: len(rows)]
+                pad = ~real[..., None]  # filled, not multiplied: padding is +0, never -0
+                hidden = [out.last_hidden_state if k < 0 else out.hidden_states[k] for k in layers]
+                yield (
+                    rows,
+                    [
+                        TextEmbeddings(h[: len(rows)].masked_fill(pad, 0).float().cpu(), real.cpu())
+                        for h in hidden
+                    ],
+                )
 
     def _tokenize(self, texts: list[str], padded: int):
         """Token ids truncated and padded to `padded` (<= max_length) tokens."""
