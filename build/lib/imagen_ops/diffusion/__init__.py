@@ -1,0 +1,1 @@
+"""Continuous-time diffusion: log-SNR schedules, objectives, guidance wrappers, samplers."""

@@ -1,0 +1,309 @@
+"""The cascade as an MLflow pyfunc model (loading cascades lives in loading.py).
+
+The logged model is code, not a pickle (MLflow models-from-code: `served_model.py` names
+`ImagenModel`), plus the cascade as an artifact: every stage's config.json + EMA weights
+and cascade.json with the stage order, the text encoder, the sampling defaults and the
+serving limits. `mlflow models serve -m models:/imagen-ops@champion` needs nothing else.
+
+predict: a DataFrame with a `prompt` column and optional columns named like the
+`sample` settings (`negative_prompt`, `seed`, `steps`, `guidance`, `guidance_interval`,
+`strength`, `sampler`, `rerank`) plus `image` / `mask` (base64 image files: alone an
+image is super-resolved, with `strength` it starts image-to-image, with `mask` it is
+inpainted) -> a DataFrame with
+`prompt`, `seed` and `image` (base64 PNG). Rows with equal settings are sampled in batches.
+A bad request, or one over the work budget, raises MlflowException(INVALID_PARAMETER_VALUE)
+(HTTP 400) before any work; sampling past `serve.timeout_s` stops with DEADLINE_EXCEEDED
+(HTTP 504).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from imagen_ops.cascade import SCORER_DIR, Cascade, check_prompt, image_roles
+from imagen_ops.config import ConfigError, Params, SampleConfig, ServeConfig, TextConfig
+from imagen_ops.device import resolve_device
+from imagen_ops.registry.loading import ARTIFACT, packaged_settings
+from imagen_ops.scorer import load_scorer
+
+__all__ = [
+    "IMAGE_COLUMNS",
+    "SETTING_COLUMNS",
+    "DeadlineExceeded",
+    "ImagenModel",
+    "ModelSpec",
+    "Row",
+    "generate",
+    "package_cascade",
+    "validate_request",
+]
+
+log = logging.getLogger(__name__)
+
+SETTING_COLUMNS = (
+    "negative_prompt",
+    "seed",
+    "steps",
+    "guidance",
+    "guidance_interval",
+    "strength",
+    "sampler",
+    "rerank",
+)
+IMAGE_COLUMNS = ("image", "mask")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the packaged model takes from params.yaml: the stage order, the text encoder,
+    the sampling defaults and the serving limits."""
+
+    stage_names: tuple[str, ...]
+    text: TextConfig
+    sample: SampleConfig
+    serve: ServeConfig
+
+    @classmethod
+    def from_params(cls, params: Params) -> ModelSpec:
+        return cls(tuple(params.stage_names()), params.text, params.sample, params.serve)
+
+
+def package_cascade(
+    models_dir: Path, spec: ModelSpec, out: Path, scorer: Path | None = None
+) -> Path:
+    """Copy each stage's config and EMA weights (and the `scorer`, for best-of-N
+    reranking) into `out` and write cascade.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    if scorer is not None:
+        load_scorer(scorer)  # a clear error for a folder that holds no scorer
+        shutil.copytree(scorer, out / SCORER_DIR, dirs_exist_ok=True)
+    for name in spec.stage_names:
+        src = models_dir / name
+        if not (src / "config.json").is_file():
+            raise FileNotFoundError(f"{src} is not a trained stage (run `dvc repro train_{name}`)")
+        (out / name).mkdir(exist_ok=True)
+        for fname in ("config.json", "ema.safetensors"):
+            shutil.copy2(src / fname, out / name / fname)
+    Cascade.from_dir(out, spec.stage_names, spec.text).write_manifest(
+        out,
+        sample=spec.sample.model_dump(mode="json"),
+        serve=spec.serve.model_dump(mode="json"),
+    )
+    return out
+
+
+def _bad_request(message: str) -> Exception:
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def _deadline_exceeded(message: str) -> Exception:
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED
+
+    return MlflowException(message, error_code=DEADLINE_EXCEEDED)
+
+
+class DeadlineExceeded(Exception):  # noqa: N818 -- a signal between steps, not a bug
+    """Raised between denoising steps once a request's deadline has passed."""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One validated request row."""
+
+    prompt: str
+    settings: SampleConfig
+    image: torch.Tensor | None = None  # image-to-image / inpainting start
+    mask: torch.Tensor | None = None
+    lowres: torch.Tensor | None = None  # super-resolution input
+
+
+def validate_request(
+    frame: Any, defaults: SampleConfig, limits: ServeConfig, cascade: Cascade | None = None
+) -> list[Row]:
+    """Rows of a request DataFrame, or an HTTP 400 error that says what to change.
+
+    Prompts get the caption checks of ingestion; settings columns go through
+    `SampleConfig.updated` (the ranges of params.yaml's `sample` keys); row k's seed
+    defaults to `sample.seed + k`. With `cascade`, the request's work is checked against
+    `serve.max_work` before any sampling."""
+    unknown = sorted(set(frame.columns) - {"prompt", *SETTING_COLUMNS, *IMAGE_COLUMNS})
+    if "prompt" not in frame.columns or unknown:
+        raise _bad_request(
+            f"the request needs a 'prompt' column and may have {[*SETTING_COLUMNS, *IMAGE_COLUMNS]}"
+            f" (got {list(frame.columns)})"
+        )
+    if not 1 <= len(frame) <= limits.max_prompts:
+        raise _bad_request(
+            f"send 1 to {limits.max_prompts} prompts per request (serve.max_prompts), "
+            f"got {len(frame)}"
+        )
+    rows = []
+    for i, rec in enumerate(frame.to_dict("records")):
+        try:
+            prompt = check_prompt(_value(rec.get("prompt")))
+        except ValueError as err:
+            raise _bad_request(f"row {i}: prompt: {err}") from None
+        given = {k: _value(rec.get(k)) for k in SETTING_COLUMNS}
+        given["seed"] = defaults.seed + i if given["seed"] is None else given["seed"]
+        try:
+            settings = defaults.updated(**given)
+        except ConfigError as err:
+            raise _bad_request(f"row {i}: {'; '.join(err.problems)}") from None
+        try:
+            roles = image_roles(
+                *(_image(rec.get(k), k, i) for k in IMAGE_COLUMNS), given["strength"]
+            )
+        except ValueError as err:
+            raise _bad_request(f"row {i}: {err}") from None
+        if cascade is not None and settings.rerank > 1 and cascade.scorer is None:
+            raise _bad_request(f"row {i}: rerank needs a scorer, and this model carries none")
+        rows.append(Row(prompt, settings, *roles))
+    if cascade is not None:
+        work = 0.0
+        for members in sampled_together(rows):  # as generate samples them
+            first = rows[members[0]]
+            work += cascade.work(
+                first.settings,
+                len(members),
+                widths=cascade.widths([rows[k].prompt for k in members]),
+                from_image=first.image is not None,
+                lowres_size=None if first.lowres is None else first.lowres.shape[-1],
+            )
+        if work > limits.max_work:
+            raise _bad_request(
+                f"the request needs {work:,.0f} pixel-steps, over the limit of "
+                f"{limits.max_work:,.0f} (serve.max_work): send fewer prompts or steps"
+            )
+    return rows
+
+
+def _value(value: Any) -> Any:
+    """A request cell: None for missing / NaN, numpy scalars as Python values."""
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    if hasattr(value, "tolist"):  # numpy scalars and arrays (a per-stage list)
+        return value.tolist()
+    return value
+
+
+def _image(value: Any, column: str, row: int) -> torch.Tensor | None:
+    from imagen_ops.data.ingest import Rejected
+    from imagen_ops.images import read_image
+
+    value = _value(value)
+    if value is None or value == "":
+        return None
+    try:
+        data = base64.b64decode(value, validate=True)
+        return read_image(data, mask=column == "mask")
+    except (binascii.Error, TypeError, ValueError):
+        raise _bad_request(f"row {row}: '{column}' must be a base64-encoded image file") from None
+    except Rejected as err:
+        raise _bad_request(f"row {row}: '{column}': {err}") from None
+
+
+def _png_base64(image: Any) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def sampled_together(rows: list[Row]) -> list[list[int]]:
+    """Indices of the rows sampled in one call, in batches: equal settings (but the seed)
+    and image sizes."""
+
+    def key(row: Row) -> str:
+        shapes = [None if t is None else tuple(t.shape) for t in (row.image, row.mask, row.lowres)]
+        return row.settings.model_copy(update={"seed": 0}).model_dump_json() + str(shapes)
+
+    groups: dict[str, list[int]] = {}
+    for k, row in enumerate(rows):
+        groups.setdefault(key(row), []).append(k)
+    return list(groups.values())
+
+
+def generate(
+    cascade: Cascade, rows: list[Row], deadline: float | None = None, progress: bool = False
+) -> list[Any]:
+    """uint8 images for validated rows, in order, sampled in the groups of
+    `sampled_together`; `deadline` (time.monotonic) stops sampling between denoising steps."""
+    from imagen_ops.images import to_uint8
+
+    def check_deadline(*_: Any) -> None:
+        if deadline is not None and time.monotonic() > deadline:
+            raise DeadlineExceeded
+
+    images: list[Any] = [None] * len(rows)
+    for members in sampled_together(rows):
+        first = rows[members[0]]
+        stack = [
+            None
+            if getattr(first, name) is None
+            else torch.cat([getattr(rows[k], name) for k in members])
+            for name in ("image", "mask", "lowres")
+        ]
+        out = cascade.sample(
+            [rows[k].prompt for k in members],
+            first.settings,
+            [rows[k].settings.seed for k in members],
+            image=stack[0],
+            mask=stack[1],
+            lowres=stack[2],
+            callback=check_deadline,
+            progress=progress,
+        )
+        for k, image in zip(members, to_uint8(out), strict=True):
+            images[k] = image
+    return images
+
+
+try:  # the class needs MLflow's base class; the rest of this module does not
+    from mlflow.pyfunc import PythonModel
+except ImportError:  # pragma: no cover - MLflow is a declared dependency
+    PythonModel = object
+
+
+class ImagenModel(PythonModel):
+    """pyfunc model: prompts (and optional settings and images) in, base64 PNGs out."""
+
+    def load_context(self, context) -> None:
+        root = Path(context.artifacts[ARTIFACT])
+        self.cascade = Cascade.from_dir(root, device=resolve_device("auto"))
+        self.settings, self.limits = packaged_settings(root)
+        self.cascade.encode(["warm-up"])  # load the text encoder now, not in a request
+
+    def predict(self, context, model_input, params=None):
+        import pandas as pd
+
+        rows = validate_request(model_input, self.settings, self.limits, self.cascade)
+        deadline = time.monotonic() + self.limits.timeout_s
+        try:
+            images = generate(self.cascade, rows, deadline)
+        except DeadlineExceeded:
+            raise _deadline_exceeded(
+                f"sampling stopped after serve.timeout_s={self.limits.timeout_s:g} s: "
+                "send fewer prompts or steps"
+            ) from None
+        return pd.DataFrame(
+            {
+                "prompt": [r.prompt for r in rows],
+                "seed": [r.settings.seed for r in rows],
+                "image": [_png_base64(im) for im in images],
+            }
+        )

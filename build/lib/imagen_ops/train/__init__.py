@@ -1,0 +1,1 @@
+"""One trainer for every cascade stage: EMA, exact resume, DDP, tracking."""
