@@ -22,6 +22,7 @@ order follows the batch (docs/architecture.md, "Determinism"). On this machine i
 from __future__ import annotations
 
 import argparse
+import copy
 from functools import partial
 
 import torch
@@ -33,7 +34,7 @@ from imagen_ops.config import load_params
 from imagen_ops.diffusion.guidance import Conditioning
 from imagen_ops.models.layers import Linear
 from imagen_ops.models.unet import explicit_attention
-from imagen_ops.text.encoders import TextEmbeddings, TextEncoder, load_text_encoder
+from imagen_ops.text.encoders import TextEmbeddings, load_text_encoder
 
 from common import machine, median_seconds, table
 
@@ -106,9 +107,9 @@ def stored_differences(encoder, prompts: list[str], mode: str) -> list[int]:
     `prompts`, encoded padded to the longest, in passes as large as the batch, or now."""
 
     def encode(texts: list[str]) -> torch.Tensor:
-        if mode == "batch pass":  # every pass as large as the batch: an encoder sized to it
-            cfg = encoder.cfg.model_copy(update={"batch_size": len(texts)})
-            sized = TextEncoder(cfg, encoder.model_dir, encoder.weights_id)
+        if mode == "batch pass":  # every pass as large as the batch: a copy sized to it,
+            sized = copy.copy(encoder)  # sharing the model
+            sized.cfg = encoder.cfg.model_copy(update={"batch_size": len(texts)})
             return sized.encode(texts).as_stored().tokens
         if mode != "longest":
             return encoder.encode(texts).as_stored().tokens

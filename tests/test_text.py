@@ -221,6 +221,8 @@ def test_every_encoder_pass_has_batch_size_captions_of_one_width(tiny_t5_dir):
     assert len(shapes) == sum(-(-widths.count(w) // 2) for w in set(widths))
     assert widths == [encoder.width_of(n) for n in got.mask.sum(1).tolist()]
     assert not got.tokens[~got.mask].signbit().any()
+    with pytest.raises(ValueError, match="2 token lengths for 6 captions"):
+        next(encoder.iter_passes(CAPTIONS, [3, 4], [-1]))
 
 
 def test_cache_round_trip_equals_direct_encoding(tmp_path):

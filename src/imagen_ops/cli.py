@@ -531,7 +531,10 @@ EXAMPLES = {
     ],
     "cmd_pipeline_write": ["imagen-ops pipeline write", "imagen-ops pipeline write --check"],
     "cmd_prepare": ["imagen-ops prepare"],
-    "cmd_encode_text": ["imagen-ops encode-text -S text.batch_size=32"],
+    "cmd_encode_text": [
+        "imagen-ops encode-text",
+        "imagen-ops encode-text --params t5.yaml --out artifacts/text_cache_t5",
+    ],
     "cmd_train_scorer": ["imagen-ops train-scorer -S scorer.steps=300"],
     "cmd_summary": ["imagen-ops model summary"],
     "cmd_train": [

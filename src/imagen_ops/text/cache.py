@@ -51,7 +51,8 @@ CACHE_VERSION = 1
 
 
 class CacheMismatchError(ValueError):
-    """The cache was built for another encoder, another max_length or other captions."""
+    """The cache was built with other text settings (encoder, max_length, layer,
+    batch_size) or for other captions."""
 
 
 def captions_digest(captions: Sequence[str]) -> str:
@@ -143,7 +144,7 @@ def encode_captions(
             len(unique),
             encoder.max_length,
         )
-    width = min(max(lengths_full), encoder.max_length)
+    width = encoder.stored_width(lengths_full)
     tokens = np.zeros((len(layers), len(unique), width, encoder.dim), dtype=np.float16)
     lengths = np.zeros(len(unique), dtype=np.int32)
     bar = tqdm(total=len(unique), desc="encode_text", unit="caption", disable=not progress)

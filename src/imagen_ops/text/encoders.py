@@ -243,6 +243,11 @@ class TextEncoder:
         """Each caption's width, from the tokenizer alone."""
         return [self.width_of(n) for n in self.token_lengths(texts)]
 
+    def stored_width(self, lengths: Sequence[int]) -> int:
+        """Tokens kept per caption for captions of `lengths` tokens: the longest, truncated
+        to max_length (encode's L, the cache's stored length)."""
+        return min(max(lengths), self.max_length)
+
     def check_layer(self, layer: int, key: str) -> None:
         """Refuse a hidden layer the model does not have, naming the setting (`key`)."""
         if layer > self.num_layers:
@@ -261,8 +266,10 @@ class TextEncoder:
         embedding cache stores the U-Net's layer and the scorer's): (B, L, D), L the
         longest (truncated) caption."""
         texts = list(texts)
+        if not layers:
+            return []
         lengths = self.token_lengths(texts)
-        width = min(max(lengths), self.max_length)
+        width = self.stored_width(lengths)
         tokens = [torch.zeros(len(texts), width, self.dim) for _ in layers]
         mask = torch.zeros(len(texts), width, dtype=torch.bool)
         for rows, embs in self.iter_passes(texts, lengths, layers):
@@ -276,8 +283,9 @@ class TextEncoder:
     def iter_passes(
         self, texts: Sequence[str], lengths: Sequence[int], layers: Sequence[int]
     ) -> Iterator[tuple[list[int], list[TextEmbeddings]]]:
-        """Run the model over `texts` (their `token_lengths`), yielding each pass's rows and
-        their tokens at each of `layers`, padded to the pass's width; callers keep only
+        """Run the model over `texts` (`lengths`: their `token_lengths`, which refuses empty
+        captions), yielding each pass's rows and their tokens at each of `layers`, padded to
+        the pass's tensor width (their `width_of`, at most max_length); callers keep only
         what they need, so memory stays one pass deep (the cache encodes 100,000s).
 
         A caption's tokens do not depend on the other captions, because no kernel's shape
@@ -288,6 +296,8 @@ class TextEncoder:
         kernel by the row count (on an AMX Xeon, the 1536 -> 384 projection rounds
         differently for 57 to 192 rows than for more), so a pass of another size moved the
         prompt's values (docs/architecture.md, "Determinism")."""
+        if len(lengths) != len(texts):
+            raise ValueError(f"{len(lengths)} token lengths for {len(texts)} captions")
         for layer in layers:
             self.check_layer(layer, "layer")
         groups: dict[int, list[int]] = {}
@@ -295,11 +305,12 @@ class TextEncoder:
             groups.setdefault(self.width_of(n), []).append(i)
         per_pass = self.cfg.batch_size
         for width, members in groups.items():
+            padded = min(width, self.max_length)  # a truncated caption's tensor width
             for start in range(0, len(members), per_pass):
                 rows = members[start : start + per_pass]
                 chunk = [texts[i] for i in rows]
                 chunk += chunk[-1:] * (per_pass - len(rows))
-                batch = self._tokenize(chunk, min(width, self.max_length)).to(self.device)
+                batch = self._tokenize(chunk, padded).to(self.device)
                 out = self.model(
                     input_ids=batch["input_ids"],
                     attention_mask=batch["attention_mask"],
