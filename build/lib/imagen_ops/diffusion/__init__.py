@@ -1,1 +1,0 @@
-"""Continuous-time diffusion: log-SNR schedules, objectives, guidance wrappers, samplers."""

@@ -1,1 +1,0 @@
-"""Evaluation: image-quality metrics and the exact shapes alignment oracle."""

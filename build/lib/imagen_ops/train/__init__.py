@@ -1,1 +1,0 @@
-"""One trainer for every cascade stage: EMA, exact resume, DDP, tracking."""
