@@ -13,11 +13,11 @@ import argparse
 import statistics
 
 import torch
-from bench_model import TEXT_DIM, train_speed
 
 from imagen_ops.cascade import Stage
 from imagen_ops.config import load_params
 
+from bench_model import TEXT_DIM, train_speed
 from common import machine
 
 

@@ -38,7 +38,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from bench_relation import contrast
 from torch import Tensor, nn
 
 from imagen_ops.config import load_params
@@ -48,6 +47,7 @@ from imagen_ops.images import from_uint8
 from imagen_ops.models.unet import LayoutHead, UNet, layout_loss
 from imagen_ops.text.cache import EmbeddingCache
 
+from bench_relation import contrast
 from common import machine, parse_args, path_options
 
 GRID = 4  # the readout's cells per side

@@ -16,6 +16,7 @@ from imagen_ops.diffusion.schedules import alpha_sigma
 from imagen_ops.models.layers import Linear
 from imagen_ops.models.unet import (
     AttentionBlock,
+    GroupNorm,
     LayoutHead,
     LayoutPrior,
     TransformerLayer,
@@ -210,6 +211,33 @@ def test_explicit_attention_matches_sdpa(dtype):
         explicit_attention(q, k, v, mask[:, None, None, :]).float(), ref, atol=tol, rtol=tol
     )
     torch.testing.assert_close(masked_attention(q, k, v, mask).float(), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_group_norm_keeps_channels_last_and_computes_the_nchw_norm(dtype):
+    """models.unet.GroupNorm: channels-last in, channels-last out, with the values and
+    gradients of nn.GroupNorm on the same activations laid out NCHW (the bf16 CPU path
+    normalizes a contiguous copy)."""
+    torch.manual_seed(0)
+    norm = GroupNorm(8, 32)
+    nn.init.normal_(norm.weight)
+    nn.init.normal_(norm.bias)
+    plain = nn.GroupNorm(8, 32)
+    plain.load_state_dict(norm.state_dict())
+    x = torch.randn(4, 32, 8, 8).to(dtype)
+    nhwc = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    nchw = x.clone().requires_grad_()
+    out, ref = norm(nhwc), plain(nchw)
+    assert out.is_contiguous(memory_format=torch.channels_last) and out.dtype == dtype
+    # bf16: exactly, it is the same kernel on the same values; fp32 runs torch's NHWC kernel
+    tol = 0.0 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+    g = torch.randn_like(ref)
+    out.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(nhwc.grad, nchw.grad, atol=tol, rtol=tol)
+    torch.testing.assert_close(norm.weight.grad, plain.weight.grad, atol=tol, rtol=tol)
+    torch.testing.assert_close(norm.bias.grad, plain.bias.grad, atol=tol, rtol=tol)
 
 
 def test_linear_rows_do_not_depend_on_how_many_come_with_them():

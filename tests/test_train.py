@@ -133,8 +133,13 @@ def _cli_train(params_file: Path, tiny_data, out: Path) -> subprocess.Popen:
 
 
 @pytest.mark.integration
-def test_sigkill_and_resume_equals_uninterrupted(tiny_data, tmp_path):
-    overrides = ("stages.base.train.steps=12", "stages.base.train.checkpoint_every=4")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_sigkill_and_resume_equals_uninterrupted(tiny_data, tmp_path, channels_last):
+    overrides = (
+        "stages.base.train.steps=12",
+        "stages.base.train.checkpoint_every=4",
+        f"stages.base.train.channels_last={str(channels_last).lower()}",
+    )
     params_file = write_params(tmp_path / "params.yaml", *overrides)
     train_base(tiny_data, tmp_path / "ref", *overrides)
 

@@ -313,7 +313,9 @@ class TrainConfig(Section):
         "auto", description="bf16 autocast or fp32; auto: bf16 where the hardware has it"
     )
     compile: bool = False
-    channels_last: bool = Field(False, description="NHWC (faster on CUDA, slower on CPU)")
+    channels_last: bool = Field(
+        True, description="NHWC: faster than NCHW on CUDA and on the CPU (BENCHMARKS)"
+    )
     crop: int | None = Field(None, ge=8, description="SR stages: random crop size")
     init_from: str | None = Field(
         None,
