@@ -314,7 +314,9 @@ class TrainConfig(Section):
     )
     compile: bool = False
     channels_last: bool = Field(
-        True, description="NHWC: faster than NCHW on CUDA and on the CPU (BENCHMARKS)"
+        False,
+        description="NHWC: faster on CUDA; 1.04-1.07x on a bf16 CPU, not the default there "
+        "(BENCHMARKS: Channels-last on the CPU)",
     )
     crop: int | None = Field(None, ge=8, description="SR stages: random crop size")
     init_from: str | None = Field(
