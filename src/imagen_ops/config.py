@@ -315,8 +315,8 @@ class TrainConfig(Section):
     compile: bool = False
     channels_last: bool = Field(
         False,
-        description="NHWC: faster on CUDA; 1.04-1.07x on a bf16 CPU, not the default there "
-        "(BENCHMARKS: Channels-last on the CPU)",
+        description="NHWC: faster on CUDA; on the CPU 1.04-1.07x in the loop, inside the "
+        "demo's run-to-run spread (BENCHMARKS: Channels-last on the CPU)",
     )
     crop: int | None = Field(None, ge=8, description="SR stages: random crop size")
     init_from: str | None = Field(
