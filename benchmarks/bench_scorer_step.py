@@ -7,7 +7,8 @@ Random images at the base stage's resolution and random token embeddings (MiniLM
 with NHWC (channels_last, what `ImageTower` uses) input, and of the text head over the
 batch's captions and hard negatives in two passes and in one, and over every row against
 each distinct row once (30% of rows repeat, as in the demo's steps): `train_scorer` embeds
-distinct rows in one pass.
+distinct rows in one pass. Then the whole step in fp32, what `train_scorer` runs, against
+the same step under bf16 autocast.
 The two sides of a pair alternate within each round, which goes first alternating too: on
 a shared 2-core host separate runs drift by more than these differences. Then the whole
 step (`_loss`, backward, AdamW): its 3,000 steps are most of #14's "<= 2 min".
@@ -103,13 +104,19 @@ def main() -> None:
 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    def step() -> None:
+    def step(bf16: bool = False) -> None:
         ids = rows[:b].numpy()
-        loss = _loss(model, images, distinct_rows(), ids, cfg.hard_negative_weight)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = _loss(model, images, distinct_rows(), ids, cfg.hard_negative_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
+    ratios = interleaved(lambda: step(bf16=True), step, args.rounds)
+    faster = sum(r < 1 for r in ratios)
+    spread = f"{min(ratios):.2f}-{max(ratios):.2f}"
+    name = "whole step: fp32 / bf16 autocast"
+    results.append([name, statistics.median(ratios), f"{faster} of {len(ratios)}", spread])
     ms = 1000 * median_seconds(step, repeats=30)
     print(f"machine: {machine()}\n")
     print(f"scorer step, batch {b}, {k} hard negatives each, {resolution} px:\n")
