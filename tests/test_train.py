@@ -170,6 +170,27 @@ def test_checkpoint_of_other_settings_is_not_resumed(tiny_data, tmp_path, caplog
     assert "afresh" in caplog.text
 
 
+def test_resume_with_another_thread_count_says_the_weights_will_differ(tiny_data, tmp_path, caplog):
+    """CPU kernels split their sums by thread: a checkpoint continued with another thread
+    count trains other weights than the uninterrupted run. It still resumes (the run's
+    position is right), and says so in one line naming the count that continues it exactly."""
+    paths = paths_for(tiny_data, tmp_path)
+    params = tiny_params("stages.base.train.steps=4", "stages.base.train.checkpoint_every=4")
+    Trainer(train_settings(params, "base"), paths, progress=False).fit()
+    threads = torch.get_num_threads()
+    caplog.clear()
+    assert Trainer(train_settings(params, "base"), paths, progress=False)._resume() == 4
+    assert "threads" not in caplog.text  # the same count: an exact resume, nothing to say
+    torch.set_num_threads(threads + 1)
+    try:
+        assert Trainer(train_settings(params, "base"), paths, progress=False)._resume() == 4
+    finally:
+        torch.set_num_threads(threads)
+    (line,) = [r.getMessage() for r in caplog.records if "threads" in r.getMessage()]
+    assert f"written with {threads} threads, this process runs {threads + 1}" in line
+    assert f"OMP_NUM_THREADS={threads}" in line
+
+
 def test_checkpoint_of_other_prepared_data_is_not_resumed(tiny_data, tmp_path, caplog):
     """Another split of the same source table (data.prepare.val_fraction) trains on other
     images: DVC reruns the stage, and its old final checkpoint must not be exported."""
@@ -481,6 +502,10 @@ def test_tracker_gets_params_metrics_and_sample_grids(tiny_data, tmp_path):
         progress=False,
     ).fit()
     assert tracker.params["stage"] == "sr32" and tracker.params["train.steps"] == 6
+    # what a bit-for-bit rebuild needs besides data, params and seed
+    assert tracker.params["env.threads"] == torch.get_num_threads()
+    assert tracker.params["env.torch"] == torch.__version__
+    assert tracker.params["env.device"] == "cpu" and tracker.params["env.cpu"]
     assert [s for s, _ in tracker.metrics] == [2, 4, 6]
     assert {"loss", "lr", "grad_norm", "images_per_s"} <= set(tracker.metrics[-1][1])
     names = [n for n, _ in tracker.images]

@@ -9,13 +9,15 @@ native one the demo trains ~1.5x faster.
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from imagen_ops.choices import Choices
 
-__all__ = ["PRECISIONS", "resolve_device", "use_bf16"]
+__all__ = ["PRECISIONS", "cpu_name", "environment", "resolve_device", "use_bf16"]
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -42,3 +44,28 @@ PRECISIONS: Choices[Callable[[torch.device], bool]] = Choices(
 def use_bf16(precision: str, device: torch.device) -> bool:
     """Whether `precision` ("auto", "fp32" or "bf16") means bf16 autocast on `device`."""
     return PRECISIONS[precision](device)
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what `platform` reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device) -> dict[str, str | int]:
+    """What trained weights depend on besides data, params and seed: CPU kernels split
+    their sums by thread count and instruction set, so a bit-for-bit rebuild needs the same
+    torch, CPU type and `threads` (docs/architecture.md, "Determinism")."""
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
+    return {
+        "torch": torch.__version__,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "cpu": cpu_name(),
+        "gpu": gpu,
+    }

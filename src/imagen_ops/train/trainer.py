@@ -31,7 +31,7 @@ from imagen_ops.cascade import Cascade, Stage, load_stage
 from imagen_ops.config import TrainConfig, TrainSettings, flatten
 from imagen_ops.data.dataset import Batch, StageData, prefetch, step_generator
 from imagen_ops.data.prepare import PreparedData
-from imagen_ops.device import use_bf16
+from imagen_ops.device import environment, use_bf16
 from imagen_ops.files import sha256_files, sha256_tree
 from imagen_ops.images import make_grid, to_uint8
 from imagen_ops.models.unet import layout_loss
@@ -284,8 +284,9 @@ class Trainer:
         if start == 0 and tc.layout.steps and not self.warm_started:
             self._fit_layout()
         if main and start == 0:
+            env = {f"env.{k}": v for k, v in environment(self.device).items()}
             self.tracker.log_params(
-                {"stage": self.stage.name, **flatten(self.cfg.model_dump(mode="json"))}
+                {"stage": self.stage.name, **flatten(self.cfg.model_dump(mode="json")), **env}
             )
         bar = tqdm(
             total=tc.steps,
@@ -390,6 +391,7 @@ class Trainer:
             "consecutive_nonfinite": self.consecutive_nonfinite,
             "history": self.metrics.rows,
             "fingerprint": self.fingerprint,
+            "threads": torch.get_num_threads(),
         }
 
     def _save_checkpoint(self, step: int) -> None:
@@ -418,6 +420,18 @@ class Trainer:
         self.net.load_state_dict(ckpt.weights["model"])
         self.ema.load_state_dict(ckpt.weights["ema"])
         state = ckpt.state
+        threads = state.get("threads", torch.get_num_threads())
+        if self.device.type == "cpu" and threads != torch.get_num_threads():
+            log.warning(
+                "stage %s: %s was written with %d threads, this process runs %d: the resumed "
+                "run's weights will differ from an uninterrupted run's in their last bits "
+                "(set OMP_NUM_THREADS=%d to continue it exactly)",
+                self.stage.name,
+                ckpt.path,
+                threads,
+                torch.get_num_threads(),
+                threads,
+            )
         self.optimizer.load_state_dict(state["optimizer"])
         self.skipped, self.consecutive_nonfinite = state["skipped"], state["consecutive_nonfinite"]
         self.metrics = MetricsCSV(self.paths.metrics, state["history"])
