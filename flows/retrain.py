@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -111,33 +112,52 @@ def write_pipeline(project: str, params_file: str) -> list[str]:
 @task
 def ensure_golden(project: str, params_file: str) -> None:
     """The golden prompt set for the paired gate: made once (deterministic from params) and
-    versioned with `dvc add`; an existing set is never regenerated."""
+    versioned with `dvc add`. A set golden.dvc records is frozen: where golden/ is missing
+    (a fresh clone) it is made again and must be the same set, else the run stops."""
     root = Path(project)
     golden = load_params(root / params_file).paths.golden
     if not (root / golden / GOLDEN_FILE).is_file():
-        _run(
-            [sys.executable, "-m", "imagen_ops.cli", "golden", "make", "--params", params_file],
-            root,
-        )
+        cli = [sys.executable, "-m", "imagen_ops.cli"]
+        _run([*cli, "golden", "make", "--params", params_file], root)
+        pointer = root / f"{golden}.dvc"
+        if pointer.is_file():
+            dvc_status = [sys.executable, "-m", "dvc", "status", "--json", f"{golden}.dvc"]
+            if json.loads(_run(dvc_status, root) or "{}"):
+                shutil.rmtree(root / golden)
+                raise GoldenSetChangedError(
+                    f"{golden}/ is missing, and params.yaml's registry.golden_per_category / "
+                    f"golden_seed now make another set than {pointer.name} records: `dvc "
+                    f"checkout {pointer.name}` (or `dvc pull {pointer.name}`) restores the "
+                    f"frozen set; delete {pointer.name} to start a new one"
+                )
     _run([sys.executable, "-m", "dvc", "add", golden], root)
+
+
+class GoldenSetChangedError(RuntimeError):
+    """The golden set would change under golden.dvc: promotions would compare other prompts."""
 
 
 @task
 def why_train(project: str, params_file: str, report: dict[str, Any]) -> str | None:
     """Why this run must reproduce and register, or None: no new data, every DVC stage up
-    to date (params, code and data unchanged) and the current model already registered."""
+    to date (params, code and data unchanged) and what it would register (weights, scorer,
+    metrics, packaged settings) already registered, completely."""
+    from imagen_ops.registry.pyfunc import ModelSpec
+    from imagen_ops.registry.register import RegisterPaths, registered_version, registration_digest
+
     root = Path(project)
     if report.get("kept"):
         return f"{report['kept']} new records"
     status = json.loads(_run([sys.executable, "-m", "dvc", "status", "--json"], root) or "{}")
     if status:
         return f"stages out of date: {', '.join(sorted(status))}"
-    from imagen_ops.registry.register import registered_version
-
     params = load_params(root / params_file)
-    if registered_version(params.registry, root / params.paths.models, params.stage_names()):
+    content = registration_digest(
+        RegisterPaths.from_params(root, params.paths), ModelSpec.from_params(params)
+    )
+    if registered_version(params.registry, content):
         return None
-    return "the current model has no registered version yet"
+    return "the current model and its metrics have no complete registered version yet"
 
 
 @task(retries=1, retry_delay_seconds=5)
@@ -154,32 +174,25 @@ def repro(project: str, target: str, parent_run_id: str | None) -> str:
 @task
 def register(project: str, params_file: str, run_id: str | None) -> dict[str, Any]:
     """Log the run and the model; challenger alias; champion only if the gate passes."""
-    from imagen_ops.eval.golden import read_golden
-    from imagen_ops.registry.pyfunc import ModelSpec
-    from imagen_ops.registry.register import RegisterPaths
-    from imagen_ops.registry.register import register as register_model
+    from imagen_ops.registry.register import register_project
 
     root = Path(project)
-    params = load_params(root / params_file)
-    p = params.paths
-    paths = RegisterPaths(root, root / p.models, root / p.metrics, root / p.eval, root / p.timings)
-    golden = root / p.golden
-    return register_model(
-        params.registry,
-        ModelSpec.from_params(params),
-        paths,
-        run_params=params.model_dump(mode="json"),
-        run_id=run_id,
-        golden=read_golden(golden) if (golden / GOLDEN_FILE).is_file() else None,
-    )
+    return register_project(root, load_params(root / params_file), run_id)
+
+
+def _end_stale_runs(project: Path, params_file: str) -> None:
+    """Mark KILLED the MLflow runs that killed flow runs left RUNNING (under the lock, none
+    of them is live): on every run, "no change" included."""
+    from imagen_ops.registry.tracking import end_stale_runs
+
+    for run_id in end_stale_runs(load_params(project / params_file).registry, "retrain"):
+        get_run_logger().warning("MLflow run %s of a killed flow run marked KILLED", run_id)
 
 
 def _start_mlflow_run(project: Path, params_file: str) -> str | None:
-    from imagen_ops.registry.tracking import end_stale_runs, start_run
+    from imagen_ops.registry.tracking import start_run
 
     params = load_params(project / params_file)
-    for run_id in end_stale_runs(params.registry, "retrain"):  # under the lock: none is live
-        get_run_logger().warning("MLflow run %s of a killed flow run marked KILLED", run_id)
     return start_run(params.registry, "retrain", {"imagen_ops.kind": "retrain"})
 
 
@@ -217,6 +230,7 @@ def retrain(
             if source is None:  # the shapes oracle can judge the golden prompts
                 ensure_golden(str(root), params_file)
             stages = write_pipeline(str(root), params_file)
+            _end_stale_runs(root, params_file)
             reason = why_train(str(root), params_file, report)
             if reason is None:
                 logger.info("no change: no new data, every stage up to date, model registered")

@@ -5,7 +5,9 @@
 
 `--deploy` is for scale: `prefect work-pool create imagen-ops-process --type process` once,
 then `prefect worker start --pool imagen-ops-process` on each machine that should run it (a
-`docker` or `kubernetes` pool runs the workers on GPU nodes instead). The cron, its time
+`docker` or `kubernetes` pool runs the workers on GPU nodes instead). The deployment runs
+one flow run at a time whichever worker takes it (a later one waits): the project lock and
+the champion alias's compare-and-set lock are files on one machine. The cron, its time
 zone, the deployment's name and the pool are read from params.yaml and nowhere else.
 """
 
@@ -39,6 +41,7 @@ def deploy(project: Path, params_file: str) -> Any:
     source = retrain.from_source(source=str(project.resolve()), entrypoint=ENTRYPOINT)
     return source.deploy(
         work_pool_name=cfg.work_pool,
+        concurrency_limit=1,  # across machines: their locks are local files
         print_next_steps=False,
         **deployment_options(cfg, project, params_file),
     )

@@ -109,10 +109,11 @@ def aliases(client) -> dict[str, str]:
 
 
 @pytest.mark.integration
-def test_retrain_flow_second_and_third_runs(tmp_path, prefect_harness, flow_env, monkeypatch):
+def test_retrain_flow_second_and_third_runs(tmp_path, prefect_harness, flow_env):
     """Run 1 trains and registers; run 2 with nothing new ends "no change"; run 3, after
     new scenes arrive, ingests only those, retrains, registers and gates; a killed run's
-    MLflow run is marked KILLED; a failed run ends FAILED and moves no alias."""
+    MLflow run is marked KILLED; a failed run ends FAILED and moves no alias; then
+    `later_runs`."""
     from mlflow import MlflowClient
 
     from flows.retrain import retrain
@@ -131,6 +132,12 @@ def test_retrain_flow_second_and_third_runs(tmp_path, prefect_harness, flow_env,
     assert decision["promote"] and decision["reason"] == "no champion yet"
     assert decision["metric"] == "golden.accuracy" and decision["n"] == 12
     assert first["version"] == first["champion_version"] == "1"
+    # the version packages the scorer (best of N) and its run logs the scorer's accuracy
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow/mlflow.db")
+    model = Path(mlflow.artifacts.download_artifacts("models:/imagen-ops/1", dst_path=tmp_path))
+    assert (model / "artifacts" / "cascade" / "scorer" / "config.json").is_file()
     # the flow run publishes its decision, metrics and links as Prefect artifacts
     from prefect.client.orchestration import get_client
 
@@ -148,6 +155,7 @@ def test_retrain_flow_second_and_third_runs(tmp_path, prefect_harness, flow_env,
     assert aliases(client) == {"champion": "1", "challenger": "1"}
     run = client.get_run(first["run_id"])
     assert run.data.tags["imagen_ops.promoted"] == "True"
+    assert any(k.startswith("scorer.") for k in run.data.metrics)
     assert run.data.tags["imagen_ops.git_commit"]
     data_md5 = yaml.safe_load((root / "data.dvc").read_text())["outs"][0]["md5"]
     assert run.data.tags["imagen_ops.data_version"] == data_md5
@@ -214,13 +222,60 @@ def test_retrain_flow_second_and_third_runs(tmp_path, prefect_harness, flow_env,
     def broken(*args, **kwargs):
         raise RuntimeError("registry unreachable")
 
-    monkeypatch.setattr(register_module, "register", broken)
     before = aliases(client)
-    with pytest.raises(RuntimeError, match="registry unreachable"):
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(RuntimeError, match="unreachable"):
+        mp.setattr(register_module, "register", broken)
         retrain(project=str(root), params_file="params.yaml")
     failed = client.search_runs([run.info.experiment_id], "attributes.status = 'FAILED'")
     assert [r.info.run_name for r in failed] == ["retrain"]
     assert aliases(client) == before and versions(client) == ["1", "2"]
+    later_runs(root, client)
+
+
+def later_runs(root: Path, client) -> None:
+    """After the flow test's runs: a registration cut short, a packaged setting changed by
+    hand, and a lost golden set; each next run does what the state needs, not "no change"."""
+    from flows.retrain import GoldenSetChangedError, retrain
+    from imagen_ops.registry import register as register_module
+
+    from .test_dvc import dvc
+
+    # a run killed after its version exists but before the aliases moved (the last steps
+    # of registration): that version is incomplete, and the next run, with nothing new,
+    # registers the model again instead of ending "no change"
+    def killed(*args, **kwargs):
+        raise RuntimeError("killed while moving the aliases")
+
+    quiet = (*FAST, "registry.track_training=true", "registry.golden_per_category=3")
+    write_params(root / "params.yaml", *quiet)
+    champion = aliases(client)["champion"]
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(RuntimeError, match="killed while"):
+        mp.setattr(register_module, "carry_out", killed)
+        retrain(project=str(root), params_file="params.yaml")
+    assert versions(client) == ["1", "2", "3"] and aliases(client)["champion"] == champion
+    again = retrain(project=str(root), params_file="params.yaml")
+    assert again["ingest"]["kept"] == 0 and again["version"] == "4"
+    assert aliases(client)["challenger"] == "4"
+
+    # a packaged setting changed and `dvc repro` run by hand: version 4's weights, other
+    # metrics and sampling defaults, which the next run registers
+    write_params(root / "params.yaml", *quiet, "sample.guidance=[3.0, 1.0]")
+    dvc(root, "repro")
+    assert retrain(project=str(root), params_file="params.yaml")["version"] == "5"
+    assert retrain(project=str(root), params_file="params.yaml")["state"] == "no change"
+
+    # golden/ lost (a worker that pulled only the data): made again, the same frozen set
+    pointer = (root / "golden.dvc").read_bytes()
+    shutil.rmtree(root / "golden")
+    assert retrain(project=str(root), params_file="params.yaml")["state"] == "no change"
+    assert (root / "golden.dvc").read_bytes() == pointer
+    # ... unless the params now make another set: the run stops, golden.dvc as it was
+    shutil.rmtree(root / "golden")
+    write_params(root / "params.yaml", *quiet, "registry.golden_per_category=4")
+    with pytest.raises(GoldenSetChangedError, match=r"dvc checkout golden\.dvc"):
+        retrain(project=str(root), params_file="params.yaml")
+    assert (root / "golden.dvc").read_bytes() == pointer and not (root / "golden").exists()
+    assert versions(client) == ["1", "2", "3", "4", "5"]
 
 
 def versions(client) -> list[str]:
@@ -251,6 +306,7 @@ def test_deploy_uses_the_schedule_section(tmp_path, prefect_harness) -> None:
         client.create_work_pool(WorkPoolCreate(name="gpu-pool", type="process"))
         deployment = client.read_deployment(deploy(project, "params.yaml"))
     assert deployment.name == "nightly" and deployment.work_pool_name == "gpu-pool"
+    assert deployment.global_concurrency_limit.limit == 1  # one run at a time, any machine
     (schedule,) = deployment.schedules
     assert schedule.schedule.cron == "30 2 * * *"
     assert schedule.schedule.timezone == "Europe/Paris"

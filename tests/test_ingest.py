@@ -190,11 +190,15 @@ def test_second_ingest_adds_nothing_and_new_source_appends(tmp_path: Path) -> No
     src = make_folder(tmp_path / "src")
     out = tmp_path / "data"
     first = ingest(open_source(src, CFG), out, CFG, progress=False)
-    table1 = read_table(out)
+    table1, written = read_table(out), (out / "captions.parquet").stat()
     again = ingest(open_source(src, CFG), out, CFG, progress=False)
     assert again.kept == 0 and again.rows == first.rows
     assert again.rejected["duplicate"] == first.kept + first.rejected["duplicate"]
     assert read_table(out).equals(table1)
+    # nothing new: the file is not rewritten (its bytes name the pandas / pyarrow versions,
+    # so a rewrite after an upgrade would change data.dvc and retrain every stage)
+    unchanged = (out / "captions.parquet").stat()
+    assert (unchanged.st_ino, unchanged.st_mtime_ns) == (written.st_ino, written.st_mtime_ns)
 
     synth = SynthConfig(n=5, resolution=32)
     more = ingest(synth_source(synth), out, CFG, progress=False)

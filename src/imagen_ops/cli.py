@@ -420,39 +420,12 @@ def _optional_scorer(path: Path, text_layer: int):
 
 
 def cmd_register(args: argparse.Namespace) -> None:
-    from imagen_ops.registry.pyfunc import ModelSpec
-    from imagen_ops.registry.register import RegisterPaths, register
+    from imagen_ops.registry.register import register_project
 
-    params = _params(args)
-    p, root = params.paths, Path(args.root)
-    paths = RegisterPaths(
-        root,
-        root / _path(args.models, p.models),
-        root / _path(args.metrics, p.metrics),
-        root / _path(args.eval_dir, p.eval),
-        root / p.timings,
-        root / p.scorer,
-        root / p.scorer_metrics,
-    )
-    result = register(
-        params.registry,
-        ModelSpec.from_params(params),
-        paths,
-        run_params=params.model_dump(mode="json"),
-        run_id=args.run_id,
-        golden=_golden(root / p.golden),
+    result = register_project(
+        Path(args.root), _params(args), args.run_id, args.models, args.metrics, args.eval_dir
     )
     _out(json.dumps(result, indent=2))
-
-
-def _golden(directory: Path) -> list[dict[str, Any]] | None:
-    """The golden prompt set if there is one (then the paired gate decides promotions)."""
-    from imagen_ops.eval.golden import GOLDEN_FILE, read_golden
-
-    if not (directory / GOLDEN_FILE).is_file():
-        log.warning("no golden prompt set in %s: the metric gate decides", directory)
-        return None
-    return read_golden(directory)
 
 
 def cmd_golden_make(args: argparse.Namespace) -> None:
@@ -503,6 +476,7 @@ def cmd_pipeline_write(args: argparse.Namespace) -> None:
 
 
 def cmd_promote(args: argparse.Namespace) -> None:
+    from imagen_ops.eval.golden import find_golden
     from imagen_ops.registry.register import promote
 
     params = _params(args)
@@ -510,7 +484,7 @@ def cmd_promote(args: argparse.Namespace) -> None:
         params.registry,
         version=args.version,
         force=args.force,
-        golden=_golden(Path(params.paths.golden)),
+        golden=find_golden(Path(params.paths.golden)),
         settings=params.sample,
     )
     _out(json.dumps(decision.to_dict(), indent=2))

@@ -348,7 +348,10 @@ def ingest(
                 log.debug("rejected %s: %s", rec.key, err)
                 report.reject(rec.key, err, cfg.examples_per_reason)
     report.kept = len(rows)
-    report.rows = write_table(out_dir, old, rows)
+    if rows or not (out_dir / TABLE).exists():
+        report.rows = write_table(out_dir, old, rows)
+    else:  # untouched: the file's bytes name the pandas and pyarrow versions that wrote it
+        report.rows = len(old)
     if report.seen != report.kept + report.rejected_total:  # nothing may be lost silently
         raise RuntimeError(
             f"ingest bookkeeping: {report.seen} seen but {report.kept} kept"

@@ -10,6 +10,7 @@ the same prompts with the same seeds, so their per-prompt verdicts pair up.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,16 @@ from imagen_ops.data.shapes import caption_for, sample_scene
 from imagen_ops.eval.alignment import CATEGORIES, score_image
 from imagen_ops.files import write_text_atomic
 
-__all__ = ["GOLDEN_FILE", "golden_verdicts", "make_golden", "read_golden", "write_golden"]
+__all__ = [
+    "GOLDEN_FILE",
+    "find_golden",
+    "golden_verdicts",
+    "make_golden",
+    "read_golden",
+    "write_golden",
+]
+
+log = logging.getLogger(__name__)
 
 GOLDEN_FILE = "prompts.jsonl"
 
@@ -65,6 +75,15 @@ def read_golden(directory: Path) -> list[dict[str, Any]]:
         if missing:
             raise ValueError(f"{path}:{i + 1}: missing {sorted(missing)}")
     return rows
+
+
+def find_golden(directory: Path) -> list[dict[str, Any]] | None:
+    """The golden rows if `directory` holds a set (then the paired gate decides
+    promotions), else None with a warning (then the metric gate does)."""
+    if not (Path(directory) / GOLDEN_FILE).is_file():
+        log.warning("no golden prompt set in %s: the metric gate decides", directory)
+        return None
+    return read_golden(directory)
 
 
 def golden_verdicts(

@@ -25,8 +25,9 @@ from safetensors.torch import load_file
 
 import imagen_ops
 from imagen_ops.cascade import Cascade, cascade_digest
-from imagen_ops.config import RegistryConfig, SampleConfig, flatten
+from imagen_ops.config import Params, PathsConfig, RegistryConfig, SampleConfig, flatten
 from imagen_ops.device import resolve_device
+from imagen_ops.eval.golden import find_golden
 from imagen_ops.files import exclusive_lock
 from imagen_ops.registry.gate import golden_correct
 from imagen_ops.registry.loading import ARTIFACT, load_cascade
@@ -48,7 +49,9 @@ __all__ = [
     "move_champion",
     "promote",
     "register",
+    "register_project",
     "registered_version",
+    "registration_digest",
     "signature",
     "version_tags",
 ]
@@ -57,6 +60,8 @@ log = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 MODEL_DIGEST_TAG = "imagen_ops.model_sha256"  # version tag: cascade_digest of its weights
+# version tag, set last: registration_digest of what the version holds, once it is complete
+REGISTERED_TAG = "imagen_ops.registration_sha256"
 LINEAGE = "lineage"  # run artifact folder: the files a version is rebuilt from
 LINEAGE_FILES = ("dvc.lock", "data.dvc", "golden.dvc", "params.yaml", "dvc.yaml")
 GOLDEN = "golden.accuracy"  # the paired gate's metric: exact correctness on the golden set
@@ -99,6 +104,33 @@ class RegisterPaths:
     timings: Path | None = None  # reports/timings.json: sampling speed, logged if present
     scorer: Path | None = None  # artifacts/scorer: packaged with the model when present
     scorer_report: Path | None = None  # reports/scorer.json: logged as scorer.* metrics
+
+    @classmethod
+    def from_params(
+        cls,
+        root: Path,
+        paths: PathsConfig,
+        models: str | None = None,
+        metrics: str | None = None,
+        eval_dir: str | None = None,
+    ) -> RegisterPaths:
+        """The project's files (params.yaml's `paths`; `models`, `metrics`, `eval_dir` in
+        their place where given): the one reading for the CLI and the retraining flow."""
+        return cls(
+            root,
+            root / (models or paths.models),
+            root / (metrics or paths.metrics),
+            root / (eval_dir or paths.eval),
+            root / paths.timings,
+            root / paths.scorer,
+            root / paths.scorer_metrics,
+        )
+
+    @property
+    def packaged_scorer(self) -> Path | None:
+        """The scorer packaged with the model (best of N), if stage train_scorer made one."""
+        found = self.scorer is not None and (self.scorer / "config.json").is_file()
+        return self.scorer if found else None
 
 
 def _git_commit(root: Path) -> str | None:
@@ -229,24 +261,42 @@ def log_cascade_model(
         )
 
 
-def registered_version(
-    cfg: RegistryConfig, models: Path, stage_names: list[str] | tuple[str, ...]
-) -> str | None:
-    """The model version holding exactly the cascade in `models`, None if none does (or
-    the cascade is not complete)."""
+def registration_digest(paths: RegisterPaths, spec: ModelSpec) -> str | None:
+    """sha256 of what a version holds: the weights, the packaged scorer, metrics.json and
+    the settings packaged with them (stages, text encoder, sampling defaults, serving
+    limits). None while the cascade or its metrics are missing."""
+    try:
+        parts = [cascade_digest(paths.models, spec.stage_names), paths.metrics.read_bytes()]
+    except FileNotFoundError:
+        return None
+    scorer = paths.packaged_scorer
+    parts.append(scorer_digest(scorer) if scorer is not None else "no scorer")
+    settings = {
+        "stages": list(spec.stage_names),
+        **{k: getattr(spec, k).model_dump(mode="json") for k in ("text", "sample", "serve")},
+    }
+    parts.append(json.dumps(settings, sort_keys=True))
+    h = hashlib.sha256()
+    for part in parts:
+        data = part if isinstance(part, bytes) else part.encode()
+        h.update(len(data).to_bytes(8, "little") + data)
+    return h.hexdigest()
+
+
+def registered_version(cfg: RegistryConfig, digest: str | None) -> str | None:
+    """The model version whose registration completed with exactly this content
+    (`registration_digest`), None if none did: then the run has something to register."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    try:
-        digest = cascade_digest(models, stage_names)
-    except FileNotFoundError:
+    if digest is None:
         return None
     configure(cfg)
     try:
         found = MlflowClient().search_model_versions(f"name='{cfg.model_name}'")
     except MlflowException:
         return None
-    return next((v.version for v in found if v.tags.get(MODEL_DIGEST_TAG) == digest), None)
+    return next((v.version for v in found if v.tags.get(REGISTERED_TAG) == digest), None)
 
 
 class NotRegistrableError(ValueError):
@@ -458,8 +508,9 @@ def register(
     metrics = json.loads(paths.metrics.read_text())
     if not golden:
         primary_metric(metrics, cfg.primary_metric)  # fail before logging
-    scorer = paths.scorer if paths.scorer and (paths.scorer / "config.json").is_file() else None
+    scorer = paths.packaged_scorer
     check_registrable(paths.models, spec.stage_names, metrics, paths.metrics, scorer)
+    content = registration_digest(paths, spec)
     experiment_id = configure(cfg)
     client = MlflowClient()
     # decide before anything is registered: a failure up to here changes no alias
@@ -531,6 +582,9 @@ def register(
         mlflow.set_tags(
             {"imagen_ops.promoted": str(decision.promote), "imagen_ops.decision": decision.reason}
         )
+        # last: a run killed before this line left an incomplete version, which the next
+        # run does not count as registered (flows.retrain.why_train), so it registers again
+        client.set_model_version_tag(cfg.model_name, version, REGISTERED_TAG, content)
         log.info("registered %s version %s: %s", cfg.model_name, version, decision.reason)
         return {
             "run_id": run.info.run_id,
@@ -540,6 +594,27 @@ def register(
             "champion_version": version if decision.promote else champion_version,
             "decision": decision.to_dict(),
         }
+
+
+def register_project(
+    root: Path,
+    params: Params,
+    run_id: str | None = None,
+    models: str | None = None,
+    metrics: str | None = None,
+    eval_dir: str | None = None,
+) -> dict[str, Any]:
+    """`register` for a project: its files (`RegisterPaths.from_params`), the packaged
+    settings and all its params, gated on its golden set when it has one. The one call
+    behind `imagen-ops register` and the retraining flow."""
+    return register(
+        params.registry,
+        ModelSpec.from_params(params),
+        RegisterPaths.from_params(root, params.paths, models, metrics, eval_dir),
+        run_params=params.model_dump(mode="json"),
+        run_id=run_id,
+        golden=find_golden(root / params.paths.golden),
+    )
 
 
 def promote(

@@ -27,6 +27,7 @@ from pathlib import Path
 from imagen_ops.cascade import cascade_digest
 from imagen_ops.config import RegistryConfig, load_params
 from imagen_ops.pipeline import train_stage_name
+from imagen_ops.registry.register import LINEAGE, MODEL_DIGEST_TAG
 from imagen_ops.registry.tracking import open_store
 
 __all__ = ["Reproduction", "reproduce"]
@@ -84,16 +85,14 @@ def reproduce(uri: str, project: Path, cfg: RegistryConfig, keep: bool = False) 
     client, mv = _version(uri, cfg)
     run = client.get_run(mv.run_id)
     commit = run.data.tags.get("imagen_ops.git_commit")
-    expected = mv.tags.get("imagen_ops.model_sha256")
+    expected = mv.tags.get(MODEL_DIGEST_TAG)
     if not commit or not expected:
         raise ValueError(f"{uri} stores no git commit or model digest: it cannot be rebuilt")
     project = project.resolve()
     tree = Path(tempfile.mkdtemp(prefix="imagen-ops-reproduce-"))
     try:
         _run(["git", "worktree", "add", "--detach", "--force", str(tree), commit], project)
-        lineage = Path(
-            mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="lineage")
-        )
+        lineage = Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path=LINEAGE))
         for stored in lineage.iterdir():
             shutil.copy2(stored, tree / stored.name)
         env = {
