@@ -165,11 +165,44 @@ def test_validate_request_prompt_count() -> None:
         ("strength", 1.5, "strength: Input should be less than or equal to 1"),
         ("sampler", "euler", "sampler"),
         ("image", "not base64!", "'image' must be a base64-encoded image file"),
+        ("negative_prompt", "a blue\x07square", "negative_prompt: .*control character U\\+0007"),
+        ("negative_prompt", "b" * 2001, "negative_prompt: .*2001 characters"),
     ],
 )
 def test_validate_request_out_of_range(column, value, match) -> None:
     frame = pd.DataFrame({"prompt": ["a red circle"], column: [value]})
     _bad(frame, f"row 0: {match}")
+
+
+def test_validate_request_seed_column_with_gaps_is_exact_or_refused() -> None:
+    """A seed column with an empty cell is float64 in pandas: seeds below 2**53 survive it
+    exactly, a larger one would be rounded to another seed and is refused instead."""
+    frame = pd.DataFrame({"prompt": ["a", "b"], "seed": [2**53 - 1, None]})
+    assert frame["seed"].dtype == np.float64
+    assert [r.settings.seed for r in validate_request(frame, DEFAULTS, LIMITS)] == [2**53 - 1, 11]
+    big = 2**60 + 1
+    _bad(pd.DataFrame({"prompt": ["a", "b"], "seed": [big, None]}), "row 0: seed .* not exact")
+    exact = pd.DataFrame({"prompt": ["a", "b"], "seed": [big, 3]})  # int64: exact
+    assert validate_request(exact, DEFAULTS, LIMITS)[0].settings.seed == big
+
+
+def test_validate_request_bounds_image_pixels_before_decoding(monkeypatch) -> None:
+    """The image and mask files of a request together hold at most serve.max_image_pixels,
+    read from their headers: an over-budget request decodes nothing."""
+    from imagen_ops import images
+
+    png = base64.b64encode(png_bytes(np.zeros((40, 30, 3), np.uint8))).decode()
+    frame = pd.DataFrame({"prompt": ["a", "b"], "image": [png, png], "mask": [None, png]})
+    limits = ServeConfig(max_prompts=8, max_image_pixels=3 * 1200)
+    assert len(validate_request(frame, DEFAULTS, limits)) == 2  # 3 files of 30 x 40: at the limit
+
+    def decode(*args, **kwargs):
+        raise AssertionError("decoded an image of a refused request")
+
+    monkeypatch.setattr(images, "read_image", decode)
+    smaller = ServeConfig(max_prompts=8, max_image_pixels=3 * 1200 - 1)
+    over = r"3,600 pixels, over the limit of 3,599 \(serve\.max_image_pixels\)"
+    _bad(frame, over, limits=smaller)
 
 
 def test_validate_request_rejects_bad_images_with_the_reason() -> None:

@@ -322,6 +322,11 @@ def test_request_over_the_work_budget_is_refused_before_sampling(cascade) -> Non
     with pytest.raises(MlflowException, match=r"serve\.max_work.*fewer prompts or steps"):
         validate_request(frame, settings, limits, cascade)
     assert len(validate_request(frame[:3], settings, limits, cascade)) == 3
+    # settings this cascade cannot run are a bad request naming the setting, not a crash
+    three = pd.DataFrame({"prompt": ["a star", "a moon"], "steps": [None, [4, 4, 4]]})
+    with pytest.raises(MlflowException, match=r"row 1: sample\.steps has 3 values") as err:
+        validate_request(three, settings, limits, cascade)
+    assert err.value.error_code == "INVALID_PARAMETER_VALUE"
 
 
 def test_work_is_the_pixels_the_networks_denoise(cascade) -> None:

@@ -470,7 +470,10 @@ class SampleConfig(Section):
     @field_validator("negative_prompt")
     @classmethod
     def _negative(cls, value: str | None) -> str | None:
-        return None if value is None else (value.strip() or None)
+        """Blank: none; else the checks every prompt takes (no control characters, length)."""
+        from imagen_ops.cascade import check_prompt
+
+        return None if value is None or not value.strip() else check_prompt(value)
 
     def updated(self, **changes: Any) -> SampleConfig:
         """A validated copy with `changes` (None values are left out): the one way
@@ -525,6 +528,12 @@ class ServeConfig(Section):
     )
     timeout_s: float = Field(
         50.0, gt=0, description="sampling stops after this (MLflow answers 504 at 60 s)"
+    )
+    max_image_pixels: int = Field(
+        16_777_216,
+        ge=1,
+        description="width x height of a request's image and mask files together, read from "
+        "their headers before any is decoded",
     )
 
 

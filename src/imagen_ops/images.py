@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import textwrap
 from collections.abc import Sequence
@@ -11,7 +12,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-__all__ = ["from_uint8", "make_grid", "read_image", "to_uint8"]
+__all__ = ["from_uint8", "image_pixels", "make_grid", "read_image", "to_uint8"]
 
 
 def to_uint8(images: Tensor) -> np.ndarray:
@@ -42,6 +43,16 @@ def read_image(data: bytes, *, mask: bool = False, max_pixels: int = 40_000_000)
     if mask:
         return torch.from_numpy(np.asarray(im.convert("L"), dtype=np.float32) / 255.0)[None, None]
     return from_uint8(np.asarray(im)[None])
+
+
+def image_pixels(data: bytes) -> int | None:
+    """Width x height from an image file's header, before any decoding (what a budget
+    checks first); None where the header is unreadable (`read_image` says why)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.width * im.height
+    except Exception:  # any broken header: read_image says what is wrong
+        return None
 
 
 PASS, FAIL = (0, 140, 0), (200, 0, 0)

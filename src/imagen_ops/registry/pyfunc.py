@@ -33,6 +33,7 @@ import torch
 from imagen_ops.cascade import SCORER_DIR, Cascade, check_prompt, image_roles
 from imagen_ops.config import ConfigError, Params, SampleConfig, ServeConfig, TextConfig
 from imagen_ops.device import resolve_device
+from imagen_ops.images import image_pixels
 from imagen_ops.registry.loading import ARTIFACT, packaged_settings
 from imagen_ops.scorer import load_scorer
 
@@ -151,22 +152,36 @@ def validate_request(
             f"send 1 to {limits.max_prompts} prompts per request (serve.max_prompts), "
             f"got {len(frame)}"
         )
+    records = frame.to_dict("records")
+    files = {
+        (i, k): _file(rec.get(k), k, i) for i, rec in enumerate(records) for k in IMAGE_COLUMNS
+    }
+    pixels = sum(image_pixels(data) or 0 for data in files.values() if data is not None)
+    if pixels > limits.max_image_pixels:  # from the headers: nothing decoded yet
+        raise _bad_request(
+            f"the request's images hold {pixels:,} pixels, over the limit of "
+            f"{limits.max_image_pixels:,} (serve.max_image_pixels): send smaller images"
+        )
     rows = []
-    for i, rec in enumerate(frame.to_dict("records")):
+    for i, rec in enumerate(records):
         try:
             prompt = check_prompt(_value(rec.get("prompt")))
         except ValueError as err:
             raise _bad_request(f"row {i}: prompt: {err}") from None
         given = {k: _value(rec.get(k)) for k in SETTING_COLUMNS}
+        if isinstance(given["seed"], float) and abs(given["seed"]) >= 2**53:
+            raise _bad_request(  # pandas makes a column with empty cells float64
+                f"row {i}: seed {given['seed']:.0f} is not exact: a seed column with empty "
+                "cells holds floats, exact below 2**53; give every row its seed"
+            )
         given["seed"] = defaults.seed + i if given["seed"] is None else given["seed"]
         try:
             settings = defaults.updated(**given)
         except ConfigError as err:
             raise _bad_request(f"row {i}: {'; '.join(err.problems)}") from None
         try:
-            roles = image_roles(
-                *(_image(rec.get(k), k, i) for k in IMAGE_COLUMNS), given["strength"]
-            )
+            images = (_image(files[i, k], k, i) for k in IMAGE_COLUMNS)
+            roles = image_roles(*images, given["strength"])
         except ValueError as err:
             raise _bad_request(f"row {i}: {err}") from None
         if cascade is not None and settings.rerank > 1 and cascade.scorer is None:
@@ -176,13 +191,16 @@ def validate_request(
         work = 0.0
         for members in sampled_together(rows):  # as generate samples them
             first = rows[members[0]]
-            work += cascade.work(
-                first.settings,
-                len(members),
-                widths=cascade.widths([rows[k].prompt for k in members]),
-                from_image=first.image is not None,
-                lowres_size=None if first.lowres is None else first.lowres.shape[-1],
-            )
+            try:
+                work += cascade.work(
+                    first.settings,
+                    len(members),
+                    widths=cascade.widths([rows[k].prompt for k in members]),
+                    from_image=first.image is not None,
+                    lowres_size=None if first.lowres is None else first.lowres.shape[-1],
+                )
+            except ValueError as err:  # settings this cascade cannot run
+                raise _bad_request(f"row {members[0]}: {err}") from None
         if work > limits.max_work:
             raise _bad_request(
                 f"the request needs {work:,.0f} pixel-steps, over the limit of "
@@ -200,18 +218,26 @@ def _value(value: Any) -> Any:
     return value
 
 
-def _image(value: Any, column: str, row: int) -> torch.Tensor | None:
-    from imagen_ops.data.ingest import Rejected
-    from imagen_ops.images import read_image
-
+def _file(value: Any, column: str, row: int) -> bytes | None:
+    """A base64 image cell's bytes (None where empty), or HTTP 400."""
     value = _value(value)
     if value is None or value == "":
         return None
     try:
-        data = base64.b64decode(value, validate=True)
-        return read_image(data, mask=column == "mask")
+        return base64.b64decode(value, validate=True)
     except (binascii.Error, TypeError, ValueError):
         raise _bad_request(f"row {row}: '{column}' must be a base64-encoded image file") from None
+
+
+def _image(data: bytes | None, column: str, row: int) -> torch.Tensor | None:
+    """A cell's image file decoded (`read_image`), or HTTP 400 with the reason."""
+    from imagen_ops.data.ingest import Rejected
+    from imagen_ops.images import read_image
+
+    if data is None:
+        return None
+    try:
+        return read_image(data, mask=column == "mask")
     except Rejected as err:
         raise _bad_request(f"row {row}: '{column}': {err}") from None
 
