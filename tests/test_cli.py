@@ -115,6 +115,27 @@ def test_sample_writes_png_grid_and_numbered_files(tiny_models, params_file, tmp
     )
 
 
+def test_sample_checks_its_output_first_and_replaces_atomically(
+    tiny_models, params_file, tmp_path, caplog, capsys
+) -> None:
+    """An --out PIL cannot write, or --num-images 0, fails before the model is even loaded
+    (the model named here does not exist); a rerun replaces its file whole and says so."""
+    missing = ["--model", str(tmp_path / "none"), "--params", str(params_file)]
+    with caplog.at_level(logging.ERROR):
+        assert main(["sample", "a red circle", "--out", str(tmp_path / "x.txt"), *missing]) == 2
+        assert "x.txt: give a file name with an image extension" in caplog.text
+        assert main(["sample", "a red circle", "--num-images", "0", *missing]) == 2
+        assert "--num-images 0: give 1 or more" in caplog.text
+    assert not list(tmp_path.glob("*.txt"))
+
+    common = ["--model", str(tiny_models), "--params", str(params_file), "--steps", "2", "-q"]
+    out = tmp_path / "samples" / "one.jpg"
+    for _ in range(2):
+        assert main(["sample", "a red circle", "--out", str(out), *common]) == 0
+    assert Image.open(out).format == "JPEG" and "(1 replaced)" in capsys.readouterr().out
+    assert [p.name for p in out.parent.iterdir()] == ["one.jpg"], "no temporary file left"
+
+
 def test_sample_missing_model_exits_2(params_file, tmp_path, caplog) -> None:
     argv = [
         "sample",

@@ -209,11 +209,14 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     from imagen_ops.cascade import Cascade
     from imagen_ops.device import resolve_device
-    from imagen_ops.images import make_grid, to_uint8
+    from imagen_ops.images import image_format, make_grid, save_image, to_uint8
     from imagen_ops.registry.loading import cascade_dir, packaged_settings
 
     params = _params(args) if args.params or Path("params.yaml").is_file() else None
     prompts = _prompts(args.prompts, args.prompts_file)
+    image_format(args.out)  # a file name PIL cannot write fails now, not after sampling
+    if args.num_images < 1:
+        raise ValueError(f"--num-images {args.num_images}: give 1 or more")
     image, mask, lowres = _sample_images(args)
     registry = params.registry if params else None
     source = args.model or (params.paths.models if params else None)
@@ -241,20 +244,21 @@ def cmd_sample(args: argparse.Namespace) -> None:
         )
     )
     path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if args.grid:
-        make_grid(out, prompts).save(path)
-        written = [path]
+        files = {path: make_grid(out, prompts)}
     elif len(out) == 1:
-        Image.fromarray(out[0]).save(path)
-        written = [path]
+        files = {path: Image.fromarray(out[0])}
     else:
-        written = [path.with_name(f"{path.stem}_{k:03d}{path.suffix}") for k in range(len(out))]
-        for image_k, file in zip(out, written, strict=True):
-            Image.fromarray(image_k).save(file)
+        names = [path.with_name(f"{path.stem}_{k:03d}{path.suffix}") for k in range(len(out))]
+        files = {name: Image.fromarray(image_k) for name, image_k in zip(names, out, strict=True)}
+    replaced = sum(file.exists() for file in files)
+    for file, picture in files.items():
+        save_image(picture, file)
+    written = list(files)
     _out(
         f"wrote {len(out)} image(s) for {len(prompts)} prompt(s): {written[0]}"
         + (f" ... {written[-1]}" if len(written) > 1 else "")
+        + (f" ({replaced} replaced)" if replaced else "")
     )
 
 

@@ -6,13 +6,22 @@ import io
 import math
 import textwrap
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-__all__ = ["from_uint8", "image_pixels", "make_grid", "read_image", "to_uint8"]
+__all__ = [
+    "from_uint8",
+    "image_format",
+    "image_pixels",
+    "make_grid",
+    "read_image",
+    "save_image",
+    "to_uint8",
+]
 
 
 def to_uint8(images: Tensor) -> np.ndarray:
@@ -53,6 +62,28 @@ def image_pixels(data: bytes) -> int | None:
             return im.width * im.height
     except Exception:  # any broken header: read_image says what is wrong
         return None
+
+
+def image_format(path: str | Path) -> str:
+    """Pillow's format for `path`'s extension, or a ValueError naming the file: checked
+    before the work whose result it will hold."""
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        raise ValueError(
+            f"{path}: give a file name with an image extension Pillow writes (.png, .jpg, "
+            ".webp, ...)"
+        )
+    return fmt
+
+
+def save_image(image: Image.Image, path: str | Path) -> None:
+    """Write `image` atomically (a crash leaves no half-written file), in the format of the
+    file's extension."""
+    from imagen_ops.files import atomic_path
+
+    fmt = image_format(path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format=fmt)
 
 
 PASS, FAIL = (0, 140, 0), (200, 0, 0)
