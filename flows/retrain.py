@@ -23,6 +23,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
     create_link_artifact,
@@ -34,7 +35,7 @@ from prefect.states import Completed, State
 from imagen_ops.config import load_params
 from imagen_ops.eval.evaluate import headline
 from imagen_ops.eval.golden import GOLDEN_FILE
-from imagen_ops.files import exclusive_lock
+from imagen_ops.files import exclusive_lock, write_bytes_atomic
 from imagen_ops.pipeline import pipeline_stages
 
 
@@ -113,24 +114,31 @@ def write_pipeline(project: str, params_file: str) -> list[str]:
 def ensure_golden(project: str, params_file: str) -> None:
     """The golden prompt set for the paired gate: made once (deterministic from params) and
     versioned with `dvc add`. A set golden.dvc records is frozen: where golden/ is missing
-    (a fresh clone) it is made again and must be the same set, else the run stops."""
+    (a fresh clone) it is made again and must hash as golden.dvc says, else the run stops
+    with golden.dvc as it was."""
     root = Path(project)
     golden = load_params(root / params_file).paths.golden
-    if not (root / golden / GOLDEN_FILE).is_file():
+    pointer = root / f"{golden}.dvc"
+    recorded = pointer.read_bytes() if pointer.is_file() else None
+    made = not (root / golden / GOLDEN_FILE).is_file()
+    if made:
         cli = [sys.executable, "-m", "imagen_ops.cli"]
         _run([*cli, "golden", "make", "--params", params_file], root)
-        pointer = root / f"{golden}.dvc"
-        if pointer.is_file():
-            dvc_status = [sys.executable, "-m", "dvc", "status", "--json", f"{golden}.dvc"]
-            if json.loads(_run(dvc_status, root) or "{}"):
-                shutil.rmtree(root / golden)
-                raise GoldenSetChangedError(
-                    f"{golden}/ is missing, and params.yaml's registry.golden_per_category / "
-                    f"golden_seed now make another set than {pointer.name} records: `dvc "
-                    f"checkout {pointer.name}` (or `dvc pull {pointer.name}`) restores the "
-                    f"frozen set; delete {pointer.name} to start a new one"
-                )
+    # DVC's own hash decides (`dvc status` says only "not in cache" without a cache)
     _run([sys.executable, "-m", "dvc", "add", golden], root)
+    if made and recorded is not None and _dir_md5(pointer.read_bytes()) != _dir_md5(recorded):
+        write_bytes_atomic(pointer, recorded)
+        shutil.rmtree(root / golden)
+        raise GoldenSetChangedError(
+            f"{golden}/ is missing, and params.yaml's registry.golden_per_category / "
+            f"golden_seed now make another set than {pointer.name} records: `dvc checkout "
+            f"{pointer.name}` (or `dvc pull {pointer.name}`) restores the frozen set; delete "
+            f"{pointer.name} to start a new one"
+        )
+
+
+def _dir_md5(dvc_file: bytes) -> str:
+    return yaml.safe_load(dvc_file)["outs"][0]["md5"]
 
 
 class GoldenSetChangedError(RuntimeError):
