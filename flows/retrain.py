@@ -150,8 +150,7 @@ def why_train(project: str, params_file: str, report: dict[str, Any]) -> str | N
     """Why this run must reproduce and register, or None: no new data, every DVC stage up
     to date (params, code and data unchanged) and what it would register (weights, scorer,
     metrics, packaged settings) already registered, completely."""
-    from imagen_ops.registry.pyfunc import ModelSpec
-    from imagen_ops.registry.register import RegisterPaths, registered_version, registration_digest
+    from imagen_ops.registry.register import registered_project_version
 
     root = Path(project)
     if report.get("kept"):
@@ -159,11 +158,7 @@ def why_train(project: str, params_file: str, report: dict[str, Any]) -> str | N
     status = json.loads(_run([sys.executable, "-m", "dvc", "status", "--json"], root) or "{}")
     if status:
         return f"stages out of date: {', '.join(sorted(status))}"
-    params = load_params(root / params_file)
-    content = registration_digest(
-        RegisterPaths.from_params(root, params.paths), ModelSpec.from_params(params)
-    )
-    if registered_version(params.registry, content):
+    if registered_project_version(root, load_params(root / params_file)):
         return None
     return "the current model and its metrics have no complete registered version yet"
 

@@ -13,6 +13,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
+from imagen_ops.files import atomic_path
+
 __all__ = [
     "from_uint8",
     "image_format",
@@ -79,8 +81,6 @@ def image_format(path: str | Path) -> str:
 def save_image(image: Image.Image, path: str | Path) -> None:
     """Write `image` atomically (a crash leaves no half-written file), in the format of the
     file's extension."""
-    from imagen_ops.files import atomic_path
-
     fmt = image_format(path)
     with atomic_path(path) as tmp:
         image.save(tmp, format=fmt)

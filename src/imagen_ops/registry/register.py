@@ -50,6 +50,7 @@ __all__ = [
     "promote",
     "register",
     "register_project",
+    "registered_project_version",
     "registered_version",
     "registration_digest",
     "signature",
@@ -297,6 +298,15 @@ def registered_version(cfg: RegistryConfig, digest: str | None) -> str | None:
     except MlflowException:
         return None
     return next((v.version for v in found if v.tags.get(REGISTERED_TAG) == digest), None)
+
+
+def registered_project_version(root: Path, params: Params) -> str | None:
+    """The version whose completed registration holds what `register_project` would
+    register now, None if none does."""
+    paths = RegisterPaths.from_params(root, params.paths)
+    return registered_version(
+        params.registry, registration_digest(paths, ModelSpec.from_params(params))
+    )
 
 
 class NotRegistrableError(ValueError):
