@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -172,6 +173,35 @@ def test_stage_resolution_divisibility_and_names() -> None:
     raw["stages"]["sr-32"] = raw["stages"].pop("sr32")
     with pytest.raises(ConfigError, match="stage name 'sr-32'"):
         load_params_from(raw)
+
+
+def test_a_super_resolution_stage_is_a_whole_multiple_of_the_one_before() -> None:
+    """16 -> 24 px passed before and failed mid-training on crops of unequal size."""
+    with pytest.raises(ConfigError, match="24 is not a whole multiple of stage base's 16"):
+        tiny_params("stages.sr32.resolution=24", "stages.sr32.unet.efficient=false")
+    with pytest.raises(ConfigError, match=r"stages\.sr32\.train\.crop 34: .* multiple of 4"):
+        tiny_params(  # 16 -> 64 px: a crop of 34 would take 8.5 low-res pixels
+            "stages.sr32.resolution=64",
+            "stages.sr32.unet.efficient=false",
+            "stages.sr32.train.crop=34",
+        )
+    assert tiny_params("stages.sr32.train.crop=16").stages["sr32"].train.crop == 16
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "data.synth.seed=-1",
+        "stages.base.train.seed=-2",
+        "scorer.seed=-1",
+        "stages.base.train.seed=9223372036854775808",
+        "stages.base.train.betas=[0.9, 1.5]",
+    ],
+)
+def test_seeds_and_betas_are_checked_where_they_are_set(override: str) -> None:
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        tiny_params(override)
 
 
 def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import dataclasses
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,7 +22,7 @@ from safetensors.torch import load_file
 
 from imagen_ops import pipeline
 from imagen_ops.cascade import load_stage
-from imagen_ops.data.dataset import StageData, prefetch
+from imagen_ops.data.dataset import StageData, prefetch, step_generator
 from imagen_ops.data.prepare import PreparedData
 from imagen_ops.models.unet import mode_errors
 from imagen_ops.pipeline import train_settings
@@ -235,7 +236,11 @@ def test_checkpoint_of_other_training_code_is_not_resumed(tiny_data, tmp_path, m
 
 
 def test_code_digest_names_each_missing_path(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"src/imagen_ops/data/dataset\.py is missing"):
+    first = re.escape(pipeline.TRAIN_CODE[0])  # src/imagen_ops/config.py
+    with pytest.raises(FileNotFoundError, match=rf"{first} is missing"):
+        pipeline.code_digest(pipeline.TRAIN_CODE, package=tmp_path)
+    (tmp_path / "config.py").write_text("")
+    with pytest.raises(FileNotFoundError, match=r"src/imagen_ops/choices\.py is missing"):
         pipeline.code_digest(pipeline.TRAIN_CODE, package=tmp_path)
     with pytest.raises(ValueError, match="outside src/imagen_ops/"):
         pipeline.code_digest(["flows/retrain.py"])
@@ -324,6 +329,78 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(tiny_data, tmp_pat
     assert str(newest) in line and "\n" not in line
     expected = {"truncated": "checksum", "flipped": "checksum", "empty": "no checksums.json"}
     assert expected[how] in line
+
+
+def killed_after(step_limit: int, monkeypatch) -> None:
+    """Make Trainer._optimize die (as a killed process would) when it reaches step_limit."""
+    real = Trainer._optimize
+
+    def optimize(self, step, micro):
+        if step == step_limit:
+            raise KeyboardInterrupt
+        return real(self, step, micro)
+
+    monkeypatch.setattr(Trainer, "_optimize", optimize)
+
+
+def test_a_damaged_newer_checkpoint_does_not_push_out_the_new_ones(
+    tiny_data, tmp_path, monkeypatch
+):
+    """keep_last counts the checkpoints up to the one just written: the damaged step_8 a
+    resumed run fell back past must not make it delete each checkpoint it writes."""
+    paths = paths_for(tiny_data, tmp_path)
+    params = tiny_params(
+        "stages.base.train.steps=8",
+        "stages.base.train.checkpoint_every=4",
+        "stages.base.train.keep_last=1",
+    )
+    Trainer(train_settings(params, "base"), paths, progress=False).fit()
+    (run,) = run_dirs(paths)
+    assert steps_of(run) == ["step_00000008"]
+    damage(run / "step_00000008" / "model.safetensors", "flipped")
+    killed_after(6, monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(train_settings(params, "base"), paths, progress=False).fit()
+    monkeypatch.undo()
+    assert "step_00000004" in steps_of(run)
+    assert Trainer(train_settings(params, "base"), paths, progress=False)._resume() == 4
+
+
+def test_a_resumed_run_logs_the_rows_of_an_uninterrupted_one(tiny_data, tmp_path, monkeypatch):
+    """Killed after a checkpoint in the middle of a logging window (checkpoints every 3
+    steps, rows every 2): the resumed run's CSV is the uninterrupted run's, byte for byte,
+    and its tracked run gets the params too."""
+    params = tiny_params("stages.base.train.steps=8")
+    settings = train_settings(params, "base")
+    Trainer(settings, paths_for(tiny_data, tmp_path / "ref"), progress=False).fit()
+    paths = paths_for(tiny_data, tmp_path / "run")
+    killed_after(4, monkeypatch)  # steps 0-3 ran, the step-3 checkpoint holds step 3's loss
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(settings, paths, progress=False).fit()
+    monkeypatch.undo()
+    (run,) = run_dirs(paths)
+    (run / ".step_00000006.x1y2.tmp").mkdir()  # what a kill inside a save leaves
+    (run / ".step_00000003.old").mkdir()
+    tracker = RecordingTracker()
+    Trainer(settings, paths, tracker=tracker, progress=False).fit()
+    ref = (tmp_path / "ref" / "train_base.csv").read_bytes()
+    assert paths.metrics.read_bytes() == ref
+    assert tracker.params["resumed_from_step"] == 3 and "env.threads" in tracker.params
+    assert not list(run.glob(".step_*")), "partly written checkpoints are removed"
+
+
+def test_ranks_that_resume_from_different_steps_stop_at_once(monkeypatch):
+    from imagen_ops.train import distributed
+
+    def gathered(out, value):
+        out[:] = [value, 0]  # rank 1 found no checkpoint
+
+    monkeypatch.setattr(distributed.dist, "all_gather_object", gathered)
+    info = distributed.DistInfo(0, 2, 0, torch.device("cpu"))
+    distributed.check_same(distributed.DistInfo(0, 1, 0, torch.device("cpu")), 4, "x")
+    distributed.check_same(info, 0, "the resume step")
+    with pytest.raises(RuntimeError, match=r"ranks disagree on the resume step: \[4, 0\]"):
+        distributed.check_same(info, 4, "the resume step")
 
 
 def test_non_finite_weights_are_never_exported(tiny_data, tmp_path, monkeypatch):
@@ -431,6 +508,10 @@ def test_ddp_two_ranks_match_one_process(tiny_data, tmp_path):
     # in a near-zero gradient can flip a few elements by ~lr; a wrong batch split or a
     # missing all-reduce changes almost every element. Compare the share that differs.
     assert differing_share(weights(tmp_path / "ddp" / "model"), single) < 0.005
+    # the logged loss is the global batch's, not rank 0's half of it
+    ddp_losses = logged_losses(tmp_path / "ddp" / "m.csv")
+    single_losses = logged_losses(tmp_path / "single" / "train_base.csv")
+    assert ddp_losses == pytest.approx(single_losses, rel=1e-4)
     other = train_base(tiny_data, tmp_path / "other", *overrides, "stages.base.train.seed=1")
     assert differing_share(single, other) > 0.5
 
@@ -441,10 +522,24 @@ def differing_share(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> f
     return sum(int(((a[k] - b[k]).abs() > 1e-6).sum()) for k in a) / total
 
 
-def test_same_seed_same_weights(tiny_data, tmp_path):
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_same_seed_same_weights(tiny_data, tmp_path, dropout):
+    """Dropout draws from the global generator, which each step seeds from (seed, step)."""
     for run in ("a", "b"):
-        train_base(tiny_data, tmp_path / run)
+        train_base(tiny_data, tmp_path / run, f"stages.base.unet.dropout={dropout}")
     assert_same_weights(tmp_path / "a" / "model" / "base", tmp_path / "b" / "model" / "base")
+
+
+def test_each_step_and_stream_gets_its_own_generator():
+    """No two (step, stream) pairs share a seed: with an arithmetic mix, example p + 7 of
+    one step drew example p's noise of the next, and one noise tensor recurred for steps."""
+    streams = ["epoch", "offset", "layout", "rank/0", "rank/1"]
+    streams += [f"example/{p}" for p in range(64)]
+    seeds = [step_generator(0, step, s).initial_seed() for step in range(40) for s in streams]
+    assert len(set(seeds)) == len(seeds)
+    first = torch.randn(8, generator=step_generator(0, 1, "example/0"))
+    assert torch.equal(first, torch.randn(8, generator=step_generator(0, 1, "example/0")))
+    assert not torch.equal(first, torch.randn(8, generator=step_generator(1, 1, "example/0")))
 
 
 def test_gradient_accumulation_matches_one_big_batch(tiny_data, tmp_path):
@@ -538,10 +633,24 @@ def test_init_from_warm_starts_and_checks_the_architecture(tiny_data, tmp_path):
     )
     ema = load_file(str(source / "ema.safetensors"))
     assert all(torch.equal(v, ema[k]) for k, v in trainer.net.state_dict().items())
-    with pytest.raises(ValueError, match="architecture"):
+    bad = {
+        "stages.base.unet.embedding_dim=64": "architecture",
+        "stages.base.diffusion.objective=eps": "diffusion.objective",
+        "stages.base.diffusion.schedule=linear": "diffusion.schedule",
+    }
+    for override, reason in bad.items():
+        with pytest.raises(ValueError, match=f"its {re.escape(reason)}"):
+            Trainer(
+                train_settings(tiny_params(override), "base"),
+                paths_for(tiny_data, tmp_path / "bad"),
+                init_from=source,
+                progress=False,
+            )
+    # a base stage's weights into a super-resolution stage of the same U-Net
+    with pytest.raises(ValueError, match="its low-res input differ"):
         Trainer(
-            train_settings(tiny_params("stages.base.unet.embedding_dim=64"), "base"),
-            paths_for(tiny_data, tmp_path / "bad"),
+            train_settings(tiny_params("stages.sr32.unet.efficient=false"), "sr32"),
+            paths_for(tiny_data, tmp_path / "sr", "sr32"),
             init_from=source,
             progress=False,
         )

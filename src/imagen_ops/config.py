@@ -62,6 +62,11 @@ class ConfigError(ValueError):
         self.problems = list(problems)
 
 
+Seed = Annotated[int, Field(ge=0, lt=2**63)]
+"""A generator seed: numpy and torch take non-negative 64-bit ones."""
+Beta = Annotated[float, Field(ge=0, lt=1)]
+
+
 class Section(BaseModel):
     """Base for every config section: frozen, and unknown keys are errors, not ignored."""
 
@@ -82,7 +87,7 @@ class SynthConfig(Section):
         description="scenes each later run adds (0: a fixed data set; a scheduled run "
         "with nothing new then ends with 'no change')",
     )
-    seed: int = Field(0, description="generator seed; same seed + version gives the same bytes")
+    seed: Seed = Field(0, description="generator seed; same seed + version gives the same bytes")
     resolution: int = Field(64, ge=32, description="stored image size (largest cascade size)")
     categories: dict[Literal["single", "binding", "counting", "position"], float] = Field(
         default_factory=lambda: {"single": 0.4, "binding": 0.2, "counting": 0.2, "position": 0.2},
@@ -306,7 +311,7 @@ class TrainConfig(Section):
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decay floor, x lr")
     warmup_steps: int = Field(100, ge=0)
     weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.99)
+    betas: tuple[Beta, Beta] = (0.9, 0.99)
     grad_clip: float = Field(1.0, gt=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
     precision: choice_of(PRECISIONS) = Field(
@@ -325,7 +330,7 @@ class TrainConfig(Section):
         "models:/ URI, or a stage / cascade folder; None: a fresh init",
     )
     device: str = "auto"
-    seed: int = 0
+    seed: Seed = 0
     checkpoint_every: int = Field(500, ge=1)
     keep_last: int = Field(2, ge=1, description="checkpoints kept of the current run")
     keep_runs: int = Field(
@@ -438,12 +443,16 @@ class SampleConfig(Section):
         "and thread count; bf16 / auto are faster where native, and their rounding is not",
     )
     batch_size: int = Field(32, ge=1, le=4096, description="images per forward pass")
-    seed: int = Field(0, ge=0, lt=2**63, description="image k of a call uses seed + k")
+    seed: Seed = Field(0, description="image k of a call uses seed + k")
     negative_prompt: str | None = Field(
         None, description="the unconditional branch of guidance takes this prompt's embedding"
     )
     strength: float = Field(
-        1.0, gt=0, le=1, description="image-to-image: how far the input image is noised"
+        1.0,
+        gt=0,
+        le=1,
+        description="image-to-image: the share of each stage's steps run, from the image "
+        "noised to where they start",
     )
     rerank: int = Field(
         1,
@@ -594,7 +603,7 @@ class ScorerConfig(Section):
         description="weight of the loss that ranks each image's caption above its hard "
         "negatives alone (besides InfoNCE over the batch)",
     )
-    seed: int = 0
+    seed: Seed = 0
 
 
 class RegistryConfig(Section):
@@ -617,7 +626,7 @@ class RegistryConfig(Section):
     golden_per_category: int = Field(
         32, ge=1, description="golden prompt set: prompts per category (imagen-ops golden make)"
     )
-    golden_seed: int = Field(20220523, description="golden prompt set: generator seed")
+    golden_seed: Seed = Field(20220523, description="golden prompt set: generator seed")
     track_training: bool = Field(True, description="log training runs to MLflow")
 
 
@@ -711,6 +720,20 @@ class Params(Section):
         sizes = [s.resolution for s in self.stages.values()]
         if any(b <= a for a, b in itertools.pairwise(sizes)):
             raise ValueError(f"stage resolutions must increase along the cascade, got {sizes}")
+        for (a, low), (name, stage) in zip(
+            self.stages.items(), list(self.stages.items())[1:], strict=False
+        ):
+            factor, crop = stage.resolution // low.resolution, stage.train.crop
+            if stage.resolution % low.resolution:
+                raise ValueError(
+                    f"stage {name}: resolution {stage.resolution} is not a whole multiple of "
+                    f"stage {a}'s {low.resolution}, the image it super-resolves"
+                )
+            if crop is not None and crop % factor:
+                raise ValueError(
+                    f"stages.{name}.train.crop {crop}: its low-res crop must be whole pixels "
+                    f"of stage {a}'s image, so a multiple of {factor}"
+                )
         for name in self.stages:
             if not name.replace("_", "").isalnum():
                 raise ValueError(f"stage name {name!r}: use letters, digits and '_'")

@@ -8,6 +8,7 @@ distributed run takes its slice of the same global batch a single process would 
 
 from __future__ import annotations
 
+import hashlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,9 +29,15 @@ __all__ = ["Batch", "StageData", "prefetch", "step_generator"]
 T = TypeVar("T")
 
 
-def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
-    """A generator that depends only on (seed, step, stream)."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 7 + stream)
+def step_generator(seed: int, step: int, stream: str) -> torch.Generator:
+    """A generator that depends only on (seed, step, stream), named like "example/3".
+
+    The triple is hashed, so distinct triples never share a seed: an arithmetic mix such
+    as (seed * P + step) * 7 + stream gives example p + 7 of one step the generator of
+    example p of the next, and the same noise would return step after step.
+    """
+    key = hashlib.blake2b(f"{seed}/{step}/{stream}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(key, "little") >> 1)
 
 
 @dataclass
@@ -78,7 +85,7 @@ class StageData:
         n = len(self.records)
         per_epoch = max(n // batch_size, 1)
         epoch, j = divmod(step, per_epoch)
-        perm = torch.randperm(n, generator=step_generator(seed, epoch, stream=1))
+        perm = torch.randperm(n, generator=step_generator(seed, epoch, "epoch"))
         if n >= batch_size:
             take = perm[j * batch_size : (j + 1) * batch_size]
         else:  # fewer records than one batch: repeat them

@@ -12,9 +12,10 @@ newest valid checkpoint of the fingerprint is resumed; a damaged one is reported
 line and the one before it is used. The last `keep_last` checkpoints of the fingerprint
 are kept, and the folders of the `keep_runs` most recently used fingerprints.
 
-`state.pt` holds the optimizer state, the step, the skipped-step counter and the metrics
-history; all other randomness is a function of (seed, step), so the step is the whole
-position of the run.
+`state.pt` holds the optimizer state, the step, the skipped-step counter, the metrics
+history and the losses of the logging window it falls in; all other randomness is a
+function of (seed, step), so the step is the whole position of the run. A process killed
+while writing leaves a hidden `.step_*` folder, which the next run's writer removes.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ __all__ = [
     "latest_valid",
     "load_checkpoint",
     "prune_runs",
+    "remove_partial",
     "save_checkpoint",
     "touch",
 ]
@@ -81,9 +83,23 @@ def save_checkpoint(
         torch.save(state, tmp / "state.pt")
         sums = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
         (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=2, sort_keys=True))
-    for old in _steps(run_dir)[:-keep_last]:
+    # only checkpoints up to this one count: a newer one is damaged (the run resumed
+    # before it) and would otherwise push each new checkpoint out as soon as it is written
+    for old in [p for p in _steps(run_dir) if p.name <= path.name][:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def remove_partial(run_dir: str | Path) -> list[Path]:
+    """Delete what a process killed inside `save_checkpoint` left: `atomic_dir`'s hidden
+    `.step_*.tmp` and `.step_*.old` folders, each a checkpoint's size, which nothing
+    else reads or prunes. Only the run's one writer (rank 0) calls it, before it writes."""
+    run_dir = Path(run_dir)
+    partial = [*run_dir.glob(f".{PREFIX}*.tmp"), *run_dir.glob(f".{PREFIX}*.old")]
+    for path in partial:
+        shutil.rmtree(path, ignore_errors=True)
+        log.info("removed a partly written checkpoint: %s", path)
+    return partial
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from imagen_ops.device import resolve_device
 
-__all__ = ["DistInfo", "cleanup", "setup"]
+__all__ = ["DistInfo", "check_same", "cleanup", "setup"]
 
 log = logging.getLogger(__name__)
 
@@ -53,3 +53,18 @@ def setup(device: str = "auto") -> DistInfo:
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def check_same(info: DistInfo, value: int, what: str) -> None:
+    """Raise on every rank unless all ranks hold the same `value`: ranks that disagree on,
+    say, the resume step (nodes without a shared checkpoint folder) would deadlock or mix
+    steps in the gradient all-reduce."""
+    if not info.enabled:
+        return
+    values = [None] * info.world_size
+    dist.all_gather_object(values, value)
+    if len(set(values)) > 1:
+        raise RuntimeError(
+            f"ranks disagree on {what}: {values} (rank order). Every node must see the same "
+            "checkpoint folder (train --checkpoints on a shared filesystem)"
+        )

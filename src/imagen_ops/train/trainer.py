@@ -38,7 +38,13 @@ from imagen_ops.models.unet import layout_loss
 from imagen_ops.pipeline import TRAIN_CODE, code_digest
 from imagen_ops.text.cache import EmbeddingCache
 from imagen_ops.train import distributed
-from imagen_ops.train.checkpoint import latest_valid, prune_runs, save_checkpoint, touch
+from imagen_ops.train.checkpoint import (
+    latest_valid,
+    prune_runs,
+    remove_partial,
+    save_checkpoint,
+    touch,
+)
 from imagen_ops.train.ema import EMA
 from imagen_ops.train.loss import TrainingNoise, diffusion_loss, draw_noise
 from imagen_ops.train.tracking import MetricsCSV, NullTracker, Tracker
@@ -166,16 +172,26 @@ class Trainer:
         self.run_dir = paths.checkpoints / self.fingerprint[:16]  # this run's checkpoints
         self.metrics = MetricsCSV(paths.metrics)
         self.skipped = self.consecutive_nonfinite = 0
+        self.window: list[float] = []  # losses of the steps since the last metrics row
 
     # ------------------------------------------------------------------ set-up helpers
 
     def _warm_start(self, path: Path) -> None:
         """Fine-tune from a trained stage directory (its EMA weights)."""
         source = load_stage(path)
-        if source.config.unet != self.cfg.unet or source.net.text_dim != self.stage.net.text_dim:
+        src, cfg = source.config, self.cfg
+        checks = {  # what the weights mean: another value would train on their wrong reading
+            "architecture (unet)": (src.unet, cfg.unet),
+            "text width": (source.net.text_dim, self.stage.net.text_dim),
+            "low-res input": (source.lowres is None, self.stage.lowres is None),
+            "diffusion.objective": (src.diffusion.objective, cfg.diffusion.objective),
+            "diffusion.schedule": (src.diffusion.schedule, cfg.diffusion.schedule),
+        }
+        differ = [name for name, (a, b) in checks.items() if a != b]
+        if differ:
             raise ValueError(
-                f"init_from {path}: its architecture or text width differs from "
-                f"stage {self.stage.name!r} in params.yaml"
+                f"init_from {path}: its {', '.join(differ)} differ from stage "
+                f"{self.stage.name!r} in params.yaml; a warm start continues the same model"
             )
         self.stage.net.load_state_dict(source.net.state_dict())
         log.info("warm start from %s", path)
@@ -215,12 +231,12 @@ class Trainer:
         indices = self.data.step_indices(tc.seed, step, tc.batch_size)
         per_rank = tc.batch_size // world
         micro = per_rank // tc.grad_accum
-        offset = float(torch.rand((), generator=step_generator(tc.seed, step, stream=2)))
+        offset = float(torch.rand((), generator=step_generator(tc.seed, step, "offset")))
         out = []
         for m in range(tc.grad_accum):
             start = rank * per_rank + m * micro
             positions = torch.arange(start, start + micro)
-            gens = [step_generator(tc.seed, step, stream=3 + int(p)) for p in positions]
+            gens = [step_generator(tc.seed, step, f"example/{int(p)}") for p in positions]
             batch = self.data.load(indices[start : start + micro], gens)
             if self.text_length is not None:
                 batch = dataclasses.replace(batch, text=batch.text.padded(self.text_length))
@@ -236,7 +252,7 @@ class Trainer:
         tc = self.tcfg
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(step, tc)
-        torch.manual_seed(int(step_generator(tc.seed, step, stream=1 + self.dist.rank).seed()))
+        torch.manual_seed(step_generator(tc.seed, step, f"rank/{self.dist.rank}").initial_seed())
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
         autocast = torch.autocast(
@@ -251,6 +267,9 @@ class Trainer:
                     loss = diffusion_loss(self.stage, self.model, batch, noise) / len(micro)
                 loss.backward()
             total += loss.detach()
+        if self.dist.enabled:  # the logged loss is the global batch's, as in one process
+            torch.distributed.all_reduce(total)
+            total /= self.dist.world_size
         norm = nn.utils.clip_grad_norm_(self.net.parameters(), tc.grad_clip)
         if not (torch.isfinite(norm) and torch.isfinite(total)):
             return self._skip(step)
@@ -281,12 +300,14 @@ class Trainer:
         """Train to `train.steps`, resuming from the newest matching checkpoint."""
         tc, main = self.tcfg, self.dist.is_main
         start = self._resume()
+        distributed.check_same(self.dist, start, "the step their checkpoints resume from")
         if start == 0 and tc.layout.steps and not self.warm_started:
             self._fit_layout()
-        if main and start == 0:
+        if main:  # each invocation is its own tracked run, a resumed one too
             env = {f"env.{k}": v for k, v in environment(self.device).items()}
+            settings = flatten(self.cfg.model_dump(mode="json"))
             self.tracker.log_params(
-                {"stage": self.stage.name, **flatten(self.cfg.model_dump(mode="json")), **env}
+                {"stage": self.stage.name, "resumed_from_step": start, **settings, **env}
             )
         bar = tqdm(
             total=tc.steps,
@@ -296,7 +317,6 @@ class Trainer:
             disable=not (self.progress and main),
             dynamic_ncols=True,
         )
-        window: list[float] = []
         t_window, t_start, steps_run = time.perf_counter(), time.perf_counter(), 0
         loss = float("nan")
         steps = range(start, tc.steps)
@@ -308,13 +328,13 @@ class Trainer:
         with closing(batches):  # an interrupted run stops its builders at once
             for step, micro in batches:
                 loss, norm = self._optimize(step, micro)
-                window.append(loss)
+                self.window.append(loss)
                 steps_run += 1
                 bar.update(1)
                 done = step + 1
                 if done % tc.log_every == 0 or done == tc.steps:
-                    self._log(step, window, norm, time.perf_counter() - t_window, bar)
-                    window, t_window = [], time.perf_counter()
+                    self._log(step, self.window, norm, time.perf_counter() - t_window, bar)
+                    self.window, t_window = [], time.perf_counter()
                 if main and (done % tc.checkpoint_every == 0 or done == tc.steps):
                     self._save_checkpoint(done)
                 previews = main and self.tracker.enabled and tc.sample_every > 0
@@ -362,7 +382,7 @@ class Trainer:
             disable=not (self.progress and self.dist.is_main),
             dynamic_ncols=True,
         ):
-            gen = step_generator(tc.seed, step, stream=0)
+            gen = step_generator(tc.seed, step, "layout")
             indices = self.data.step_indices(tc.seed, step, cfg.batch_size)
             batch = self.data.load(indices, [gen] * len(indices)).to(self.device)
             keep = torch.rand(len(indices), generator=gen) >= drop  # as guidance trains it
@@ -390,6 +410,7 @@ class Trainer:
             "skipped": self.skipped,
             "consecutive_nonfinite": self.consecutive_nonfinite,
             "history": self.metrics.rows,
+            "window": list(self.window),  # losses since the last row: the next row's too
             "fingerprint": self.fingerprint,
             "threads": torch.get_num_threads(),
         }
@@ -404,7 +425,9 @@ class Trainer:
     def _resume(self) -> int:
         """Continue from the newest valid checkpoint of this run's fingerprint, if any."""
         touch(self.run_dir)
-        prune_runs(self.paths.checkpoints, self.run_dir.name, self.tcfg.keep_runs)
+        if self.dist.is_main:
+            prune_runs(self.paths.checkpoints, self.run_dir.name, self.tcfg.keep_runs)
+            remove_partial(self.run_dir)
         ckpt = latest_valid(self.run_dir)
         if ckpt is None or ckpt.state.get("fingerprint") != self.fingerprint:
             earlier = [p.name for p in self.paths.checkpoints.iterdir() if p != self.run_dir]
@@ -435,6 +458,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.skipped, self.consecutive_nonfinite = state["skipped"], state["consecutive_nonfinite"]
         self.metrics = MetricsCSV(self.paths.metrics, state["history"])
+        self.window = list(state.get("window", []))
         log.info("resumed stage %s from %s (step %d)", self.stage.name, ckpt.path, state["step"])
         return int(state["step"])
 
