@@ -18,6 +18,7 @@ from imagen_ops.diffusion.guidance import (
     Conditioning,
     classifier_free_guidance,
     dynamic_threshold,
+    guides,
     thresholded,
 )
 from imagen_ops.diffusion.objectives import loss_weight, target, to_eps, to_x0
@@ -201,6 +202,14 @@ def test_guidance_interval_guides_only_inside_it():
             assert calls == [2]
             assert torch.equal(out, c)
             assert not torch.allclose(c, u + 4.0 * (c - u))
+
+
+def test_guidance_interval_includes_its_ends_at_the_denoisers_float32_times():
+    """The samplers hand the denoiser t as float32, where 0.6 is 0.6000000238: the end of
+    [0, 0.6] is still inside, and a time a grid step beyond it is not."""
+    t = float(torch.tensor(0.6, dtype=torch.float32))
+    assert t > 0.6 and guides(3.0, (0.0, 0.6), t)
+    assert not guides(3.0, (0.0, 0.6), 0.61) and not guides(1.0, (0.0, 1.0), 0.5)
 
 
 # ------------------------------------------------------------------------------ samplers

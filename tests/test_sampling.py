@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from imagen_ops.cascade import Cascade
+from imagen_ops import cascade as cascade_module
+from imagen_ops.cascade import Cascade, augment_lowres, denoising_steps
 from imagen_ops.cli import main
 from imagen_ops.config import EvalConfig, ServeConfig
 from imagen_ops.images import from_uint8, read_image, to_uint8
@@ -269,6 +270,25 @@ def test_image_to_image_strength(cascade) -> None:
     again = cascade.sample(["a red square"], settings.updated(strength=0.5), image=image)
     first = cascade.sample(["a red square"], settings.updated(strength=0.5), image=image)
     assert torch.equal(again, first)
+
+
+def test_image_to_image_runs_the_strength_share_of_the_steps_halves_up() -> None:
+    assert [denoising_steps(10, s) for s in (0.01, 0.25, 0.45, 0.5, 1.0)] == [1, 3, 5, 5, 10]
+
+
+def test_super_resolution_takes_the_previous_stage_clamped(cascade, monkeypatch) -> None:
+    """Without thresholding a stage's output may leave [-1, 1]; the next stage was trained
+    on images inside it."""
+    seen = []
+
+    def recording(x, *args, **kwargs):
+        seen.append((float(x.min()), float(x.max())))
+        return augment_lowres(x, *args, **kwargs)
+
+    monkeypatch.setattr(cascade_module, "augment_lowres", recording)
+    settings = tiny_params().sample.updated(thresholding="none", guidance=[30.0, 1.0])
+    cascade.sample(["a red square", "a blue star"], settings, seeds=[0, 1])
+    assert seen and all(lo >= -1.0 and hi <= 1.0 for lo, hi in seen), seen
 
 
 def test_inpainting_keeps_the_known_pixels_exactly(cascade) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -368,7 +369,8 @@ class Cascade:
         """Images in [-1, 1], (B, 3, H, W) at the last stage's resolution.
 
         - `image` (1 or B, 3, H, W) in [-1, 1], any size: image-to-image. Every stage starts
-          from the image (resized to it) noised to t = `settings.strength`, not from noise.
+          from the image (resized to it), noised to the time where the last `strength` of
+          each stage's steps start (`denoising_steps`), not from noise.
         - `mask` (1 or B, 1, H, W) with `image`: inpainting. Pixels where the mask is > 0.5
           are generated, the others keep the image's pixels (exactly, at the last stage).
         - `lowres` (1 or B, 3, H, W): super-resolve a user image: the cascade starts at the
@@ -498,8 +500,8 @@ class Cascade:
             )
             if stage.lowres is not None:
                 t_aug = torch.full((n,), float(plan.aug_level), device=self.device)
-                up, aug_logsnr = augment_lowres(
-                    x, stage.resolution, t_aug, stage.schedule, noise(size)
+                up, aug_logsnr = augment_lowres(  # in [-1, 1], as the stage was trained
+                    x.clamp(-1, 1), stage.resolution, t_aug, stage.schedule, noise(size)
                 )
                 cond = replace(cond, lowres=up, aug_logsnr=aug_logsnr)
             uncond = None
@@ -519,8 +521,9 @@ class Cascade:
                 settings.quantile,
             )
             x = noise(size)
-            if known is not None:  # image-to-image: start from the image noised to `strength`
-                alpha, sigma = alpha_sigma(stage.schedule(torch.tensor(ts[0])), like=known)
+            if known is not None:  # image-to-image: the image noised to where `ts` starts
+                t0 = torch.tensor(ts[0], device=known.device)
+                alpha, sigma = alpha_sigma(stage.schedule(t0), like=known)
                 x = alpha * known + sigma * x
                 if generated is not None:
                     denoise = keep_known(denoise, known, generated)
@@ -611,8 +614,9 @@ def image_roles(
 
 
 def denoising_steps(steps: int, strength: float) -> int:
-    """Steps run from t = `strength` (image-to-image) on a `steps`-step grid; at least 1."""
-    return max(1, round(steps * strength))
+    """Steps image-to-image runs: the last `strength` of a `steps`-step grid, halves
+    rounded up (diffusers' convention: a fraction of the steps); at least 1."""
+    return max(1, math.floor(steps * strength + 0.5))
 
 
 def _inputs(
