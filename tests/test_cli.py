@@ -252,6 +252,11 @@ def test_data_synth_writes_data_and_report(params_file, tmp_path, capsys, caplog
     assert main([*argv, "-S", "data.synth.caption_variety=1.0"]) == 2
     assert "other data.synth settings" in caplog.text and "scene 0" in caplog.text
     assert (data / "captions.parquet").read_bytes() == table_bytes
+    # so would another image size (the scenes' captions and specs are the same)
+    caplog.clear()
+    assert main([*argv, "-S", "data.synth.resolution=48"]) == 2
+    assert "scenes of [32] px, data.synth.resolution is 48" in caplog.text
+    assert (data / "captions.parquet").read_bytes() == table_bytes
 
 
 def test_params_apply_merges_a_recipe_and_validates(tmp_path, monkeypatch) -> None:

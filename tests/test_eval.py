@@ -136,24 +136,31 @@ def test_inception_gets_channels_last_input_in_its_expected_range(extractor, mon
     assert x[0].max() == -1 and x[1].abs().max() == 0 and x[2].min() == pytest.approx(127 / 128)
 
 
-def test_cached_features_are_computed_once_per_key(tmp_path) -> None:
+def test_cached_features_are_computed_once_per_pixels_and_network(tmp_path) -> None:
+    """Keyed by the images' bytes: the same data version resized another way (a change in
+    prepare) is another entry, as is another network or device."""
     calls = []
 
-    def load() -> np.ndarray:
-        calls.append("images")
-        return np.zeros((3, 8, 8, 3), dtype=np.uint8)
+    class FakeExtractor:
+        identity = "default_1.pt:100:cpu"
 
-    def fake_extractor(images: np.ndarray, progress: bool = False) -> torch.Tensor:
-        calls.append("features")
-        return torch.arange(len(images) * 4, dtype=torch.float64).reshape(len(images), 4)
+        def __call__(self, images: np.ndarray, progress: bool = False) -> torch.Tensor:
+            calls.append(len(images))
+            return torch.arange(len(images) * 4, dtype=torch.float64).reshape(len(images), 4)
 
-    first = cached_features(tmp_path, "data-v1", load, fake_extractor)
-    again = cached_features(tmp_path, "data-v1", load, fake_extractor)
-    assert calls == ["images", "features"], "the second call reads the cache"
+    extractor = FakeExtractor()
+    images = np.zeros((3, 8, 8, 3), dtype=np.uint8)
+    first = cached_features(tmp_path, images, extractor)
+    again = cached_features(tmp_path, images.copy(), extractor)
+    assert calls == [3], "the second call reads the cache"
     assert torch.equal(first, again) and again.dtype == torch.float64
-    cached_features(tmp_path, "data-v2", load, fake_extractor)
-    assert len(calls) == 4, "another data version is another cache entry"
-    assert len(list(tmp_path.glob("inception_*.pt"))) == 2
+    resized = images.copy()
+    resized[0, 0, 0, 0] = 1  # one pixel
+    cached_features(tmp_path, resized, extractor)
+    extractor.identity = "default_1.pt:100:cuda"
+    cached_features(tmp_path, images, extractor)
+    assert calls == [3, 3, 3]
+    assert len(list(tmp_path.glob("inception_*.pt"))) == 3
 
 
 # ----------------------------------------------------------------------- CLIP score
@@ -399,12 +406,15 @@ def test_evaluate_stage_end_to_end(tiny_data, tiny_models, tmp_path, monkeypatch
     loads = []
     original = evaluate_module.cached_features
 
-    def counting(cache_dir, key, images, extractor):
-        def load():
-            loads.append(key)
-            return images()
+    def counting(cache_dir, images, extractor):
+        class Counted:
+            identity = extractor.identity
 
-        return original(cache_dir, key, load, extractor)
+            def __call__(self, images, progress=False):
+                loads.append(len(images))  # real-image features computed
+                return extractor(images, progress)
+
+        return original(cache_dir, images, Counted())
 
     monkeypatch.setattr(evaluate_module, "cached_features", counting)
     first_dir, second_dir = tmp_path / "first", tmp_path / "second"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -250,6 +251,7 @@ def test_cache_round_trip_equals_direct_encoding(tmp_path):
         (TextConfig(max_length=64), CAPTIONS, "max_length"),
         (TextConfig(layer=3), CAPTIONS, "layer"),
         (TextConfig(batch_size=32), CAPTIONS, "batch_size"),
+        (TextConfig(dtype="bfloat16"), CAPTIONS, "dtype"),
         (TextConfig(encoder="google/t5-v1_1-base"), CAPTIONS, "encoder"),
         (TextConfig(), [*CAPTIONS[:-1], "a different caption"], "captions_sha256"),
     ],
@@ -274,6 +276,17 @@ def test_offline_missing_model_names_model_and_cache(monkeypatch, tmp_path):
         resolve_encoder_dir("google/t5-v1_1-xxl")
     message = str(err.value)
     assert "google/t5-v1_1-xxl" in message and "hub" in message and "local directory" in message
+
+
+def test_an_encoder_directory_without_its_tokenizer_is_named(tiny_t5_dir, tmp_path):
+    """What a download cut short leaves: config.json and weights, no tokenizer."""
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for f in tiny_t5_dir.iterdir():
+        if f.suffix in (".json", ".safetensors") and "token" not in f.name:
+            shutil.copy(f, partial / f.name)
+    with pytest.raises(TextEncoderUnavailableError, match=r"in .*partial is incomplete"):
+        load_text_encoder(TextConfig(encoder=str(partial)))
 
 
 def test_missing_local_directory_is_named():

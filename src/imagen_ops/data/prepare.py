@@ -90,7 +90,9 @@ def _load(data_dir: Path, row: Any) -> Image.Image:
     path = data_dir / row.path
     if not path.is_file():
         raise FileNotFoundError(
-            f"{path}: listed in {data_dir / TABLE} but missing (dvc pull / re-run ingest)"
+            f"{path}: listed in {data_dir / TABLE} but missing: `dvc checkout data.dvc` "
+            "restores data/ as data.dvc records it (`dvc pull` first without the cache; "
+            "ingest adds only new content and does not restore a file)"
         )
     if sha256_file(path) != row.sha256:
         raise ValueError(f"{path}: sha256 differs from {data_dir / TABLE} (modified or corrupt)")

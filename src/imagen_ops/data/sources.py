@@ -66,6 +66,13 @@ def synth_count(data_dir: Path, cfg: SynthConfig) -> int:
     `data.synth` settings (a seed, a mix, `caption_variety`) would stay, silently."""
     held = read_table(data_dir)
     held = held[held["source"] == SYNTH]
+    sizes = sorted({*held["width"], *held["height"]})
+    if sizes and sizes != [cfg.resolution]:
+        raise ValueError(
+            f"{data_dir} holds synthetic scenes of {sizes} px, data.synth.resolution is "
+            f"{cfg.resolution}: restore the resolution it was made with, or move {data_dir} "
+            "away to render it afresh"
+        )
     check = cfg.model_copy(update={"n": min(len(held), SYNTH_CHECKED)})
     for rec, (caption, scene) in zip(
         synth_scenes(check), zip(held["caption"], held["scene"], strict=True), strict=False

@@ -66,7 +66,7 @@ class EvalPaths:
     metrics: Path  # reports/metrics.json
     scores: Path  # reports/scores.json: the headline numbers (DVC metrics)
     sweep: Path  # reports/guidance_sweep.csv
-    feature_cache: Path  # real-image Inception features, keyed by data version
+    feature_cache: Path  # real-image Inception features, keyed by their pixels
     timings: Path  # reports/timings.json: seconds per image and stage (untracked)
 
 
@@ -294,11 +294,7 @@ def evaluate(
     extractor = InceptionFeatures(device=dev, batch_size=cfg.fid_batch_size) if cfg.fid else None
     real = None
     if extractor is not None:
-        data_version = prompts.prepared.manifest["source_table_sha256"]
-        key = json.dumps([data_version, resolution, prompts.records.tolist()])
-        real = cached_features(
-            paths.feature_cache, key, lambda: prompts.real_images(resolution), extractor
-        )
+        real = cached_features(paths.feature_cache, prompts.real_images(resolution), extractor)
 
     def score(sampled: np.ndarray, judged: list[Judgement] | None = None, **kw: Any) -> dict:
         """score_images for images of the first len(sampled) held-out prompts."""

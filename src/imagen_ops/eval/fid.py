@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -60,8 +60,11 @@ class InceptionFeatures(nn.Module):
         self, path: Path | None = None, device: str | torch.device = "cpu", batch_size: int = 32
     ):
         super().__init__()
-        self.net = torch.jit.load(str(path or inception_path()), map_location=device).eval()
+        path = Path(path or inception_path())
+        self.net = torch.jit.load(str(path), map_location=device).eval()
         self.device, self.batch_size = torch.device(device), batch_size
+        # what its features depend on besides the images: the network and the device kind
+        self.identity = f"{path.name}:{path.stat().st_size}:{self.device.type}"
 
     @torch.no_grad()
     def forward(self, images: np.ndarray, progress: bool = False) -> Tensor:
@@ -143,14 +146,16 @@ def fid_kid(real: Tensor, fake: Tensor, with_fid: bool = True) -> dict[str, floa
     return out
 
 
-def cached_features(
-    cache_dir: Path, key: str, images: Callable[[], np.ndarray], extractor: InceptionFeatures
-) -> Tensor:
-    """Features of a fixed image set, computed once: `key` must name the data version."""
+def cached_features(cache_dir: Path, images: np.ndarray, extractor: InceptionFeatures) -> Tensor:
+    """Features of a fixed image set, computed once: the cache is keyed by the images'
+    bytes and the network (`extractor.identity`), so other pixels (a data version, a change
+    in how prepare resizes) or another network never read stale features."""
+    spec = [hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest(), images.shape]
+    key = json.dumps([*spec, extractor.identity])
     path = cache_dir / f"inception_{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt"
     if path.is_file():
         return torch.load(path, weights_only=True)
-    feats = extractor(images(), progress=True)
+    feats = extractor(images, progress=True)
     with atomic_path(path) as tmp:
         torch.save(feats, tmp)
     log.info("cached real-image features at %s", path)

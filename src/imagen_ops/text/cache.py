@@ -72,6 +72,7 @@ def _expected(cfg: TextConfig) -> dict[str, Any]:
         "max_length": cfg.max_length,
         "layer": cfg.layer,
         "batch_size": cfg.batch_size,  # the pass size moves float16 steps on some CPUs
+        "dtype": cfg.dtype,  # the encoder's precision moves every embedding
     }
 
 

@@ -192,6 +192,14 @@ def weights_fingerprint(model_dir: Path) -> str:
 # ----------------------------------------------------------------------------- encoder
 
 
+def _incomplete(name: str, model_dir: Path, why: str) -> TextEncoderUnavailableError:
+    """A download cut short leaves config.json without a tokenizer or weights."""
+    return TextEncoderUnavailableError(
+        f"text encoder {name!r} in {model_dir} is incomplete ({why}). Download it again "
+        "(`huggingface-cli download`), or point text.encoder at a complete local directory"
+    )
+
+
 class TextEncoder:
     """A frozen Hugging Face encoder: T5EncoderModel, a BERT-family AutoModel, or CLIPTextModel.
 
@@ -208,13 +216,23 @@ class TextEncoder:
     def __init__(self, cfg: TextConfig, model_dir: Path, weights_id: str):
         import transformers
 
-        model_type = transformers.AutoConfig.from_pretrained(model_dir).model_type
-        self.kind = cfg.kind if cfg.kind != "auto" else _kind_of(model_type)
-        model_cls = getattr(transformers, ENCODER_KINDS[self.kind])
         self.cfg, self.model_dir = cfg, model_dir
         self.device = resolve_device(cfg.device)
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-        self.model = model_cls.from_pretrained(model_dir, dtype=getattr(torch, cfg.dtype))
+        try:
+            model_type = transformers.AutoConfig.from_pretrained(model_dir).model_type
+            self.kind = cfg.kind if cfg.kind != "auto" else _kind_of(model_type)
+            model_cls = getattr(transformers, ENCODER_KINDS[self.kind])
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+            self.model = model_cls.from_pretrained(model_dir, dtype=getattr(torch, cfg.dtype))
+        except OSError as err:
+            raise _incomplete(cfg.encoder, model_dir, str(err)) from err
+        # transformers builds a tokenizer without its vocabulary files too: every word unknown
+        probe = self.tokenizer("a red circle", add_special_tokens=False)["input_ids"]
+        pieces = self.tokenizer.convert_ids_to_tokens(probe)
+        unk = self.tokenizer.unk_token_id
+        words = [p for i, p in zip(probe, pieces, strict=True) if i != unk and p.strip("▁Ġ# ")]
+        if not words:  # nothing but unknowns and word-boundary marks
+            raise _incomplete(cfg.encoder, model_dir, "its tokenizer reads every word as unknown")
         self.model.eval().requires_grad_(False).to(self.device)
         self.dim = int(self.model.config.hidden_size)  # T5 maps hidden_size to d_model
         self.num_layers = int(self.model.config.num_hidden_layers)  # T5: num_layers
