@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +161,67 @@ def test_each_stage_reads_only_what_its_params_list_declares() -> None:
         view_for(params, "prepare")["eval.num_samples"]
     with pytest.raises(KeyError, match=r"stage train_base reads 'stages\.sr32"):
         view_for(params, "train_base")["stages.sr32.train.lr"]
+
+
+# code a stage command runs whose changes reach the outputs through declared settings or
+# the command line only: argument parsing and the stage declarations themselves (which
+# name the charts' paths)
+WIRING = {
+    "src/imagen_ops/cli.py",
+    "src/imagen_ops/pipeline.py",
+    "src/imagen_ops/charts.py:chart_path",
+}
+
+
+def code_called(run: Any) -> set[str]:
+    """(file as dvc.yaml names it, function name) of the project's functions that ran
+    during `run()`, on every thread (the trainer builds batches on its own)."""
+    package = REPO / "src" / "imagen_ops"
+    called: set[str] = set()
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        code = frame.f_code
+        if event == "call" and code.co_name != "<module>":
+            called.add((code.co_filename, code.co_name))
+
+    threading.setprofile(profile)
+    sys.setprofile(profile)
+    try:
+        run()
+    finally:
+        sys.setprofile(None)
+        threading.setprofile(None)
+    files = {(Path(f), name) for f, name in called if f.startswith(str(package))}
+    return {(str(f.relative_to(REPO)), name) for f, name in files if f.name != "__init__.py"}
+
+
+@pytest.mark.integration
+def test_each_stage_depends_on_the_code_it_runs(tiny_data, tmp_path, monkeypatch) -> None:
+    """Every project file whose functions a stage's command runs is among the stage's DVC
+    dependencies (or its wiring), so an edit to it reruns the stage and moves a training
+    checkpoint's code digest. config.py's defaults are values params.yaml does not list:
+    config.py must be a dependency of every stage."""
+    from imagen_ops.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    params = parse_params(apply_overrides(tiny_raw(), FAST))
+    Path("params.yaml").write_text(yaml.safe_dump(apply_overrides(tiny_raw(), FAST)))
+    shutil.copytree(tiny_data["data"], params.paths.data)
+    missing = {}
+    for spec in pipeline_stages(params):
+        code = [d for d in spec.deps if d.startswith("src/")]
+        ran = code_called(lambda spec=spec: main([*spec.cmd[1:], "-q"]))
+        assert ran, spec.name
+        uncovered = {
+            f
+            for f, name in ran
+            if f not in WIRING
+            and f"{f}:{name}" not in WIRING
+            and not any(f == d or f.startswith(d + "/") for d in code)
+        }
+        if uncovered:
+            missing[spec.name] = sorted(uncovered)
+    assert not missing, f"stages run code their dvc.yaml deps do not list: {missing}"
 
 
 def test_pipeline_write_check_catches_a_stale_file(tmp_path) -> None:

@@ -45,27 +45,47 @@ HEADER = """\
 # PATH (the Makefile puts .venv/bin first).
 """
 
-# Code each kind of stage runs, relative to the project root (DVC code dependencies).
-PREPARE_CODE = ("src/imagen_ops/data/prepare.py",)
-ENCODE_CODE = ("src/imagen_ops/text",)
+# Code each kind of stage runs, relative to the project root (DVC code dependencies; a
+# test traces each stage's command and fails on a file these lists miss). config.py is in
+# every list: the defaults of the keys params.yaml leaves out are values DVC cannot see.
+SHARED_CODE = (
+    "src/imagen_ops/config.py",
+    "src/imagen_ops/choices.py",
+    "src/imagen_ops/device.py",
+    "src/imagen_ops/files.py",
+)
+PREPARE_CODE = (*SHARED_CODE, "src/imagen_ops/data/ingest.py", "src/imagen_ops/data/prepare.py")
+ENCODE_CODE = (*SHARED_CODE, "src/imagen_ops/data/prepare.py", "src/imagen_ops/text")
+# what reads the prepared images and the embedding cache back
+READ_CODE = ("src/imagen_ops/data/prepare.py", "src/imagen_ops/images.py", "src/imagen_ops/text")
 TRAIN_CODE = (
+    *SHARED_CODE,
+    *READ_CODE,
     "src/imagen_ops/data/dataset.py",
     "src/imagen_ops/models",
     "src/imagen_ops/diffusion",
     "src/imagen_ops/train",
     "src/imagen_ops/cascade.py",
+    "src/imagen_ops/charts.py",
 )
 SCORER_CODE = (
+    *SHARED_CODE,
+    *READ_CODE,
     "src/imagen_ops/scorer.py",
     "src/imagen_ops/train/scorer.py",
     "src/imagen_ops/data/shapes.py",
-    "src/imagen_ops/text",
+    "src/imagen_ops/models",
 )
 EVAL_CODE = (
+    *SHARED_CODE,
+    *READ_CODE,
     "src/imagen_ops/eval",
     "src/imagen_ops/diffusion",
+    "src/imagen_ops/models",
     "src/imagen_ops/cascade.py",
     "src/imagen_ops/scorer.py",
+    "src/imagen_ops/data/shapes.py",  # the alignment judge draws and reads shapes
+    "src/imagen_ops/charts.py",
 )
 PACKAGE = Path(__file__).resolve().parent  # src/imagen_ops in a checkout, else site-packages
 PACKAGE_PREFIX = "src/imagen_ops/"
