@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
 import sys
 import tomllib
 from importlib.metadata import packages_distributions
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,3 +59,18 @@ def test_every_declared_package_is_pinned_in_the_constraints() -> None:
     assert all("==" in line for line in pins.values()), "constraints pin exact versions"
     assert not declared() - set(pins), f"not pinned: {declared() - set(pins)}"
     assert pins["torch"].startswith("torch==2.13.0")
+
+
+LAYOUT = ["flows/", "src/", "data.dvc", "dvc.yaml", "mlflow/", "tests/", "pyproject.toml"]
+"""The top level a fresh clone has (the design's layout)."""
+
+
+def test_a_fresh_clone_has_the_designed_top_level() -> None:
+    listed = subprocess.run(
+        ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=False
+    )
+    if listed.returncode != 0:
+        pytest.skip(f"not a git checkout: {listed.stderr.strip()}")
+    tracked = listed.stdout.splitlines()
+    missing = [p for p in LAYOUT if not any(f == p or f.startswith(p) for f in tracked)]
+    assert not missing, f"not in git, so not in a fresh clone: {missing}"
