@@ -238,6 +238,41 @@ def test_pipeline_write_check_catches_a_stale_file(tmp_path) -> None:
     assert "train_sr64" not in out.read_text()
 
 
+def test_bytecode_beside_the_code_is_not_a_code_change(tmp_path) -> None:
+    """Stages depend on code folders; Python writes __pycache__/*.pyc into them (an editable
+    install, bytecode writing on): the project's .dvcignore keeps that from rerunning them."""
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "a.py").write_text("X = 1\n")
+    stage = {"cmd": "cp pkg/a.py out.txt", "deps": ["pkg"], "outs": ["out.txt"]}
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"copy": stage}}))
+    dvc(tmp_path, "init", "-q", "--no-scm")
+    shutil.copy(REPO / ".dvcignore", tmp_path / ".dvcignore")
+    dvc(tmp_path, "repro", "-q")
+    (tmp_path / "pkg" / "__pycache__").mkdir()
+    (tmp_path / "pkg" / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"\x00" * 16)
+    (tmp_path / "pkg" / "b.pyc").write_bytes(b"\x00" * 16)
+    assert json.loads(dvc(tmp_path, "status", "--json")) == {}
+    (tmp_path / "pkg" / "a.py").write_text("X = 2\n")  # a real change still counts
+    assert "copy" in json.loads(dvc(tmp_path, "status", "--json"))
+
+
+def test_pipeline_write_refuses_settings_its_stages_would_not_read(tmp_path, caplog) -> None:
+    """dvc.yaml's stages read the params.yaml beside it: a graph from other settings (`-S`,
+    another file) would run with params.yaml's values, so it is refused."""
+    from imagen_ops.cli import main
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_raw(), sort_keys=False))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(three_stage_raw(), sort_keys=False))
+    out = tmp_path / "dvc.yaml"
+    for extra in (["-S", "stages.base.train.steps=3"], ["--params", str(recipe)]):
+        caplog.clear()
+        assert main(["pipeline", "write", "--out", str(out), *extra]) == 2
+        assert f"read {params}, not these settings" in caplog.text
+        assert "imagen-ops params apply" in caplog.text and not out.exists()
+
+
 # ------------------------------------------------------------------- running the graph
 
 

@@ -76,6 +76,42 @@ def test_lock_is_released_when_the_holder_is_killed(tmp_path) -> None:
         pass
 
 
+def test_lock_outlives_a_killed_holder_while_its_commands_run(tmp_path) -> None:
+    """The flow hands the lock's descriptor to its commands: kill the flow, and a stage it
+    started (still writing the model folders) keeps the next run out until it ends."""
+    path = tmp_path / ".retrain.lock"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, time\n"
+            "from imagen_ops.files import exclusive_lock\n"
+            f"with exclusive_lock({str(path)!r}) as fd:\n"
+            "    child = subprocess.Popen(['sleep', '120'], pass_fds=[fd])\n"
+            "    print(child.pid, flush=True)\n"
+            "    time.sleep(120)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    child = int(holder.stdout.readline())
+    try:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        with pytest.raises(LockedError), exclusive_lock(path):
+            pytest.fail("the killed run's command still runs, yet the lock was free")
+    finally:
+        os.kill(child, signal.SIGKILL)
+    deadline = time.time() + 10
+    while True:  # the command gone (reaped by init), the lock is free
+        try:
+            with exclusive_lock(path):
+                break
+        except LockedError:
+            assert time.time() < deadline, "the lock outlived the last holder"
+            time.sleep(0.05)
+
+
 # ----------------------------------------------------------------------------- the flow
 
 
@@ -122,7 +158,7 @@ def test_retrain_flow_second_and_third_runs(tmp_path, prefect_harness, flow_env)
     root = make_project(tmp_path / "project", *settings)
     cwd = Path.cwd()
 
-    first = retrain(project=str(root), params_file="params.yaml")
+    first = retrain(project=str(root))
     assert Path.cwd() == cwd, "the flow restores the working directory"
     assert first["ingest"]["kept"] == first["ingest"]["rows"] == 48
     assert (root / "data.dvc").is_file() and (root / "dvc.lock").is_file()
@@ -146,7 +182,19 @@ def test_retrain_flow_second_and_third_runs(tmp_path, prefect_harness, flow_env)
     assert {"retrain-summary", "retrain-metrics", "mlflow-run", "sample-grid"} <= set(published)
     assert first["run_id"] in published["mlflow-run"].data
     assert "promoted to champion" in published["retrain-summary"].data
-    assert published["sample-grid"].data.endswith("grid.png)")
+    grid = f"/#/experiments/{first['experiment_id']}/runs/{first['run_id']}/artifacts/eval/grid.png"
+    assert grid in published["sample-grid"].data  # the run's own copy: any UI user opens it
+    # the library's INFO logs (the gate, the registration) reach the flow run's log
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()
+    logs: list = []
+    with get_client(sync_client=True) as prefect:
+        while batch := prefect.read_logs(offset=len(logs), limit=200):
+            logs += batch
+    messages = [entry.message for entry in logs if entry.name.startswith("imagen_ops.")]
+    assert any(m.startswith("registered imagen-ops version 1") for m in messages)
+    assert any(m.startswith("golden set, challenger") for m in messages)
     # the golden set is versioned with DVC beside the data
     assert (root / "golden.dvc").is_file() and (root / "golden/prompts.jsonl").is_file()
 
@@ -162,6 +210,8 @@ def test_retrain_flow_second_and_third_runs(tmp_path, prefect_harness, flow_env)
     version = client.get_model_version("imagen-ops", "1")
     assert version.tags["imagen_ops.model_sha256"] == metrics["model_sha256"]
     assert "lineage/dvc.lock" in {a.path for a in client.list_artifacts(first["run_id"], "lineage")}
+    trained = {a.path for a in client.list_artifacts(first["run_id"], "train")}
+    assert {"train/train_base.csv", "train/train_base.png", "train/train_sr32.csv"} <= trained
     assert "commit" in version.description and "gate" in version.description
     # the logged report names the version, the commit, the data version and the date
     page = Path(client.download_artifacts(first["run_id"], "eval/report.html", str(tmp_path)))
@@ -171,6 +221,7 @@ def test_retrain_flow_second_and_third_runs(tmp_path, prefect_harness, flow_env)
     # version 1 rebuilds bit for bit from what it stored (a temporary git work tree)
     rebuilt = json.loads(run_cli(["reproduce", "models:/imagen-ops/1", "-q"], root))
     assert rebuilt["identical"] and rebuilt["expected_sha256"] == metrics["model_sha256"]
+    assert rebuilt["packaged_sha256"] == rebuilt["rebuilt_sha256"]  # what it serves, rebuilt
     # the training runs nest under the flow's run
     children = client.search_runs(
         [run.info.experiment_id], f"tags.mlflow.parentRunId = '{first['run_id']}'"
@@ -186,7 +237,7 @@ def test_retrain_flow_second_and_third_runs(tmp_path, prefect_harness, flow_env)
     assert not (root / "mlflow.db").exists() and not (root / "mlruns").exists(), "one store"
 
     # run 2, nothing new: "no change", no training, no version, every tracked file as it was
-    second = retrain(project=str(root), params_file="params.yaml")
+    second = retrain(project=str(root))
     assert second["state"] == "no change" and second["ingest"]["seen"] == 0
     assert weights.stat().st_mtime_ns == stamp and (root / "dvc.lock").read_text() == lock
     assert {p: p.read_bytes() for p in tracked} == tracked
@@ -201,7 +252,7 @@ def test_retrain_flow_second_and_third_runs(tmp_path, prefect_harness, flow_env)
     write_params(
         root / "params.yaml", *FAST, "registry.track_training=true", "data.synth.new_per_run=8"
     )
-    third = retrain(project=str(root), params_file="params.yaml")
+    third = retrain(project=str(root))
     assert third["ingest"]["seen"] == third["ingest"]["kept"] == 8
     assert third["ingest"]["rows"] == 56
     assert weights.stat().st_mtime_ns != stamp, "new data: the base stage retrained"
@@ -214,7 +265,7 @@ def test_retrain_flow_second_and_third_runs(tmp_path, prefect_harness, flow_env)
 
     # a run already in progress: the flow stops at once, naming the lock
     with exclusive_lock(root / "artifacts" / ".retrain.lock"), pytest.raises(LockedError):
-        retrain(project=str(root), params_file="params.yaml")
+        retrain(project=str(root))
 
     # a run that fails after its MLflow run started ends it FAILED and moves no alias
     from imagen_ops.registry import register as register_module
@@ -225,10 +276,23 @@ def test_retrain_flow_second_and_third_runs(tmp_path, prefect_harness, flow_env)
     before = aliases(client)
     with pytest.MonkeyPatch.context() as mp, pytest.raises(RuntimeError, match="unreachable"):
         mp.setattr(register_module, "register", broken)
-        retrain(project=str(root), params_file="params.yaml")
+        retrain(project=str(root))
     failed = client.search_runs([run.info.experiment_id], "attributes.status = 'FAILED'")
     assert [r.info.run_name for r in failed] == ["retrain"]
     assert aliases(client) == before and versions(client) == ["1", "2"]
+    # the failed run added its 8 scenes and trained on them; the next run (a retry, or the
+    # next week's) adds none until a run has finished with them, then 8 again
+    pending, ingested = root / "artifacts/.retrain.pending", root / "reports/ingest.json"
+    assert json.loads(ingested.read_text())["rows"] == 64 and pending.is_file()
+    retried = retrain(project=str(root))
+    assert retried["ingest"]["kept"] == 0 and retried["version"] == "3"
+    assert not pending.exists()
+    # a finished run's scenes trained, the next run adds 8 again (its registration fails:
+    # the first of `later_runs` registers them)
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(RuntimeError, match="unreachable"):
+        mp.setattr(register_module, "register", broken)
+        retrain(project=str(root))
+    assert json.loads(ingested.read_text())["rows"] == 72 and pending.is_file()
     later_runs(root, client)
 
 
@@ -251,18 +315,18 @@ def later_runs(root: Path, client) -> None:
     champion = aliases(client)["champion"]
     with pytest.MonkeyPatch.context() as mp, pytest.raises(RuntimeError, match="killed while"):
         mp.setattr(register_module, "carry_out", killed)
-        retrain(project=str(root), params_file="params.yaml")
-    assert versions(client) == ["1", "2", "3"] and aliases(client)["champion"] == champion
-    again = retrain(project=str(root), params_file="params.yaml")
-    assert again["ingest"]["kept"] == 0 and again["version"] == "4"
-    assert aliases(client)["challenger"] == "4"
+        retrain(project=str(root))
+    assert versions(client) == ["1", "2", "3", "4"] and aliases(client)["champion"] == champion
+    again = retrain(project=str(root))
+    assert again["ingest"]["kept"] == 0 and again["version"] == "5"
+    assert aliases(client)["challenger"] == "5"
 
     # a packaged setting changed and `dvc repro` run by hand: version 4's weights, other
     # metrics and sampling defaults, which the next run registers
     write_params(root / "params.yaml", *quiet, "sample.guidance=[3.0, 1.0]")
     dvc(root, "repro")
-    assert retrain(project=str(root), params_file="params.yaml")["version"] == "5"
-    assert retrain(project=str(root), params_file="params.yaml")["state"] == "no change"
+    assert retrain(project=str(root))["version"] == "6"
+    assert retrain(project=str(root))["state"] == "no change"
 
     # golden/ lost, and not in the DVC cache (a fresh clone, a worker that pulled only the
     # data): made again, the same frozen set
@@ -272,15 +336,25 @@ def later_runs(root: Path, client) -> None:
     listing = yaml.safe_load(pointer)["outs"][0]["md5"]
     for entry in [*json.loads((cache / listing[:2] / listing[2:]).read_text()), {"md5": listing}]:
         (cache / entry["md5"][:2] / entry["md5"][2:]).unlink()
-    assert retrain(project=str(root), params_file="params.yaml")["state"] == "no change"
+    assert retrain(project=str(root))["state"] == "no change"
     assert (root / "golden.dvc").read_bytes() == pointer
     # ... unless the params now make another set: the run stops, golden.dvc as it was
     shutil.rmtree(root / "golden")
     write_params(root / "params.yaml", *quiet, "registry.golden_per_category=4")
     with pytest.raises(GoldenSetChangedError, match=r"dvc checkout golden\.dvc"):
-        retrain(project=str(root), params_file="params.yaml")
+        retrain(project=str(root))
     assert (root / "golden.dvc").read_bytes() == pointer and not (root / "golden").exists()
-    assert versions(client) == ["1", "2", "3", "4", "5"]
+    # an edited golden set (or a pulled golden.dvc never checked out): stopped, kept as it is
+    write_params(root / "params.yaml", *quiet)
+    dvc(root, "checkout", "golden.dvc")
+    prompts = root / "golden" / "prompts.jsonl"
+    prompts.chmod(0o644)  # DVC checks files out read-only
+    edited = "".join(prompts.read_text().splitlines(keepends=True)[:-1])  # one prompt less
+    prompts.write_text(edited)
+    with pytest.raises(GoldenSetChangedError, match=r"not the set golden\.dvc records"):
+        retrain(project=str(root))
+    assert (root / "golden.dvc").read_bytes() == pointer and prompts.read_text() == edited
+    assert versions(client) == [str(v) for v in range(1, 7)]
 
 
 def versions(client) -> list[str]:
@@ -309,16 +383,13 @@ def test_deploy_uses_the_schedule_section(tmp_path, prefect_harness) -> None:
     (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     with get_client(sync_client=True) as client:
         client.create_work_pool(WorkPoolCreate(name="gpu-pool", type="process"))
-        deployment = client.read_deployment(deploy(project, "params.yaml"))
+        deployment = client.read_deployment(deploy(project))
     assert deployment.name == "nightly" and deployment.work_pool_name == "gpu-pool"
     assert deployment.global_concurrency_limit.limit == 1  # one run at a time, any machine
     (schedule,) = deployment.schedules
     assert schedule.schedule.cron == "30 2 * * *"
     assert schedule.schedule.timezone == "Europe/Paris"
-    assert deployment.parameters == {
-        "project": str(project.resolve()),
-        "params_file": "params.yaml",
-    }
+    assert deployment.parameters == {"project": str(project.resolve())}
 
 
 @pytest.mark.integration

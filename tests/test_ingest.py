@@ -436,6 +436,36 @@ def test_source_byte_budget_rejects_the_rest_with_a_reason(tmp_path: Path) -> No
     assert report.rejected == {"too_large": 4}
 
 
+def test_one_byte_budget_per_source_and_a_caption_file_s_own_reason(tmp_path: Path) -> None:
+    """max_source_bytes spans a source's shards, not each shard; a caption file that may
+    not be read is rejected for that, not as a missing caption; every format ingest
+    decodes is an image member of a WebDataset sample."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_shard(shards / "a.tar", 0, 2)
+    write_shard(shards / "b.tar", 2, 1)  # smaller than a.tar: a budget per shard lets it in
+    with tarfile.open(shards / "a.tar") as tar:
+        budget = sum(member.size for member in tar)
+    cfg = CFG.model_copy(update={"max_source_bytes": budget})
+    report = ingest(open_source(shards, cfg), tmp_path / "out", cfg, progress=False)
+    assert report.kept == 2 and report.rejected == {"source_limit": 1}
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "x.png").write_bytes(encode(Image.new("RGB", (16, 16), "red"), "PNG"))
+    (src / "x.txt").write_text("a red square " * 30)
+    small = CFG.model_copy(update={"max_file_bytes": 300})
+    report = ingest(open_source(src, small), tmp_path / "out2", small, progress=False)
+    assert report.rejected == {"too_large": 1}
+    assert report.examples["too_large"][0]["detail"].startswith("caption ")
+
+    with tarfile.open(tmp_path / "gif.tar", "w") as tar:
+        add_member(tar, "g.gif", encode(noise(3), "GIF"))
+        add_member(tar, "g.txt", b"a noisy gif")
+    report = ingest(open_source(tmp_path / "gif.tar", CFG), tmp_path / "out3", CFG, progress=False)
+    assert report.kept == 1, report.rejected
+
+
 def test_folder_fifo_and_device_link_are_rejected_never_opened(tmp_path: Path) -> None:
     """Opening either would block or read forever: the ingest finishing is the proof."""
     src = tmp_path / "src"

@@ -408,6 +408,51 @@ def test_register_gates_the_champion(tiny_models, store, monkeypatch) -> None:
     # default: the challenger (version 3) against the champion (now version 2)
     back = promote(params.registry)
     assert back.promote and aliases()["champion"] == better["version"]
+    # force is the way out when the gate itself cannot run (a metric the version lacks)
+    no_metric = tiny_params("registry.primary_metric=clip_score").registry
+    with pytest.raises(KeyError, match="clip_score"):
+        promote(no_metric, version=worse["version"])
+    forced = promote(no_metric, version=worse["version"], force=True)
+    assert forced.promote and forced.reason.startswith("forced (the gate failed: KeyError")
+    assert aliases()["champion"] == worse["version"]
+    promote(params.registry, version=better["version"], force=True)
+
+    # a store that fails is not "no champion" (which would skip the gate)
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
+
+    from imagen_ops.registry.register import REGISTERED_TAG, current_champion
+
+    def failing(*args, **kwargs):
+        raise MlflowException("server error", error_code=INTERNAL_ERROR)
+
+    with monkeypatch.context() as m, pytest.raises(MlflowException, match="server error"):
+        m.setattr(MlflowClient, "get_registered_model", failing)
+        current_champion(params.registry)
+    assert current_champion(tiny_params("registry.model_name=none-yet").registry) is None
+
+    # a registration that fails writing its decision moves no alias; the champion a
+    # registration did move always carries its decision and description
+    def cut(*args, **kwargs):
+        raise ConnectionError("cut short")
+
+    with monkeypatch.context() as m, pytest.raises(ConnectionError):
+        m.setattr(MlflowClient, "update_model_version", cut)
+        run(0.9)
+    assert aliases()["champion"] == better["version"] and versions() == ["1", "2", "3", "4"]
+    tag = MlflowClient.set_model_version_tag
+
+    def last_write_cut(self, name, version, key, value):
+        if key == REGISTERED_TAG:
+            raise ConnectionError("cut short")
+        return tag(self, name, version, key, value)
+
+    with monkeypatch.context() as m, pytest.raises(ConnectionError):
+        m.setattr(MlflowClient, "set_model_version_tag", last_write_cut)
+        run(0.95)
+    mv = client.get_model_version("imagen-ops", aliases()["champion"])
+    assert str(mv.version) == "5" and REGISTERED_TAG not in mv.tags
+    assert mv.tags["imagen_ops.gate.promoted"] == "True" and "gate: " in mv.description
 
 
 # ------------------------------------------------------------------- the paired gate
@@ -874,9 +919,10 @@ def test_warm_start_from_the_registered_champion(tiny_data, tiny_models, any_sto
 
 
 @pytest.mark.integration
-def test_sample_a_registered_model_from_any_folder(tiny_models, store, monkeypatch) -> None:
+def test_sample_a_registered_model_from_any_folder(tiny_models, store, monkeypatch, caplog):
     """No params.yaml: the registry comes from MLFLOW_TRACKING_URI and the sampling
-    settings from the packaged model, which match the project's."""
+    settings from the packaged model, which match the project's; `-S` there is refused, and
+    a project whose settings differ from the packaged ones says so."""
     from imagen_ops.cascade import Cascade
     from imagen_ops.cli import main
     from imagen_ops.images import to_uint8
@@ -895,6 +941,12 @@ def test_sample_a_registered_model_from_any_folder(tiny_models, store, monkeypat
     written = np.asarray(Image.open(elsewhere / "samples" / "sample.png"))
     assert np.array_equal(written, expected)
     assert sorted(p.name for p in elsewhere.iterdir()) == ["samples"]
+    assert main([*argv, "-S", "sample.steps=3"]) == 2
+    assert "-S sample.steps=3: no params.yaml here" in caplog.text
+    write_params(elsewhere / "params.yaml", "sample.seed=5")
+    caplog.clear()
+    assert main(argv) == 0
+    assert "not those models:/imagen-ops@champion carries (seed differ)" in caplog.text
 
 
 @pytest.mark.integration
@@ -939,3 +991,89 @@ def test_the_store_works_after_the_project_folder_moved(tiny_models, tmp_path, m
             "SELECT count(*) FROM runs WHERE artifact_uri LIKE ?", (f"%{old}%",)
         ).fetchone()
     assert stale == (0,)
+
+
+def test_a_store_outside_the_project_is_never_re_pointed(tmp_path, monkeypatch) -> None:
+    """A team's sqlite store opened from a project (whose mlflow/artifacts exists) keeps
+    its recorded artifact locations: only the project's own store follows a move."""
+    from mlflow.tracking._tracking_service import utils
+
+    from imagen_ops.registry.tracking import configure, follow_moved_store
+
+    monkeypatch.setattr(utils, "_tracking_uri", utils._tracking_uri)  # restored afterwards
+    team, project = tmp_path / "srv", tmp_path / "project"
+    (project / "mlflow" / "artifacts").mkdir(parents=True)
+    team.mkdir()
+    monkeypatch.chdir(team)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{team}/mlflow.db")
+    cfg = tiny_params().registry
+    configure(cfg)
+    elsewhere = "file:///mnt/team/mlflow/artifacts"  # another machine's mount: not here
+    with sqlite3.connect(team / "mlflow.db") as db:
+        db.execute("UPDATE experiments SET artifact_location = ?", (elsewhere,))
+    monkeypatch.chdir(project)
+    assert follow_moved_store(cfg) is None
+    with sqlite3.connect(team / "mlflow.db") as db:
+        recorded = db.execute("SELECT artifact_location FROM experiments").fetchall()
+    assert elsewhere in {row[0] for row in recorded}
+
+
+def test_reproduce_refuses_what_its_lineage_cannot_rebuild(store) -> None:
+    """Uncommitted code, a warm start and a commit missing from this clone each stop
+    `reproduce` with their own reason (not a digest mismatch, nor a cleanup error)."""
+    from mlflow import MlflowClient
+
+    from imagen_ops.registry.register import DIRTY_TAG, LINEAGE, MODEL_DIGEST_TAG
+    from imagen_ops.registry.reproduce import reproduce
+    from imagen_ops.registry.tracking import configure
+
+    project = store / "project"
+    project.mkdir()
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    write_params(project / "params.yaml", "stages.base.train.init_from=models:/other@champion")
+    subprocess.run(["git", "add", "-A"], cwd=project, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "p"], cwd=project, check=True)
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    cfg = tiny_params().registry
+    experiment = configure(cfg)
+    client = MlflowClient()
+    client.create_registered_model("imagen-ops")
+
+    def version(commit: str, dirty: str) -> str:
+        run = client.create_run(
+            experiment, tags={"imagen_ops.git_commit": commit, DIRTY_TAG: dirty}
+        ).info.run_id
+        client.log_artifact(run, str(project / "params.yaml"), LINEAGE)
+        mv = client.create_model_version("imagen-ops", f"runs:/{run}/model", run_id=run)
+        client.set_model_version_tag("imagen-ops", mv.version, MODEL_DIGEST_TAG, "0" * 64)
+        return f"models:/imagen-ops/{mv.version}"
+
+    with pytest.raises(ValueError, match=f"uncommitted changes under src/ \\({DIRTY_TAG}\\)"):
+        reproduce(version(commit, "True"), project, cfg)
+    with pytest.raises(ValueError, match=r"warm-started .*init_from: models:/other@champion"):
+        reproduce(version(commit, "False"), project, cfg)
+    missing = "1" * 40
+    with pytest.raises(RuntimeError, match=f"git fetch origin {missing}"):
+        reproduce(version(missing, "False"), project, cfg)
+    listed = subprocess.run(
+        ["git", "worktree", "list"], cwd=project, capture_output=True, text=True, check=True
+    )
+    assert len(listed.stdout.splitlines()) == 1, "no work tree left behind"
+
+
+def test_a_training_run_that_fails_setting_up_ends_failed(store, tmp_path) -> None:
+    """The tracked run starts before the trainer is built: a trainer that cannot start (no
+    prepared data here) ends it FAILED, not RUNNING forever."""
+    from mlflow import MlflowClient
+
+    from imagen_ops.cli import main
+
+    params = write_params(tmp_path / "params.yaml", "registry.track_training=true")
+    argv = ["train", "--stage", "base", "--params", str(params), "-q"]
+    assert main([*argv, "--prepared", str(tmp_path / "nothing")]) != 0
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("imagen-ops").experiment_id])
+    assert [(r.info.run_name, r.info.status) for r in runs] == [("train-base", "FAILED")]

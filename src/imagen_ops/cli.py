@@ -171,17 +171,18 @@ def cmd_train(args: argparse.Namespace) -> None:
         from imagen_ops.registry.tracking import training_tracker
 
         tracker = training_tracker(params.registry, name)
-    trainer = Trainer(
-        settings, paths, init_from=init_from, tracker=tracker, progress=not args.quiet
-    )
-    status = "FAILED"
-    try:
+    status, trainer = "FAILED", None
+    try:  # a run that fails, even while setting up, never stays RUNNING
+        trainer = Trainer(
+            settings, paths, init_from=init_from, tracker=tracker, progress=not args.quiet
+        )
         result = trainer.fit()
         status = "FINISHED"
     finally:
         if tracker is not None:
             tracker.close(status)
-        trainer.close()
+        if trainer is not None:
+            trainer.close()
     if _rank() == 0:
         _out(json.dumps(result.__dict__, indent=2))
 
@@ -207,12 +208,18 @@ SAMPLE_OPTIONS = (
 def cmd_sample(args: argparse.Namespace) -> None:
     from PIL import Image
 
-    from imagen_ops.cascade import Cascade
+    from imagen_ops.cascade import CASCADE_FILE, Cascade
     from imagen_ops.device import resolve_device
     from imagen_ops.images import image_format, make_grid, save_image, to_uint8
     from imagen_ops.registry.loading import cascade_dir, packaged_settings
 
     params = _params(args) if args.params or Path("params.yaml").is_file() else None
+    if params is None and args.set:
+        raise ValueError(
+            f"-S {' '.join(args.set)}: no params.yaml here to apply it to; outside a project "
+            "the model's packaged settings apply, changed by the flags (--steps, --guidance, "
+            "--seed, ...)"
+        )
     prompts = _prompts(args.prompts, args.prompts_file)
     image_format(args.out)  # a file name PIL cannot write fails now, not after sampling
     if args.num_images < 1:
@@ -229,7 +236,16 @@ def cmd_sample(args: argparse.Namespace) -> None:
     names, text = (params.stage_names(), params.text) if params else (None, None)
     cascade = Cascade.from_dir(root, names, text, resolve_device("auto"))
     # the project's sampling settings, else those the packaged model carries
-    defaults = params.sample if params else packaged_settings(root)[0]
+    packaged = packaged_settings(root)[0]
+    defaults = params.sample if params else packaged
+    if params is not None and (root / CASCADE_FILE).is_file() and params.sample != packaged:
+        differ = sorted(k for k, v in params.sample if getattr(packaged, k) != v)
+        log.warning(
+            "params.yaml's sample settings apply, not those %s carries (%s differ): the "
+            "served model would give other images; run outside the project for its own",
+            source,
+            ", ".join(differ),
+        )
     given = {k: getattr(args, k) for k in SAMPLE_OPTIONS}
     given = {k: v[0] if isinstance(v, list) and len(v) == 1 else v for k, v in given.items()}
     settings = defaults.updated(**given)
@@ -453,6 +469,12 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
     params = _params(args)
     result = reproduce(args.model, Path(args.root), params.registry, keep=args.keep)
     _out(json.dumps({**result.__dict__, "identical": result.identical}, indent=2))
+    if result.packaged_sha256 != result.expected_sha256:
+        raise RuntimeError(
+            f"{result.uri}: the weights it serves (sha256 {result.packaged_sha256}) are not "
+            f"the ones registered ({result.expected_sha256}): its artifacts changed after "
+            "registration"
+        )
     if not result.identical:
         raise RuntimeError(
             f"{result.uri}: the rebuilt weights differ (sha256 {result.rebuilt_sha256}, "
@@ -464,9 +486,17 @@ def cmd_pipeline_write(args: argparse.Namespace) -> None:
     from imagen_ops.files import write_text_atomic
     from imagen_ops.pipeline import prune_lock, render_dvc_yaml
 
+    out = Path(args.out)
+    read = out.parent / "params.yaml"  # the file dvc.yaml's params and commands read
+    if args.set or (args.params and Path(args.params).resolve() != read.resolve()):
+        given = " ".join([*(["--params", args.params] if args.params else []), *args.set])
+        raise ValueError(
+            f"pipeline write {given}: {out}'s stages read {read}, not these settings; write "
+            "them there (`imagen-ops params apply RECIPE` merges a recipe) and run "
+            "`imagen-ops pipeline write` alone"
+        )
     params = _params(args)
     text = render_dvc_yaml(params)
-    out = Path(args.out)
     if args.check:
         if not out.is_file() or out.read_text() != text:
             raise RuntimeError(

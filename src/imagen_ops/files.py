@@ -127,13 +127,15 @@ class LockedError(RuntimeError):
 
 
 @contextmanager
-def exclusive_lock(path: str | Path, wait: float = 0.0) -> Iterator[None]:
+def exclusive_lock(path: str | Path, wait: float = 0.0) -> Iterator[int]:
     """Hold an exclusive lock on `path` for the block; fail naming the holder if it is not
-    free within `wait` seconds (0: at once).
+    free within `wait` seconds (0: at once). Yields the lock file's descriptor.
 
     Two retraining runs must never write the same data and model directories; the second
     one stops with a message instead of waiting or corrupting the first. The lock is an
-    OS-level flock, released when the holder exits, even on a crash.
+    OS-level flock, released when the holder exits, even on a crash. A child process given
+    the descriptor (`subprocess.Popen(..., pass_fds=[fd])`) holds it too: the lock lasts
+    until the last of them exits, so a killed holder's running commands keep it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -157,7 +159,7 @@ def exclusive_lock(path: str | Path, wait: float = 0.0) -> Iterator[None]:
         f.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
         f.flush()
         try:
-            yield
+            yield f.fileno()
         finally:
             f.seek(0)
             f.truncate()

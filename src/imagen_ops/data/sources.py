@@ -34,7 +34,8 @@ __all__ = ["detect_format", "open_source", "synth_source"]
 log = logging.getLogger(__name__)
 
 CAPTION_SUFFIXES = (".txt", ".json")
-WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # preference order within one sample
+# every format ingest decodes (ingest.FORMATS), in preference order within one sample
+WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 SYNTH = "synth"  # the source label of synthetic records
 WDS_CAPTION_KEYS = ("caption", "text")  # json fallbacks after cfg.caption_column
 PARQUET_BATCH_ROWS = 64
@@ -169,12 +170,6 @@ def _read_file(path: Path, budget: Budget) -> tuple[bytes | None, str | None, st
     return path.read_bytes(), None, ""
 
 
-def _caption_file(path: Path, budget: Budget) -> bytes | None:
-    """The same-stem .txt caption beside an image (None when absent or not readable)."""
-    data, reason, _ = _read_file(path, budget)
-    return data if reason is None else None
-
-
 def _files(path: Path, suffix: str) -> list[Path]:
     """`path` itself, or the sorted `*suffix` files directly inside the directory `path`."""
     if path.is_file():
@@ -206,10 +201,15 @@ def _folder_records(root: Path, budget: Budget) -> Iterator[RawRecord]:
             if name.startswith(".") or path.suffix.lower() in CAPTION_SUFFIXES:
                 continue
             data, reason, detail = _read_file(path, budget)
+            # the same-stem .txt caption beside it: a caption file that cannot be read (too
+            # large, over the source's budget, not a regular file) is that, not "no caption"
+            caption, why, problem = _read_file(path.with_suffix(".txt"), budget)
+            if reason is None and why is not None:
+                reason, detail = why, f"caption {problem}"
             yield RawRecord(
                 key=str(path),
                 data=data,
-                caption=_caption_file(path.with_suffix(".txt"), budget),
+                caption=caption,
                 source=str(root),
                 reject=reason,
                 reject_detail=detail,
@@ -333,16 +333,15 @@ def _split_key(name: str) -> tuple[str, str]:
 
 
 def _webdataset(path: Path, cfg: IngestConfig) -> Iterator[RawRecord]:
-    shards = _files(path, ".tar")
-    return (rec for shard in shards for rec in _tar_records(shard, cfg))
+    shards, budget = _files(path, ".tar"), Budget(cfg)  # one budget for the whole source
+    return (rec for shard in shards for rec in _tar_records(shard, cfg, budget))
 
 
-def _tar_records(shard: Path, cfg: IngestConfig) -> Iterator[RawRecord]:
+def _tar_records(shard: Path, cfg: IngestConfig, budget: Budget) -> Iterator[RawRecord]:
     """Samples of one shard: consecutive members sharing a key, as WebDataset groups them."""
     key: str | None = None
     group: dict[str, bytes] = {}
     unsafe: tuple[str, str] | None = None  # (reason, detail) that rejects the whole sample
-    budget = Budget(cfg)
     try:
         with tarfile.open(shard, mode="r|*") as tar:
             for member in tar:
@@ -423,7 +422,8 @@ def _parquet(path: Path, cfg: IngestConfig) -> Iterator[RawRecord]:
         except (pa.ArrowInvalid, OSError) as err:
             raise ValueError(f"{file}: not a readable parquet file: {err}") from err
         _missing_columns(file, names, cfg)
-    return (rec for file in files for rec in _parquet_records(file, cfg))
+    budget = Budget(cfg)  # one budget for the whole source
+    return (rec for file in files for rec in _parquet_records(file, cfg, budget))
 
 
 def _parquet_image(value: Any) -> bytes | str | None:
@@ -433,9 +433,9 @@ def _parquet_image(value: Any) -> bytes | str | None:
     return value if isinstance(value, bytes | str) and value else None
 
 
-def _parquet_records(file: Path, cfg: IngestConfig) -> Iterator[RawRecord]:
+def _parquet_records(file: Path, cfg: IngestConfig, budget: Budget) -> Iterator[RawRecord]:
     columns = [cfg.image_column, cfg.caption_column]
-    budget, row = Budget(cfg), 0
+    row = 0
     for batch in pq.ParquetFile(file).iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
         images = batch.column(cfg.image_column).to_pylist()
         captions = batch.column(cfg.caption_column).to_pylist()

@@ -5,7 +5,7 @@ challenger are sampled on the same golden prompts with the same seeds, the exact
 marks each image correct or not, and the challenger is promoted only if its accuracy is
 higher by more than `margin` and an exact one-sided McNemar test on the discordant pairs
 rejects "no better" at the configured confidence. The metric gate (data without scene
-specs): a dotted key of reports/metrics.json, "auto" meaning the overall shapes alignment
+specs): a dotted key of reports/metrics.json, "auto" meaning the balanced shapes alignment
 when the evaluation has one, otherwise FID; whether higher is better follows from the
 name (FID and KID are distances).
 """

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 
 import imagen_ops
 from imagen_ops.cascade import Cascade, cascade_digest
+from imagen_ops.charts import chart_path
 from imagen_ops.config import Params, PathsConfig, RegistryConfig, SampleConfig, flatten
 from imagen_ops.device import resolve_device
 from imagen_ops.eval.golden import find_golden
@@ -62,6 +63,7 @@ log = logging.getLogger(__name__)
 CHAMPION, CHALLENGER = "champion", "challenger"
 MODEL_DIGEST_TAG = "imagen_ops.model_sha256"  # version tag: cascade_digest of its weights
 # version tag, set last: registration_digest of what the version holds, once it is complete
+DIRTY_TAG = "imagen_ops.git_dirty"  # run tag: src/ had uncommitted changes (not rebuildable)
 REGISTERED_TAG = "imagen_ops.registration_sha256"
 LINEAGE = "lineage"  # run artifact folder: the files a version is rebuilt from
 LINEAGE_FILES = ("dvc.lock", "data.dvc", "golden.dvc", "params.yaml", "dvc.yaml")
@@ -105,6 +107,7 @@ class RegisterPaths:
     timings: Path | None = None  # reports/timings.json: sampling speed, logged if present
     scorer: Path | None = None  # artifacts/scorer: packaged with the model when present
     scorer_report: Path | None = None  # reports/scorer.json: logged as scorer.* metrics
+    training: tuple[Path, ...] = ()  # reports/train_<stage>.csv: each stage's whole curve
 
     @classmethod
     def from_params(
@@ -114,6 +117,7 @@ class RegisterPaths:
         models: str | None = None,
         metrics: str | None = None,
         eval_dir: str | None = None,
+        stages: Sequence[str] = (),
     ) -> RegisterPaths:
         """The project's files (params.yaml's `paths`; `models`, `metrics`, `eval_dir` in
         their place where given): the one reading for the CLI and the retraining flow."""
@@ -125,6 +129,7 @@ class RegisterPaths:
             root / paths.timings,
             root / paths.scorer,
             root / paths.scorer_metrics,
+            tuple(root / paths.train_metrics(name) for name in stages),
         )
 
     @property
@@ -142,6 +147,22 @@ def _git_commit(root: Path) -> str | None:
     except (OSError, subprocess.CalledProcessError):
         return None
     return out.stdout.strip()
+
+
+def _git_dirty(root: Path) -> str | None:
+    """The string "True" when tracked files under src/ differ from the commit (which is then
+    not the code that trained the model), "False" when not, None outside git."""
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "src"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return str(bool(out.stdout.strip()))
 
 
 def _sha256(path: Path) -> str | None:
@@ -356,8 +377,10 @@ def current_champion(cfg: RegistryConfig) -> str | None:
     configure(cfg)
     try:
         version = MlflowClient().get_registered_model(cfg.model_name).aliases.get(CHAMPION)
-    except MlflowException:
-        return None
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise  # an unreachable or failing store is not "no champion": that skips the gate
     return None if version is None else str(version)
 
 
@@ -536,6 +559,7 @@ def register(
     )
     tags = {
         "imagen_ops.git_commit": _git_commit(paths.root),
+        DIRTY_TAG: _git_dirty(paths.root),
         "imagen_ops.dvc_lock_sha256": _sha256(paths.root / "dvc.lock"),
         "imagen_ops.data_version": _data_version(paths.root),
         "imagen_ops.kind": "retrain",
@@ -563,6 +587,12 @@ def register(
             if (paths.eval_dir / name).is_file():
                 mlflow.log_artifact(str(paths.eval_dir / name), artifact_path="eval")
         mlflow.log_artifact(str(paths.metrics), artifact_path="eval")
+        # the curves as DVC keeps them: whole across a resume (a resumed training run logs
+        # only its own steps to MLflow) and there when DVC skipped training
+        for table in paths.training:
+            for path in (table, chart_path(table)):
+                if path.is_file():
+                    mlflow.log_artifact(str(path), artifact_path="train")
         for name in LINEAGE_FILES:  # what `imagen-ops reproduce` rebuilds the version from
             if (paths.root / name).is_file():
                 mlflow.log_artifact(str(paths.root / name), artifact_path=LINEAGE)
@@ -577,21 +607,33 @@ def register(
             client.set_model_version_tag(cfg.model_name, version, key, value)
         _describe_registered_model(client, cfg.model_name)
         client.set_registered_model_alias(cfg.model_name, CHALLENGER, version)
-        decision, champion_version = carry_out(cfg, version, decision, champion_version)
         if decision.n is not None:
             mlflow.log_metric(GOLDEN, decision.challenger)
-        for key, value in decision_tags(decision).items():
-            client.set_model_version_tag(cfg.model_name, version, key, value)
-        client.update_model_version(
-            cfg.model_name, version, description=_description(tags, metrics, decision)
-        )
-        mlflow.log_dict(
-            {**decision.to_dict(), "version": version, "champion_version": champion_version},
-            "promotion.json",
-        )
-        mlflow.set_tags(
-            {"imagen_ops.promoted": str(decision.promote), "imagen_ops.decision": decision.reason}
-        )
+
+        def record(decision: Decision, champion_version: str | None) -> None:
+            for key, value in decision_tags(decision).items():
+                client.set_model_version_tag(cfg.model_name, version, key, value)
+            client.update_model_version(
+                cfg.model_name, version, description=_description(tags, metrics, decision)
+            )
+            mlflow.log_dict(
+                {**decision.to_dict(), "version": version, "champion_version": champion_version},
+                "promotion.json",
+            )
+            mlflow.set_tags(
+                {
+                    "imagen_ops.promoted": str(decision.promote),
+                    "imagen_ops.decision": decision.reason,
+                }
+            )
+
+        # recorded before the champion moves: a failure after that leaves no champion
+        # without its decision and description, and one before it moves no alias
+        record(decision, champion_version)
+        moved, champion_version = carry_out(cfg, version, decision, champion_version)
+        if moved != decision:  # the compare-and-set lost a race: record what happened
+            record(moved, champion_version)
+        decision = moved
         # last: a run killed before this line left an incomplete version, which the next
         # run does not count as registered (flows.retrain.why_train), so it registers again
         client.set_model_version_tag(cfg.model_name, version, REGISTERED_TAG, content)
@@ -620,7 +662,9 @@ def register_project(
     return register(
         params.registry,
         ModelSpec.from_params(params),
-        RegisterPaths.from_params(root, params.paths, models, metrics, eval_dir),
+        RegisterPaths.from_params(
+            root, params.paths, models, metrics, eval_dir, params.stage_names()
+        ),
         run_params=params.model_dump(mode="json"),
         run_id=run_id,
         golden=find_golden(root / params.paths.golden),
@@ -636,8 +680,10 @@ def promote(
     settings: SampleConfig | None = None,
     device: str = "auto",
 ) -> Decision:
-    """Apply the gate to `version` (default: the challenger); `force` skips the gate. With
-    a golden set, both versions are sampled on it with `settings` (the paired gate)."""
+    """Apply the gate to `version` (default: the challenger); `force` promotes whatever the
+    gate says, and also when the gate cannot run (a metric the version lacks, a champion
+    that no longer loads): the way out when the gate itself is broken. With a golden set,
+    both versions are sampled on it with `settings` (the paired gate)."""
     from mlflow import MlflowClient
 
     open_store(cfg)  # promoting needs a store with a model: never create one
@@ -656,14 +702,21 @@ def promote(
         log.info("%s version %s: %s", cfg.model_name, version, decision.reason)
         return decision
     uri = f"models:/{cfg.model_name}/{version}"
-    decision = gate(
-        cfg,
-        settings,
-        lambda: load_cascade(uri, registry=cfg, device=resolve_device(device)),
-        _unflatten(run.data.metrics),
-        golden,
-        champion_version,
-    )
+    try:
+        decision = gate(
+            cfg,
+            settings,
+            lambda: load_cascade(uri, registry=cfg, device=resolve_device(device)),
+            _unflatten(run.data.metrics),
+            golden,
+            champion_version,
+        )
+    except Exception as err:
+        if not force:
+            raise
+        log.warning("the gate failed (%s: %s); forced", type(err).__name__, err)
+        reason = f"forced (the gate failed: {type(err).__name__}: {err})"
+        decision = Decision(True, reason, "", float("nan"), None, True, cfg.margin)
     if force and not decision.promote:
         decision = replace(decision, promote=True, reason=f"forced: {decision.reason}")
     decision, _ = carry_out(cfg, version, decision, champion_version)

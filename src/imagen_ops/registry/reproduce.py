@@ -8,9 +8,13 @@ golden.dvc, params.yaml and dvc.yaml it was made from. `reproduce`:
 2. points that tree's DVC cache at this project's cache and checks out the data only;
 3. runs `dvc repro --force` on every training stage with that tree's own code first on
    the import path (PYTHONPATH), so the old code trains, not the installed one;
-4. compares the rebuilt cascade's digest with the version's `imagen_ops.model_sha256`.
+4. compares the rebuilt cascade's digest with the version's `imagen_ops.model_sha256` and
+   with the digest of the cascade the version serves (its logged model).
 
 On the CPU, same data, params, code and seed give the same weights, so they should match.
+A version trained from uncommitted code (tag `imagen_ops.git_dirty`) or warm-started from
+another model (`train.init_from`) depends on something its lineage does not hold: it is
+refused, saying so, instead of reported as a mismatch.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from pathlib import Path
 from imagen_ops.cascade import cascade_digest
 from imagen_ops.config import RegistryConfig, load_params
 from imagen_ops.pipeline import train_stage_name
-from imagen_ops.registry.register import LINEAGE, MODEL_DIGEST_TAG
+from imagen_ops.registry.loading import download_cascade
+from imagen_ops.registry.register import DIRTY_TAG, LINEAGE, MODEL_DIGEST_TAG
 from imagen_ops.registry.tracking import open_store
 
 __all__ = ["Reproduction", "reproduce"]
@@ -39,12 +44,13 @@ log = logging.getLogger(__name__)
 class Reproduction:
     uri: str
     commit: str
-    expected_sha256: str
+    expected_sha256: str  # the version's tag, recorded at registration
+    packaged_sha256: str  # the weights the version serves (its logged model)
     rebuilt_sha256: str
 
     @property
     def identical(self) -> bool:
-        return self.expected_sha256 == self.rebuilt_sha256
+        return self.expected_sha256 == self.packaged_sha256 == self.rebuilt_sha256
 
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
@@ -88,13 +94,35 @@ def reproduce(uri: str, project: Path, cfg: RegistryConfig, keep: bool = False) 
     expected = mv.tags.get(MODEL_DIGEST_TAG)
     if not commit or not expected:
         raise ValueError(f"{uri} stores no git commit or model digest: it cannot be rebuilt")
+    if run.data.tags.get(DIRTY_TAG) == "True":
+        raise ValueError(
+            f"{uri} was trained from code with uncommitted changes under src/ ({DIRTY_TAG}): "
+            f"commit {commit[:12]} is not the code that made it, so it cannot be rebuilt"
+        )
     project = project.resolve()
     tree = Path(tempfile.mkdtemp(prefix="imagen-ops-reproduce-"))
+    added = False
     try:
-        _run(["git", "worktree", "add", "--detach", "--force", str(tree), commit], project)
+        try:
+            _run(["git", "worktree", "add", "--detach", "--force", str(tree), commit], project)
+        except RuntimeError as err:
+            raise RuntimeError(
+                f"{uri}: its commit {commit} cannot be checked out in {project} (a shallow "
+                f"clone, or a commit never pushed): `git fetch origin {commit}` (or `git fetch "
+                f"--unshallow`) and reproduce again. {err}"
+            ) from None
+        added = True
         lineage = Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path=LINEAGE))
         for stored in lineage.iterdir():
             shutil.copy2(stored, tree / stored.name)
+        params = load_params(tree / "params.yaml")
+        warm = {n: s.train.init_from for n, s in params.stages.items() if s.train.init_from}
+        if warm:
+            named = ", ".join(f"stages.{n}.train.init_from: {v}" for n, v in warm.items())
+            raise ValueError(
+                f"{uri} was warm-started ({named}): its weights depend on a model its "
+                "lineage does not hold, so it cannot be rebuilt"
+            )
         env = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join([str(tree / "src"), os.environ.get("PYTHONPATH", "")]),
@@ -104,14 +132,15 @@ def reproduce(uri: str, project: Path, cfg: RegistryConfig, keep: bool = False) 
         }
         dvc = [sys.executable, "-m", "dvc"]
         _run([*dvc, "cache", "dir", "--local", str(project / ".dvc" / "cache")], tree, env)
-        params = load_params(tree / "params.yaml")
         _run([*dvc, "checkout", f"{params.paths.data}.dvc"], tree, env)
         stages = [train_stage_name(n) for n in params.stage_names()]
         log.info("reproducing %s (commit %s) in %s: %s", uri, commit[:12], tree, stages)
         _run([*dvc, "repro", "--force", *stages], tree, env)
         rebuilt = cascade_digest(tree / params.paths.models, params.stage_names())
+        packaged = cascade_digest(download_cascade(uri, cfg), params.stage_names())
     finally:
         if not keep:
-            _run(["git", "worktree", "remove", "--force", str(tree)], project)
+            if added:
+                _run(["git", "worktree", "remove", "--force", str(tree)], project)
             shutil.rmtree(tree, ignore_errors=True)
-    return Reproduction(uri, commit, expected, rebuilt)
+    return Reproduction(uri, commit, expected, packaged, rebuilt)

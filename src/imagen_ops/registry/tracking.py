@@ -49,12 +49,19 @@ def follow_moved_store(cfg: RegistryConfig) -> str | None:
     MLflow records absolute artifact locations (file:///old/project/mlflow/artifacts/...).
     When the experiment's recorded location no longer exists and the configured
     `artifact_root` (relative to the project) is elsewhere, every recorded URI and path
-    under the old root is rewritten to the new one, in one transaction. A location that
-    still exists is never touched. Returns the old root when something was rewritten."""
+    under the old root is rewritten to the new one, in one transaction. Only the project's
+    own store moves with it: the database and the artifact root inside the working
+    directory, and the old root where the artifact root sat in the old project (a team's
+    store elsewhere, opened from a project, is never re-pointed to this machine's folder).
+    A location that still exists is never touched. Returns the old root when something was
+    rewritten."""
     database = sqlite_file(cfg)
     if database is None or not database.is_file() or "://" in cfg.artifact_root:
         return None
-    new_path = Path(cfg.artifact_root).resolve()
+    project, new_path = Path.cwd().resolve(), Path(cfg.artifact_root).resolve()
+    if not (database.resolve().is_relative_to(project) and new_path.is_relative_to(project)):
+        return None
+    inside = new_path.relative_to(project).parts
     with sqlite3.connect(database) as db:
         row = db.execute(
             "SELECT artifact_location FROM experiments WHERE name = ?", (cfg.experiment,)
@@ -64,6 +71,8 @@ def follow_moved_store(cfg: RegistryConfig) -> str | None:
             return None
         old_path = Path(urllib.parse.unquote(urllib.parse.urlparse(recorded).path))
         if old_path == new_path or old_path.exists() or not new_path.is_dir():
+            return None
+        if old_path.parts[-len(inside) :] != inside:
             return None
         tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
         for table in tables:
