@@ -267,6 +267,13 @@ def test_record_level_reasons(tmp_path: Path) -> None:
     assert read_table(tmp_path)["scene"].tolist() == ['{"a":[2],"b":1}']
 
 
+def test_a_byte_order_mark_is_not_part_of_the_caption(tmp_path: Path) -> None:
+    """Windows editors start UTF-8 text files with U+FEFF: invisible, and not a word."""
+    records = [RawRecord("bom", encode(noise(1), "PNG"), "\ufeffa red square\n".encode(), "t")]
+    assert ingest(records, tmp_path, CFG, progress=False).kept == 1
+    assert read_table(tmp_path)["caption"].tolist() == ["a red square"]
+
+
 # ------------------------------------------------------------------------------ manifests
 
 

@@ -166,7 +166,12 @@ def test_validate_request_prompt_count() -> None:
         ("sampler", "euler", "sampler"),
         ("image", "not base64!", "'image' must be a base64-encoded image file"),
         ("negative_prompt", "a blue\x07square", "negative_prompt: .*control character U\\+0007"),
-        ("negative_prompt", "b" * 2001, "negative_prompt: .*2001 characters"),
+        (
+            "negative_prompt",
+            "b" * 2001,
+            "negative_prompt: .*2001 characters > the longest prompt=2000",
+        ),
+        ("strength", 0.5, "strength 0.5 is for image-to-image: give the image too"),
     ],
 )
 def test_validate_request_out_of_range(column, value, match) -> None:

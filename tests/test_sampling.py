@@ -485,6 +485,7 @@ def test_cli_image_modes(tiny_models, tmp_path) -> None:
         (["a star", "--seed", str(2**63)], "seed: Input should be less than"),
         (["a star", "--mask", "missing-mask.png"], "missing-mask.png"),
         (["a star", "--image", "missing.png"], "missing.png"),
+        (["a star", "--strength", "0.5"], "strength 0.5 is for image-to-image: give the image"),
         ([], "no prompts"),
     ],
 )

@@ -72,7 +72,7 @@ def check_prompt(prompt: Any) -> str:
     from imagen_ops.data.ingest import Rejected, check_caption
 
     try:
-        return check_caption(prompt, MAX_PROMPT_CHARS)
+        return check_caption(prompt, MAX_PROMPT_CHARS, "the longest prompt")
     except Rejected as err:
         raise ValueError(err.detail) from None
 
@@ -608,6 +608,8 @@ def image_roles(
     inpainted, with a strength it starts image-to-image, alone it is super-resolved. The
     one reading of an image for the CLI (--image / --mask / --strength) and the served
     model (columns image / mask / strength)."""
+    if strength is not None and image is None:
+        raise ValueError(f"strength {strength:g} is for image-to-image: give the image too")
     roles = (None, None, image) if mask is None and strength is None else (image, mask, None)
     _inputs(*roles)  # a mask without an image
     return roles

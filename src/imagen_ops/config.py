@@ -128,7 +128,9 @@ class IngestConfig(Section):
         64 * 2**20, ge=1, description="reject larger files / tar members, before reading them"
     )
     max_source_bytes: int = Field(
-        64 * 2**30, ge=1, description="stop reading a source after this many image bytes"
+        64 * 2**30,
+        ge=1,
+        description="stop reading a source after this many bytes (images and caption files)",
     )
     examples_per_reason: int = Field(5, ge=0, description="rejected examples kept in the report")
 

@@ -154,9 +154,13 @@ class IngestReport:
 # ----------------------------------------------------------------------------- checks
 
 
-def check_caption(caption: Any, max_chars: int) -> str:
+def check_caption(
+    caption: Any, max_chars: int, limit: str = "data.ingest.max_caption_chars"
+) -> str:
     """The stripped caption, or `Rejected` (missing / empty / invalid): the one caption
-    check, for every source (sources pass captions through as they find them)."""
+    check, for every source (sources pass captions through as they find them). A UTF-8
+    byte-order mark (which Windows editors write) is not part of the text. `limit` names
+    the setting behind `max_chars` in the message."""
     if caption is None:
         raise Rejected("missing_caption", "no caption")
     if isinstance(caption, bytes):
@@ -166,7 +170,7 @@ def check_caption(caption: Any, max_chars: int) -> str:
             raise Rejected("invalid_caption", f"not UTF-8: {err}") from None
     if not isinstance(caption, str):
         raise Rejected("invalid_caption", f"caption is a {type(caption).__name__}, not text")
-    text = caption.strip()
+    text = caption.removeprefix("\ufeff").strip()
     if not text:
         raise Rejected("empty_caption", "caption is empty or whitespace")
     for ch in text:
@@ -174,7 +178,7 @@ def check_caption(caption: Any, max_chars: int) -> str:
         if (cat == "Cc" and not ch.isspace()) or cat == "Cs":
             raise Rejected("invalid_caption", f"contains control character U+{ord(ch):04X}")
     if len(text) > max_chars:
-        raise Rejected("invalid_caption", f"{len(text)} characters > max_caption_chars={max_chars}")
+        raise Rejected("invalid_caption", f"{len(text)} characters > {limit}={max_chars}")
     return text
 
 
@@ -338,7 +342,7 @@ def ingest(
     known = dict(zip(old["id"], old["source_sha256"], strict=True))
     report = IngestReport()
     rows: list[dict[str, Any]] = []
-    bar = tqdm(records, desc="ingest", unit="img", disable=None if progress else True)
+    bar = tqdm(records, desc="ingest", unit="img", disable=not progress)
     with pillow_guard(cfg.max_pixels):
         for rec in bar:
             report.seen += 1

@@ -145,7 +145,7 @@ def prepare(
     n = len(table)
     splits = [split_of(i, cfg) for i in table["id"]]
     shard_sizes = [min(cfg.shard_size, n - start) for start in range(0, n, cfg.shard_size)]
-    bar = tqdm(total=n, desc="prepare", unit="img", disable=None if progress else True)
+    bar = tqdm(total=n, desc="prepare", unit="img", disable=not progress)
     with bar, atomic_dir(out_dir) as tmp:
         for k, start in enumerate(range(0, n, cfg.shard_size)):
             rows = table.iloc[start : start + cfg.shard_size]

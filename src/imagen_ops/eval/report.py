@@ -53,7 +53,7 @@ def _failure_table(metrics: dict[str, Any]) -> str:
     failures = alignment.get("failures")
     if not failures:
         return ""
-    head = "".join(f"<th>{html.escape(r)}</th>" for r in ("category", "n", "correct", *FAILURES))
+    head = "".join(f"<th>{html.escape(r)}</th>" for r in ("category", "n", "accuracy", *FAILURES))
     rows = "".join(
         f"<tr><td>{html.escape(cat)}</td><td>{alignment.get(f'n_{cat}')}</td>"
         f"<td>{html.escape(_fmt(alignment.get(cat)))}</td>"

@@ -268,7 +268,7 @@ def train_scorer(
         opt.step()
         losses.append(loss.item())
         if step % 50 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", refresh=False)
     bar.close()
     model.eval().requires_grad_(False)
     window = max(1, cfg.steps // 10)

@@ -361,7 +361,9 @@ class Trainer:
             "skipped": self.skipped,
         }
         speed = len(losses) * self.tcfg.batch_size / seconds
-        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{speed:.0f}")
+        bar.set_postfix(  # no refresh: the bar's own interval decides when a line is written
+            loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{speed:.0f}", refresh=False
+        )
         if self.dist.is_main:
             self.metrics.append(row)
             logged = {k: v for k, v in row.items() if k != "step"}
