@@ -40,10 +40,10 @@ from prefect.artifacts import (
 from prefect.logging.handlers import APILogHandler
 from prefect.states import Completed, State
 
-from imagen_ops.config import Params, RegistryConfig, load_params
+from imagen_ops.config import Params, RegistryConfig, flatten, load_params
 from imagen_ops.eval.evaluate import headline
 from imagen_ops.eval.golden import GOLDEN_FILE
-from imagen_ops.files import exclusive_lock, write_bytes_atomic
+from imagen_ops.files import exclusive_lock, write_bytes_atomic, write_text_atomic
 from imagen_ops.pipeline import pipeline_stages
 from imagen_ops.registry.tracking import tracking_uri
 
@@ -140,7 +140,7 @@ def ingest(project: str, source: str | None, push: bool) -> dict[str, Any]:
             extra = ["-S", "data.synth.new_per_run=0"]
         elif params.data.synth.new_per_run:
             since = time.strftime("%Y-%m-%d %H:%M:%S")
-            write_bytes_atomic(pending, f"scenes added by the run of {since}\n".encode())
+            write_text_atomic(pending, f"scenes added by the run of {since}\n")
         out = _run([*cli, "data", "synth", "-q", *extra], root)
     report = json.loads(out[out.index("{") : out.rindex("}") + 1])
     add_data(root, params.paths.data, push)
@@ -359,7 +359,7 @@ def _publish(result: dict[str, Any], metrics: dict[str, Any], report: dict[str, 
         ),
         description="retraining decision",
     )
-    rows = [{"metric": k, "value": v} for k, v in headline(metrics).items()]
+    rows = [{"metric": k, "value": v} for k, v in flatten(headline(metrics)).items()]
     rows.append({"metric": "num_images", "value": metrics.get("num_images")})
     create_table_artifact(key="retrain-metrics", table=rows, description="evaluation metrics")
 

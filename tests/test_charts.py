@@ -29,7 +29,7 @@ def test_loss_chart_is_deterministic_and_skips_non_finite(tmp_path) -> None:
 
 def test_sweep_chart_draws_both_curves() -> None:
     sweep = [
-        {"guidance": w, "alignment": a, "kid_mean": k, "kid_std": 0.01}
+        {"guidance": w, "alignment.balanced": a, "kid_mean": k, "kid_std": 0.01}
         for w, a, k in ((1.0, 0.2, 0.1), (3.0, 0.5, 0.2))
     ]
     image = np.asarray(sweep_chart(sweep)).astype(int)

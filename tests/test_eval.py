@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from imagen_ops.cascade import Cascade, cascade_digest
-from imagen_ops.config import SampleConfig, SynthConfig
+from imagen_ops.config import SampleConfig, SynthConfig, flatten
 from imagen_ops.eval import evaluate as evaluate_module
 from imagen_ops.eval.alignment import CATEGORIES
 from imagen_ops.eval.fid import (
@@ -258,7 +258,13 @@ def test_report_without_alignment_or_kid(tmp_path) -> None:
     from imagen_ops.eval.report import write_report
 
     sweep = [
-        {"guidance": w, "alignment": None, "kid_mean": None, "kid_std": None, "clip_score": None}
+        {
+            "guidance": w,
+            "alignment.balanced": None,
+            "kid_mean": None,
+            "kid_std": None,
+            "clip_score": None,
+        }
         for w in (1.0, 3.0)
     ]
     metrics = {"version": 1, "fid": None, "alignment": None, "sampling": {"steps": [4, 2]}}
@@ -386,7 +392,8 @@ def test_the_sweep_point_at_the_headline_setting_reuses_its_images(tiny_data, tm
     with paths.sweep.open() as f:
         rows = list(csv.DictReader(f))
     assert [r["guidance_stages"] for r in rows] == ["2 1", "3 3"]
-    assert all(r["alignment"] != "" for r in rows)
+    assert [int(r["n"]) for r in rows] == [n_sweep, n_sweep]  # what a row's numbers are over
+    assert all(r["alignment.balanced"] != "" for r in rows)
 
 
 def eval_paths(out: Path) -> evaluate_module.EvalPaths:
@@ -452,7 +459,7 @@ def test_evaluate_stage_end_to_end(tiny_data, tiny_models, tmp_path, monkeypatch
         rows = list(csv.DictReader(f))
     assert [float(r["guidance"]) for r in rows] == list(params.eval.guidance_sweep)
     assert [r["guidance_stages"] for r in rows] == ["1 1", "3 3"]  # a number: every stage
-    assert all(r["alignment"] != "" and r["kid_mean"] != "" for r in rows)
+    assert all(r["alignment.balanced"] != "" and r["kid_mean"] != "" for r in rows)
     assert all(r["clip_score"] == "" for r in rows)
 
     # images and the report
@@ -503,7 +510,9 @@ def test_evaluate_stage_end_to_end(tiny_data, tiny_models, tmp_path, monkeypatch
     assert second.metrics.read_bytes() == paths.metrics.read_bytes()
     assert second.scores.read_bytes() == paths.scores.read_bytes()
     scores = json.loads(paths.scores.read_text())
-    assert scores["align_balanced"] == round(alignment["balanced"], 4) and len(scores) == 10
+    # the names of metrics.json and MLflow: alignment.balanced, nested as in metrics.json
+    assert scores["alignment"]["balanced"] == round(alignment["balanced"], 4)
+    assert len(flatten(scores)) == 10
     assert second.sweep.read_text() == paths.sweep.read_text()
     for file in sorted(p for p in paths.out.rglob("*") if p.is_file()):
         twin = second.out / file.relative_to(paths.out)

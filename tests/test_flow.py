@@ -181,6 +181,7 @@ def test_retrain_flow_second_and_third_runs(tmp_path, prefect_harness, flow_env)
         published = {a.key: a for a in prefect.read_artifacts() if a.key}
     assert {"retrain-summary", "retrain-metrics", "mlflow-run", "sample-grid"} <= set(published)
     assert first["run_id"] in published["mlflow-run"].data
+    assert '"alignment.balanced"' in published["retrain-metrics"].data  # MLflow's name for it
     assert "promoted to champion" in published["retrain-summary"].data
     grid = f"/#/experiments/{first['experiment_id']}/runs/{first['run_id']}/artifacts/eval/grid.png"
     assert grid in published["sample-grid"].data  # the run's own copy: any UI user opens it

@@ -127,8 +127,11 @@ def test_validate_request_good_rows_with_default_seeds() -> None:
 
 
 def test_validate_request_columns() -> None:
-    _bad(pd.DataFrame({"text": ["a red circle"]}), r"needs a 'prompt' column.*\['text'\]")
-    _bad(pd.DataFrame({"prompt": ["a"], "stpes": [3]}), r"'stpes'")
+    _bad(pd.DataFrame({"text": ["a red circle"]}), r"unknown column \['text'\]")
+    _bad(pd.DataFrame({"seed": [1]}), r"needs a 'prompt' column \(got \['seed'\]\)")
+    _bad(
+        pd.DataFrame({"prompt": ["a"], "stpes": [3], "seeds": [1]}), r"columns \['stpes', 'seeds'\]"
+    )
 
 
 @pytest.mark.parametrize(
@@ -297,7 +300,11 @@ def test_pyfunc_log_load_predict(tiny_models, store) -> None:
     assert "--extra-index-url https://download.pytorch.org/whl/cpu" in requirements
     example = json.loads((logged / "serving_input_example.json").read_text())
     assert example["dataframe_split"]["columns"] == ["prompt", "seed"]
-    assert info.signature.inputs.input_names()[0] == "prompt"
+    # no input schema: MLflow would drop an unknown column before the model could refuse it
+    assert info.signature.inputs is None
+    assert model.metadata.metadata["request_columns"][0] == "prompt"
+    with pytest.raises(MlflowException, match=r"unknown column \['stpes'\]"):
+        model.predict(pd.DataFrame({"prompt": ["a red circle"], "stpes": [1]}))
     frame = pd.DataFrame(
         {
             "prompt": ["a red circle", "a red circle", "a red circle", "a red circle"],
@@ -684,6 +691,7 @@ def load_requests(n: int) -> list[tuple[str, dict, int, str | None]]:
         ({"dataframe_records": [{"prompt": "a", "steps": 0}]}, 400, "steps: Input should be"),
         ({"dataframe_records": [{"prompt": "a", "image": "%%%"}]}, 400, "base64-encoded image"),
         ({"dataframe_records": [{"prompt": "a", "guidance": 31}]}, 400, "guidance: Input"),
+        ({"dataframe_records": [{"prompt": "a", "stpes": 2}]}, 400, "unknown column ['stpes']"),
         ({"dataframe_records": [{"prompt": "a", "steps": 1000}] * 20}, 400, "serve.max_work"),
         ({"dataframe_records": [{"prompt": "a", "steps": 1000}]}, 504, "serve.timeout_s"),
     ]
@@ -1082,3 +1090,26 @@ def test_a_training_run_that_fails_setting_up_ends_failed(store, tmp_path) -> No
     client = MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("imagen-ops").experiment_id])
     assert [(r.info.run_name, r.info.status) for r in runs] == [("train-base", "FAILED")]
+
+
+def test_a_warm_start_from_the_command_line_is_recorded(tiny_data, tiny_models, store, tmp_path):
+    """`train --init-from DIR` is tracked as `stages.NAME.train.init_from` would be: the
+    run's params name where the weights came from, not params.yaml's empty default."""
+    from mlflow import MlflowClient
+
+    from imagen_ops.cli import main
+
+    params = write_params(
+        tmp_path / "params.yaml", "registry.track_training=true", "stages.base.train.steps=1"
+    )
+    argv = [
+        *("train", "--stage", "base", "--params", str(params), "-q"),
+        *("--init-from", str(tiny_models), "--out", str(tmp_path / "out")),
+        *("--prepared", str(tiny_data["prepared"]), "--cache", str(tiny_data["cache"])),
+        *("--checkpoints", str(tmp_path / "ck"), "--metrics", str(tmp_path / "m.csv")),
+    ]
+    assert main(argv) == 0
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("imagen-ops").experiment_id])
+    recorded = {k: v for k, v in run.data.params.items() if k.endswith("init_from")}
+    assert recorded == {"train.init_from": str(tiny_models)}, recorded

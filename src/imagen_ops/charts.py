@@ -54,8 +54,9 @@ def sweep_chart(sweep: Sequence[dict[str, Any]]) -> Image.Image:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
     ws = [r["guidance"] for r in sweep]
-    if any(r["alignment"] is not None for r in sweep):
-        ax.plot(ws, [r["alignment"] for r in sweep], "o-", color="tab:blue", label="alignment")
+    if any(r["alignment.balanced"] is not None for r in sweep):
+        alignment = [r["alignment.balanced"] for r in sweep]
+        ax.plot(ws, alignment, "o-", color="tab:blue", label="alignment")
     ax.set_xlabel("guidance weight w (base stage)")
     ax.set_ylabel("alignment, balanced (higher is better)")
     if any(r["kid_mean"] is not None for r in sweep):

@@ -154,6 +154,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     name, p = args.stage, params.paths
     if name not in params.stages:
         raise KeyError(f"no stage {name!r} in params (stages: {params.stage_names()})")
+    if args.init_from:  # as if params.yaml said it: the tracked run's params name the source
+        params = _params(args, f"stages.{name}.train.init_from={args.init_from}")
     settings = train_settings(params, name)
     paths = TrainPaths(
         prepared=_path(args.prepared, p.prepared),
@@ -162,7 +164,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         checkpoints=_path(args.checkpoints, p.checkpoint_dir(name)),
         metrics=_path(args.metrics, p.train_metrics(name)),
     )
-    source = args.init_from or settings.stage.train.init_from
+    source = settings.stage.train.init_from
     if source == "champion":
         source = f"models:/{params.registry.model_name}@champion"
     init_from = resolve_stage_dir(source, name, params.registry) if source else None

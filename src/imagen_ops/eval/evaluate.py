@@ -324,7 +324,7 @@ def evaluate(
             swept = images[:n_sweep]
         else:
             swept, _ = sample_fn(prompts.text[:n_sweep], point_settings, seeds[:n_sweep])
-        sweep.append(_sweep_row(point_settings, stage_count, score(swept, with_fid=False)))
+        sweep.append(_sweep_row(point_settings, stage_count, swept, score(swept, with_fid=False)))
 
     if rerank > 1 and scorer is not None:  # best of N, beside the plain numbers
         reranked, _ = sample_fn(
@@ -354,26 +354,33 @@ ALIGNMENT_SCORES = ("balanced", "overall", "single", "counting", "binding", "pos
 
 
 def headline(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The numbers a reviewer compares across runs, rounded (reports/scores.json)."""
+    """The numbers a reviewer compares across runs, rounded (reports/scores.json), nested
+    as in metrics.json: `dvc metrics show`, MLflow and the flow's table all name the
+    balanced alignment `alignment.balanced`."""
 
     def rounded(value: Any) -> Any:
         return round(value, 4) if isinstance(value, float) else value
 
-    scores = {k: rounded(metrics.get(k)) for k in SCORES}
     alignment = metrics.get("alignment") or {}
-    scores.update({f"align_{k}": rounded(alignment.get(k)) for k in ALIGNMENT_SCORES})
-    return scores
+    return {
+        "alignment": {k: rounded(alignment.get(k)) for k in ALIGNMENT_SCORES},
+        **{k: rounded(metrics.get(k)) for k in SCORES},
+    }
 
 
-def _sweep_row(settings: SampleConfig, stage_count: int, point: dict[str, Any]) -> dict[str, Any]:
+def _sweep_row(
+    settings: SampleConfig, stage_count: int, images: Any, point: dict[str, Any]
+) -> dict[str, Any]:
     """One sweep point: `guidance` is the base stage's weight (the plots' x axis),
-    `guidance_stages` every stage's."""
+    `guidance_stages` every stage's, `n` the prompts it scored (`eval.sweep_samples`: the
+    first n of the headline's, which is why its numbers differ from the headline's)."""
     alignment = point.get("alignment") or {}
     weights = settings.per_stage("guidance", stage_count)
     return {
         "guidance": weights[0],
         "guidance_stages": " ".join(f"{w:g}" for w in weights),
-        "alignment": alignment.get("balanced"),
+        "n": len(images),
+        "alignment.balanced": alignment.get("balanced"),
         "kid_mean": point.get("kid_mean"),
         "kid_std": point.get("kid_std"),
         "clip_score": point.get("clip_score"),

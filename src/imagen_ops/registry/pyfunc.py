@@ -39,6 +39,7 @@ from imagen_ops.scorer import load_scorer
 
 __all__ = [
     "IMAGE_COLUMNS",
+    "REQUEST_COLUMNS",
     "SETTING_COLUMNS",
     "DeadlineExceeded",
     "ImagenModel",
@@ -62,6 +63,7 @@ SETTING_COLUMNS = (
     "rerank",
 )
 IMAGE_COLUMNS = ("image", "mask")
+REQUEST_COLUMNS = ("prompt", *SETTING_COLUMNS, *IMAGE_COLUMNS)  # `prompt` alone is required
 
 
 @dataclass(frozen=True)
@@ -141,12 +143,15 @@ def validate_request(
     `SampleConfig.updated` (the ranges of params.yaml's `sample` keys); row k's seed
     defaults to `sample.seed + k`. With `cascade`, the request's work is checked against
     `serve.max_work` before any sampling."""
-    unknown = sorted(set(frame.columns) - {"prompt", *SETTING_COLUMNS, *IMAGE_COLUMNS})
-    if "prompt" not in frame.columns or unknown:
+    columns = [str(c) for c in frame.columns]
+    unknown = [c for c in columns if c not in REQUEST_COLUMNS]
+    if unknown:
         raise _bad_request(
-            f"the request needs a 'prompt' column and may have {[*SETTING_COLUMNS, *IMAGE_COLUMNS]}"
-            f" (got {list(frame.columns)})"
+            f"unknown column{'s' if len(unknown) > 1 else ''} {unknown}: a request has "
+            f"'prompt' and may have {list(REQUEST_COLUMNS[1:])}"
         )
+    if "prompt" not in columns:
+        raise _bad_request(f"the request needs a 'prompt' column (got {columns})")
     if not 1 <= len(frame) <= limits.max_prompts:
         raise _bad_request(
             f"send 1 to {limits.max_prompts} prompts per request (serve.max_prompts), "

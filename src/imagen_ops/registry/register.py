@@ -33,7 +33,7 @@ from imagen_ops.files import exclusive_lock
 from imagen_ops.registry.gate import golden_correct
 from imagen_ops.registry.loading import ARTIFACT, load_cascade
 from imagen_ops.registry.promotion import Decision, decide, paired_decide, primary_metric
-from imagen_ops.registry.pyfunc import IMAGE_COLUMNS, SETTING_COLUMNS, ModelSpec, package_cascade
+from imagen_ops.registry.pyfunc import REQUEST_COLUMNS, ModelSpec, package_cascade
 from imagen_ops.registry.tracking import configure, open_store, sqlite_file
 from imagen_ops.scorer import scorer_digest
 
@@ -139,30 +139,24 @@ class RegisterPaths:
         return self.scorer if found else None
 
 
-def _git_commit(root: Path) -> str | None:
+def _git(root: Path, *args: str) -> str | None:
+    """`git ARGS`'s output in `root`, None outside git (or without git)."""
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        )
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
         return None
     return out.stdout.strip()
 
 
+def _git_commit(root: Path) -> str | None:
+    return _git(root, "rev-parse", "HEAD")
+
+
 def _git_dirty(root: Path) -> str | None:
     """The string "True" when tracked files under src/ differ from the commit (which is then
     not the code that trained the model), "False" when not, None outside git."""
-    try:
-        out = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", "src"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return str(bool(out.stdout.strip()))
+    changed = _git(root, "status", "--porcelain", "--untracked-files=no", "--", "src")
+    return None if changed is None else str(bool(changed))
 
 
 def _sha256(path: Path) -> str | None:
@@ -198,7 +192,9 @@ KEY_METRICS = ("alignment.balanced", "alignment.overall", "fid", "kid_mean", "cl
 MODEL_DESCRIPTION = (
     "Imagen text-to-image cascade (frozen text encoder, base + super-resolution U-Nets) "
     "trained by imagen-ops. Load: mlflow.pyfunc.load_model('models:/{name}@champion'), or "
-    "`imagen-ops sample --model models:/{name}@champion`. Aliases: `champion` serves, "
+    "`imagen-ops sample --model models:/{name}@champion`. A request is a table with a "
+    "`prompt` column and optional columns named like the `sample` settings (MLmodel's "
+    "metadata.request_columns). Aliases: `champion` serves, "
     "`challenger` is the newest registration; promotions are decided by a paired test on "
     "the golden prompt set (version tags imagen_ops.gate.*). Rebuild a version with "
     "`imagen-ops reproduce models:/{name}/<version>`."
@@ -228,26 +224,20 @@ def _describe_registered_model(client: Any, name: str) -> None:
 
 
 def signature():
-    """Inputs: prompt (required) and the optional columns of pyfunc.validate_request;
-    outputs: prompt, seed, image (base64 PNG).
+    """Outputs only: prompt, seed, image (base64 PNG).
 
-    The optional numbers are typed Any: MLflow refuses int64 for a double column and float
-    (which a column with missing rows becomes) for a long one, so either choice rejects
-    ordinary requests; validate_request checks them instead, with HTTP 400 messages."""
+    No input schema, on purpose: MLflow's schema enforcement drops a column the schema does
+    not name before `predict` runs, so a typo such as `stpes` would get the default images
+    and HTTP 200. Without one the model sees every column, and pyfunc.validate_request
+    rejects an unknown one with HTTP 400 naming it. The request's columns are documented by
+    the input example, the model description and `REQUEST_COLUMNS` in MLmodel's metadata."""
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import AnyType, ColSpec, Schema
+    from mlflow.types.schema import ColSpec, Schema
 
-    inputs = Schema(
-        [
-            ColSpec("string", "prompt"),
-            *(ColSpec(AnyType(), name, required=False) for name in SETTING_COLUMNS),
-            *(ColSpec("string", name, required=False) for name in IMAGE_COLUMNS),
-        ]
-    )
     outputs = Schema(
         [ColSpec("string", "prompt"), ColSpec("long", "seed"), ColSpec("string", "image")]
     )
-    return ModelSignature(inputs=inputs, outputs=outputs)
+    return ModelSignature(outputs=outputs)
 
 
 def log_cascade_model(
@@ -273,6 +263,7 @@ def log_cascade_model(
             code_paths=[str(code)],
             signature=signature(),
             input_example=pd.DataFrame({"prompt": ["a red circle"], "seed": [0]}),
+            metadata={"request_columns": list(REQUEST_COLUMNS)},
             pip_requirements=serving_requirements(),
             registered_model_name=registered_model_name,
             tags={

@@ -78,7 +78,7 @@ class TrainResult:
     final_loss: float
     skipped_steps: int
     seconds: float
-    images_per_second: float
+    images_per_s: float  # the name MLflow logs it under
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
