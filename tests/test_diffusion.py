@@ -74,6 +74,15 @@ def test_linear_schedule_matches_discrete_ddpm():
     assert float(linear_schedule()(torch.tensor(0.0, dtype=torch.float64))) == 15.0
 
 
+def test_linear_schedule_is_exact_in_float32_at_small_t():
+    """The network sees float32 times: their log-SNR must be the float64 one, not the
+    cancellation of two nearly equal integrals (NaN at t = 1e-6 before)."""
+    t = torch.tensor([1e-6, 2e-6, 1e-5, 1e-4, 1e-3, 0.5, 1.0])
+    got = linear_schedule()(t)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    torch.testing.assert_close(got, linear_schedule()(t.double()).float(), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("spacing", ["time", "logsnr"])
 def test_time_grid(spacing):
     schedule = cosine_schedule()

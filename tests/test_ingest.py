@@ -259,12 +259,20 @@ def test_record_level_reasons(tmp_path: Path) -> None:
         RawRecord("pre", None, None, "test", reject="unsafe_path", reject_detail="symlink"),
         RawRecord("surrogate", encode(noise(2), "PNG"), "bad \udcff", "test"),
         RawRecord("bell", encode(noise(3), "PNG"), "ring \x07", "test"),
+        RawRecord("invisible", encode(noise(4), "PNG"), "\u200b\u200c", "test"),
+        RawRecord("tabbed", encode(noise(5), "PNG"), "a\tred\r\ncircle \U0001f534", "test"),
     ]
     report = ingest(records, tmp_path, CFG, progress=False)
-    assert report.kept == 1
-    assert report.rejected == {"missing_image": 1, "unsafe_path": 1, "invalid_caption": 2}
+    assert report.kept == 2  # tabs and line breaks are whitespace, an emoji is a symbol
+    assert report.rejected == {
+        "missing_image": 1,
+        "unsafe_path": 1,
+        "invalid_caption": 2,
+        "empty_caption": 1,
+    }
+    assert report.examples["empty_caption"][0]["detail"] == "caption has no letter, digit or symbol"
     assert report.examples["unsafe_path"] == [{"key": "pre", "detail": "symlink"}]
-    assert read_table(tmp_path)["scene"].tolist() == ['{"a":[2],"b":1}']
+    assert read_table(tmp_path)["scene"].tolist()[0] == '{"a":[2],"b":1}'
 
 
 def test_a_byte_order_mark_is_not_part_of_the_caption(tmp_path: Path) -> None:
@@ -313,6 +321,22 @@ def test_jsonl_manifest(tmp_path: Path) -> None:
     assert read_table(tmp_path / "out")["caption"].tolist() == [c for _, c in rows[:2]]
     assert "outside the manifest's folder" in report.examples["unsafe_path"][0]["detail"]
     assert (read_table(tmp_path / "out")["source"] == str(path)).all()
+
+
+def test_a_bad_jsonl_line_is_a_rejected_row_not_a_failed_ingest(tmp_path: Path) -> None:
+    folder, rows = manifest_fixture(tmp_path)
+    path = folder / "data.jsonl"
+    good = json.dumps({"image": rows[0][0], "caption": rows[0][1]})
+    also = json.dumps({"image": rows[1][0], "caption": rows[1][1]})
+    path.write_text(f'{good}\n{{"image": "img/a.png", "capt\n[1, 2]\n{also}\n')
+    report = ingest(open_source(path, CFG), tmp_path / "out", CFG, progress=False)
+    assert report.kept == 2 and report.rejected == {"invalid_row": 2}
+    details = [e["detail"] for e in report.examples["invalid_row"]]
+    assert details[0].startswith("not valid JSON") and "JSON object" in details[1]
+    assert [e["key"] for e in report.examples["invalid_row"]] == [f"{path}:2", f"{path}:3"]
+    path.write_text(f"not json\n{good}\n")  # a bad first line: no JSONL manifest at all
+    with pytest.raises(ValueError, match=r"data\.jsonl:1: not valid JSON"):
+        list(open_source(path, CFG))
 
 
 def test_csv_manifest(tmp_path: Path) -> None:
@@ -481,10 +505,49 @@ def test_folder_fifo_and_device_link_are_rejected_never_opened(tmp_path: Path) -
     (src / "ok.txt").write_text("fine")
     os.mkfifo(src / "pipe.png")
     (src / "pipe.txt").write_text("a fifo")
-    (src / "zero.png").symlink_to("/dev/zero")
+    (src / "zero.png").symlink_to("/dev/zero")  # outside the folder: refused before opening
     (src / "zero.txt").write_text("a device")
     report = ingest(open_source(src, CFG), tmp_path / "out", CFG, progress=False)
-    assert report.kept == 1 and report.rejected == {"not_regular_file": 2}
+    assert report.kept == 1 and report.rejected == {"not_regular_file": 1, "unsafe_path": 1}
+
+
+def test_folder_caption_in_upper_case_suffix(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "x.png").write_bytes(encode(noise(1), "PNG"))
+    (src / "x.TXT").write_text("a caption saved by a Windows tool")
+    report = ingest(open_source(src, CFG), tmp_path / "out", CFG, progress=False)
+    assert report.kept == 1, report.rejected
+    assert read_table(tmp_path / "out")["caption"].tolist() == ["a caption saved by a Windows tool"]
+
+
+def test_folder_files_linked_from_outside_are_refused(tmp_path: Path) -> None:
+    """A caption or image linked from elsewhere (a credentials file) is not ingested and
+    pushed with the data; a link between the folder's own files is followed."""
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "creds").write_text("AWS_SECRET=hunter2")
+    (secret / "other.png").write_bytes(encode(noise(2), "PNG"))
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "ok.png").write_bytes(encode(noise(1), "PNG"))
+    (src / "ok.txt").write_text("a noisy square")
+    (src / "leak.png").write_bytes(encode(noise(3), "PNG"))
+    (src / "leak.txt").symlink_to(secret / "creds")
+    (src / "far.png").symlink_to(secret / "other.png")
+    (src / "far.txt").write_text("an image from elsewhere")
+    (src / ".store").mkdir()  # a dot-folder: not walked, but linked to
+    (src / ".store" / "x.png").write_bytes(encode(noise(4), "PNG"))
+    (src / "sub" / "near.png").symlink_to(src / ".store" / "x.png")
+    (src / "sub" / "near.txt").write_text("the same file, linked inside the folder")
+    report = ingest(open_source(src, CFG), tmp_path / "out", CFG, progress=False)
+    assert report.rejected == {"unsafe_path": 2}, report.rejected
+    details = [e["detail"] for e in report.examples["unsafe_path"]]
+    assert any("leak.txt links outside the source folder" in d for d in details), details
+    assert any("far.png links outside the source folder" in d for d in details), details
+    captions = read_table(tmp_path / "out")["caption"].tolist()
+    assert "AWS_SECRET=hunter2" not in captions and report.kept == 2
+    assert "the same file, linked inside the folder" in captions
 
 
 def test_webdataset_shard_directory_and_json_caption_column(tmp_path: Path) -> None:
@@ -542,9 +605,20 @@ def test_parquet_bytes_and_hf_struct_columns(tmp_path: Path) -> None:
         tmp_path / "pq" / "1-struct.parquet",
         row_group_size=2,
     )
+    (tmp_path / "pq" / "other.png").write_bytes(encode(noise(5), "PNG"))
+    pq.write_table(  # empty bytes: the struct's path where it has one, else a 0-byte image
+        pa.table(
+            {
+                "image": [{"bytes": b"", "path": "other.png"}, {"bytes": b"", "path": None}],
+                "caption": ["e0", "e1"],
+            }
+        ),
+        tmp_path / "pq" / "2-empty.parquet",
+    )
+    pq.write_table(pa.table({"image": [b""], "caption": ["empty"]}), tmp_path / "pq" / "3.parquet")
     report = ingest(open_source(tmp_path / "pq", CFG), tmp_path / "out", CFG, progress=False)
-    assert report.kept == 5 and report.rejected == {"missing_image": 2}
-    assert read_table(tmp_path / "out")["caption"].tolist() == ["b0", "b1", "s0", "s1", "s2"]
+    assert report.kept == 6 and report.rejected == {"missing_image": 2, "zero_size": 2}
+    assert read_table(tmp_path / "out")["caption"].tolist() == ["b0", "b1", "s0", "s1", "s2", "e0"]
 
     single = ingest(
         open_source(tmp_path / "pq" / "1-struct.parquet", CFG),
@@ -603,3 +677,27 @@ def test_format_detection_errors_name_the_path(tmp_path: Path) -> None:
         open_source(tmp_path / "nope", CFG)
     with pytest.raises(ValueError, match="expects a directory"):
         open_source(tmp_path / "data.xyz", CFG.model_copy(update={"format": "folder"}))
+
+
+def test_pixels_without_a_fixed_range_are_refused_and_16_bit_transparency_is_white(tmp_path):
+    """Float and 32-bit pixels have no range to scale to 0..255 (they came out black or
+    white): refused with the reason. A 16-bit grey PNG's transparent value is composited on
+    white like any other transparency."""
+    grey = np.full((40, 48), 40000, np.uint16)
+    grey[:8] = 0  # the transparent value
+    records = [
+        RawRecord(
+            "float", encode(Image.fromarray(np.full((40, 48), 0.5, np.float32)), "TIFF"), "f", "t"
+        ),
+        RawRecord(
+            "int32", encode(Image.fromarray(np.full((40, 48), 10**5, np.int32)), "TIFF"), "i", "t"
+        ),
+        RawRecord("grey16", encode(Image.fromarray(grey), "PNG", transparency=0), "g", "t"),
+    ]
+    report = ingest(records, tmp_path, CFG, progress=False)
+    assert report.kept == 1 and report.rejected == {"unsupported_mode": 2}
+    details = [e["detail"] for e in report.examples["unsupported_mode"]]
+    assert "floating-point" in details[0] and "100000" in details[1]
+    (row,) = read_table(tmp_path).itertuples()
+    pixels = np.asarray(Image.open(tmp_path / row.path))
+    assert (pixels[:8] == 255).all() and (pixels[8:] == round(40000 / 257)).all()

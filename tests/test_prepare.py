@@ -143,6 +143,47 @@ def test_split_fraction_and_salt() -> None:
     assert all(m == "val" for s, m in zip(splits, more, strict=True) if s == "val")
 
 
+def test_one_picture_re_encoded_or_recaptioned_never_straddles_the_splits(tmp_path) -> None:
+    """The same pixels in other bytes (a PNG comment, a BMP) with the same caption are a
+    duplicate; under another caption they are a new record that takes its picture's split."""
+    import io
+
+    from PIL import PngImagePlugin
+
+    from imagen_ops.data.ingest import RawRecord
+
+    def png(comment: str) -> bytes:
+        info = PngImagePlugin.PngInfo()
+        info.add_text("Comment", comment)
+        buf = io.BytesIO()
+        picture.save(buf, format="PNG", pnginfo=info)
+        return buf.getvalue()
+
+    rng = np.random.default_rng(0)
+    picture = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    bmp = io.BytesIO()
+    picture.save(bmp, format="BMP")
+    same = [RawRecord(f"c{k}", png(f"copy {k}"), "a noisy square", "t") for k in range(40)]
+    cfg = IngestConfig(min_side=8)
+    report = ingest(
+        [*same, RawRecord("bmp", bmp.getvalue(), "a noisy square", "t")],
+        tmp_path / "d",
+        cfg,
+        progress=False,
+    )
+    assert report.kept == 1 and report.rejected == {"duplicate": 40}
+    assert "same pixels and caption as id" in report.examples["duplicate"][0]["detail"]
+    # 40 captions of one picture: kept, all in the first row's split (at a 0.5 val fraction
+    # their own ids would scatter over both)
+    captions = [RawRecord(f"r{k}", png(f"caption {k}"), f"caption {k}", "t") for k in range(40)]
+    assert ingest(captions, tmp_path / "d", cfg, progress=False).kept == 40
+    manifest = prepare(tmp_path / "d", tmp_path / "p", [32], PrepareConfig(val_fraction=0.5))
+    splits = PreparedData.open(tmp_path / "p").table["split"].tolist()
+    assert len(splits) == 41 and len(set(splits)) == 1, manifest["splits"]
+    ids = read_table(tmp_path / "d")["id"]
+    assert len({split_of(i, PrepareConfig(val_fraction=0.5)) for i in ids}) == 2
+
+
 def test_square_resize_crops_the_center() -> None:
     a = np.zeros((40, 60, 3), np.uint8)
     a[:, :10] = (255, 0, 0)

@@ -141,6 +141,15 @@ def test_validate_request_columns() -> None:
         ("   ", "caption is empty"),
         (None, "no caption"),
         ("a red\x00circle", "contains control character U\\+0000"),
+        ("a red\x1fcircle", "contains control character U\\+001F"),  # Python calls it space
+        (
+            "\u200b",
+            "caption has no letter, digit or symbol",
+        ),  # zero-width space: the tokenizer reads ""
+        (
+            "\u0301 \u202e",
+            "caption has no letter, digit or symbol",
+        ),  # a lone accent, a bidi override
         ("a" * 2001, "2001 characters"),
     ],
 )
@@ -175,6 +184,7 @@ def test_validate_request_prompt_count() -> None:
             "negative_prompt: .*2001 characters > the longest prompt=2000",
         ),
         ("strength", 0.5, "strength 0.5 is for image-to-image: give the image too"),
+        ("strength", "0.5", "strength 0.5 is for image-to-image: give the image too"),  # JSON text
     ],
 )
 def test_validate_request_out_of_range(column, value, match) -> None:
@@ -305,6 +315,9 @@ def test_pyfunc_log_load_predict(tiny_models, store) -> None:
     assert model.metadata.metadata["request_columns"][0] == "prompt"
     with pytest.raises(MlflowException, match=r"unknown column \['stpes'\]"):
         model.predict(pd.DataFrame({"prompt": ["a red circle"], "stpes": [1]}))
+    # MLflow drops `params` the model declares no schema for: refused, not ignored
+    with pytest.raises(MlflowException, match="reads no `params`"):
+        model.predict(pd.DataFrame({"prompt": ["a red circle"]}), params={"steps": 1})
     frame = pd.DataFrame(
         {
             "prompt": ["a red circle", "a red circle", "a red circle", "a red circle"],
@@ -692,6 +705,7 @@ def load_requests(n: int) -> list[tuple[str, dict, int, str | None]]:
         ({"dataframe_records": [{"prompt": "a", "image": "%%%"}]}, 400, "base64-encoded image"),
         ({"dataframe_records": [{"prompt": "a", "guidance": 31}]}, 400, "guidance: Input"),
         ({"dataframe_records": [{"prompt": "a", "stpes": 2}]}, 400, "unknown column ['stpes']"),
+        ({"dataframe_records": [{"prompt": "a"}], "params": {"steps": 2}}, 400, "no `params`"),
         ({"dataframe_records": [{"prompt": "a", "steps": 1000}] * 20}, 400, "serve.max_work"),
         ({"dataframe_records": [{"prompt": "a", "steps": 1000}]}, 504, "serve.timeout_s"),
     ]

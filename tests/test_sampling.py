@@ -274,6 +274,8 @@ def test_image_to_image_strength(cascade) -> None:
 
 def test_image_to_image_runs_the_strength_share_of_the_steps_halves_up() -> None:
     assert [denoising_steps(10, s) for s in (0.01, 0.25, 0.45, 0.5, 1.0)] == [1, 3, 5, 5, 10]
+    # halves up on the decimal given, not on its float product (25 x 0.58 = 14.4999... in floats)
+    assert [denoising_steps(n, s) for n, s in ((25, 0.58), (45, 0.7), (50, 0.29))] == [15, 32, 15]
 
 
 def test_super_resolution_takes_the_previous_stage_clamped(cascade, monkeypatch) -> None:

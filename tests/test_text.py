@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -260,6 +261,23 @@ def test_cache_mismatch_is_an_error(minilm, tmp_path, cfg, captions, field):
     build_cache(CAPTIONS, minilm, tmp_path / "cache", progress=False)
     with pytest.raises(CacheMismatchError, match=field):
         EmbeddingCache.open(tmp_path / "cache", cfg, captions)
+
+
+def test_a_cache_from_other_encoder_weights_is_not_mixed_with_the_loaded_one(
+    minilm, tiny_t5_dir, tmp_path
+):
+    """The scorer joins the cache's embeddings with the loaded encoder's: a local encoder
+    folder whose weights changed under the same name must not pass."""
+    build_cache(CAPTIONS, minilm, tmp_path / "cache", progress=False)
+    cache = EmbeddingCache.open(tmp_path / "cache", TextConfig(), CAPTIONS)
+    cache.check_encoder(minilm)
+    other = load_text_encoder(TextConfig(encoder=str(tiny_t5_dir)))
+    kinds = r"built by encoder kind='bert'.*'t5'.*encode-text"
+    with pytest.raises(CacheMismatchError, match=kinds):
+        cache.check_encoder(other)
+    retrained = SimpleNamespace(kind=minilm.kind, weights_id="sha256:other")  # same name
+    with pytest.raises(CacheMismatchError, match="weights_id="):
+        cache.check_encoder(retrained)
 
 
 def test_missing_cache_says_how_to_build_it(tmp_path):

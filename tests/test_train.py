@@ -403,6 +403,36 @@ def test_ranks_that_resume_from_different_steps_stop_at_once(monkeypatch):
         distributed.check_same(info, 4, "the resume step")
 
 
+def test_ranks_check_their_fingerprint_before_their_resume_step(tiny_data, tmp_path, monkeypatch):
+    """Nodes on another commit or other data would all start at step 0 and pass the step
+    check, then train two configurations in one all-reduce: the fingerprint is compared
+    first."""
+    from imagen_ops.train import distributed
+
+    seen = []
+    monkeypatch.setattr(
+        distributed, "check_same", lambda _info, value, what, **_: seen.append((what, value))
+    )
+    params = tiny_params("stages.base.train.steps=1")
+    trainer = Trainer(
+        train_settings(params, "base"), paths_for(tiny_data, tmp_path), progress=False
+    )
+    trainer.fit()
+    assert seen == [
+        ("the run's fingerprint (code, data, settings)", trainer.fingerprint),
+        ("the step their checkpoints resume from", 0),
+    ]
+
+    def gathered(out, value):
+        out[:] = [value, "another"]
+
+    monkeypatch.undo()
+    monkeypatch.setattr(distributed.dist, "all_gather_object", gathered)
+    info = distributed.DistInfo(0, 2, 0, torch.device("cpu"))
+    with pytest.raises(RuntimeError, match=r"ranks disagree on f.*same commit"):
+        distributed.check_same(info, "mine", "f", hint="every node must run the same commit")
+
+
 def test_non_finite_weights_are_never_exported(tiny_data, tmp_path, monkeypatch):
     paths = paths_for(tiny_data, tmp_path)
     params = tiny_params("stages.base.train.steps=4", "stages.base.train.checkpoint_every=4")

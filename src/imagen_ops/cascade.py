@@ -15,6 +15,7 @@ import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -616,9 +617,12 @@ def image_roles(
 
 
 def denoising_steps(steps: int, strength: float) -> int:
-    """Steps image-to-image runs: the last `strength` of a `steps`-step grid, halves
-    rounded up (diffusers' convention: a fraction of the steps); at least 1."""
-    return max(1, math.floor(steps * strength + 0.5))
+    """Steps image-to-image runs: the last `strength` of a `steps`-step grid (diffusers'
+    convention, a fraction of the steps), halves rounded up and at least 1 where diffusers
+    floors and may run none. Counted on the decimal the user wrote: 25 x 0.58 is 14.5, so
+    15 steps, where the float product (14.4999...) would round down."""
+    exact = Fraction(repr(strength)) * steps
+    return max(1, math.floor(exact + Fraction(1, 2)))
 
 
 def _inputs(

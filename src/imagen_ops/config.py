@@ -433,7 +433,13 @@ class SampleConfig(Section):
     thresholding: choice_of(THRESHOLDING) = "static"
     quantile: float = Field(0.995, gt=0, le=1, description="dynamic thresholding percentile")
     spacing: choice_of(SPACINGS) = "time"
-    eta: float = Field(0.0, ge=0, le=1, description="DDIM stochasticity (1 = ancestral)")
+    eta: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="DDIM's stochasticity (1 = ancestral), read by sampler ddim only: the "
+        "others fix theirs (ancestral 1, dpmpp_2m 0, dpmpp_2m_sde 1)",
+    )
     aug_level: DiffusionTime | tuple[DiffusionTime, ...] = Field(
         0.0,
         description="noise-conditioning augmentation level (t) of super-resolution stages "
@@ -447,7 +453,9 @@ class SampleConfig(Section):
     batch_size: int = Field(32, ge=1, le=4096, description="images per forward pass")
     seed: Seed = Field(0, description="image k of a call uses seed + k")
     negative_prompt: str | None = Field(
-        None, description="the unconditional branch of guidance takes this prompt's embedding"
+        None,
+        description="the unconditional branch of guidance takes this prompt's embedding "
+        "(so it acts in the stages and times where guidance is not 1)",
     )
     strength: float = Field(
         1.0,
@@ -534,8 +542,9 @@ class ServeConfig(Section):
         8e6,
         gt=0,
         description="pixel-steps per request: rows x sum over stages of steps x pixels "
-        "(x 2 where guidance needs the unconditional pass); the demo cascade's default "
-        "settings cost 92,160 per prompt",
+        "(x 2 where guidance needs the unconditional pass; a batch of one is two passes "
+        "everywhere); the demo cascade's default settings cost 92,160 per prompt in a "
+        "batch, 133,120 for a prompt alone",
     )
     timeout_s: float = Field(
         50.0, gt=0, description="sampling stops after this (MLflow answers 504 at 60 s)"

@@ -135,7 +135,9 @@ def exclusive_lock(path: str | Path, wait: float = 0.0) -> Iterator[int]:
     one stops with a message instead of waiting or corrupting the first. The lock is an
     OS-level flock, released when the holder exits, even on a crash. A child process given
     the descriptor (`subprocess.Popen(..., pass_fds=[fd])`) holds it too: the lock lasts
-    until the last of them exits, so a killed holder's running commands keep it.
+    until the last of them exits, so a killed or cancelled holder's running commands keep
+    it. So the block's end only closes the descriptor: an explicit unlock would free the
+    lock for every process sharing it, the children still writing included.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -158,9 +160,4 @@ def exclusive_lock(path: str | Path, wait: float = 0.0) -> Iterator[int]:
         f.truncate()
         f.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
         f.flush()
-        try:
-            yield f.fileno()
-        finally:
-            f.seek(0)
-            f.truncate()
-            fcntl.flock(f, fcntl.LOCK_UN)
+        yield f.fileno()  # the note stays: it names the run whose commands may still hold it

@@ -139,6 +139,15 @@ def train_stage_name(stage: str) -> str:
     return f"train_{stage}"
 
 
+def encoder_folder(params: Params) -> list[str]:
+    """`text.encoder` when it names a local folder: its weights can change under the same
+    name (a packaged encoder is pinned by sha256, a hub one by `text.revision`)."""
+    from imagen_ops.text.encoders import PACKAGED_ENCODERS
+
+    name = params.text.encoder
+    return [name] if name not in PACKAGED_ENCODERS and Path(name).expanduser().is_dir() else []
+
+
 def pipeline_stages(params: Params) -> list[PipelineStage]:
     """prepare -> encode_text -> train_scorer, train_<stage> for each cascade stage ->
     evaluate."""
@@ -154,7 +163,7 @@ def pipeline_stages(params: Params) -> list[PipelineStage]:
         PipelineStage(
             "encode_text",
             ["imagen-ops", "encode-text", "--prepared", p.prepared, "--out", p.text_cache],
-            [p.prepared, *ENCODE_CODE],
+            [p.prepared, *encoder_folder(params), *ENCODE_CODE],
             ["text"],
             [p.text_cache],
         ),
@@ -166,7 +175,7 @@ def pipeline_stages(params: Params) -> list[PipelineStage]:
                 *("imagen-ops", "train-scorer", "--prepared", p.prepared, "--cache", p.text_cache),
                 *("--out", p.scorer, "--metrics", p.scorer_metrics),
             ],
-            [p.prepared, p.text_cache, *SCORER_CODE],
+            [p.prepared, p.text_cache, *encoder_folder(params), *SCORER_CODE],
             ["scorer", f"stages.{names[0]}.resolution", "text"],
             # its report is a plain output: `dvc metrics show` stays the one headline row
             [p.scorer, {p.scorer_metrics: {"cache": False}}],

@@ -6,7 +6,8 @@ lost silently. Checks run cheapest first: a reason set by the source (`unsafe_pa
 image bytes (`missing_image`, `zero_size`), the caption, `duplicate`, then the decode.
 
 Ids are the first 16 hex digits of the sha256 of the raw input bytes, so ingest is
-idempotent: a second run over the same records only finds duplicates. Images are written
+idempotent: a second run over the same records only finds duplicates (as is one picture
+under the same caption in other bytes: re-encoded, its metadata stripped). Images are written
 first and the table atomically last, so an interrupted run leaves the previous table valid;
 image files it left behind are not in the table and are overwritten by the next run.
 """
@@ -53,6 +54,7 @@ IMAGES = "images"
 ID_CHARS = 16
 
 REASONS = (
+    "invalid_row",  # a manifest line that is not a record (bad JSON)
     "unsafe_path",
     "not_regular_file",
     "too_large",
@@ -68,6 +70,7 @@ REASONS = (
     "corrupt_image",
     "too_many_pixels",
     "too_small",
+    "unsupported_mode",  # pixels with no fixed range (float, 32-bit)
 )
 
 TABLE_SCHEMA = pa.schema(
@@ -154,6 +157,9 @@ class IngestReport:
 # ----------------------------------------------------------------------------- checks
 
 
+LINE_SPACE = "\t\n\x0b\x0c\r\x85"  # the control characters that are text's whitespace
+
+
 def check_caption(
     caption: Any, max_chars: int, limit: str = "data.ingest.max_caption_chars"
 ) -> str:
@@ -175,8 +181,11 @@ def check_caption(
         raise Rejected("empty_caption", "caption is empty or whitespace")
     for ch in text:
         cat = unicodedata.category(ch)
-        if (cat == "Cc" and not ch.isspace()) or cat == "Cs":
+        if (cat == "Cc" and ch not in LINE_SPACE) or cat == "Cs":
             raise Rejected("invalid_caption", f"contains control character U+{ord(ch):04X}")
+    if not any(unicodedata.category(ch)[0] in "LNS" for ch in text):
+        # zero-width spaces, bidi marks, lone accents: the tokenizer reads an empty caption
+        raise Rejected("empty_caption", "caption has no letter, digit or symbol")
     if len(text) > max_chars:
         raise Rejected("invalid_caption", f"{len(text)} characters > {limit}={max_chars}")
     return text
@@ -235,9 +244,23 @@ def decode_image(data: bytes, cfg: IngestConfig) -> Image.Image:
 def to_rgb(im: Image.Image) -> Image.Image:
     """EXIF orientation applied, alpha composited on white, 16-bit scaled, then RGB."""
     im = ImageOps.exif_transpose(im)
+    if im.mode == "F":
+        raise Rejected(
+            "unsupported_mode",
+            "floating-point pixels (mode F) have no range to map onto 0..255: save 8 or 16 bit",
+        )
     if im.mode in SIXTEEN_BIT:
         # 16-bit grey: scale 0..65535 onto 0..255 (Pillow's own convert would clip at 255).
-        grey = np.asarray(im).astype(np.float64) / 257.0
+        values = np.asarray(im).astype(np.float64)
+        if values.size and (values.min() < 0 or values.max() > 65535):  # mode I: 32-bit
+            raise Rejected(
+                "unsupported_mode",
+                f"32-bit pixels from {values.min():.0f} to {values.max():.0f}, outside 16 "
+                "bit's 0..65535: save 8 or 16 bit",
+            )
+        grey = values / 257.0
+        if isinstance(im.info.get("transparency"), int):  # white, as alpha is composited
+            grey[values == im.info["transparency"]] = 255.0
         return Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L").convert("RGB")
     if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
         rgba = im.convert("RGBA")
@@ -284,9 +307,26 @@ def write_table(out_dir: Path, old: pd.DataFrame, rows: list[dict[str, Any]]) ->
 # ----------------------------------------------------------------------------- ingest
 
 
-def _accept(
-    rec: RawRecord, cfg: IngestConfig, out_dir: Path, known: dict[str, str]
-) -> dict[str, Any]:
+@dataclass
+class _Seen:
+    """What the table holds: each id's source bytes, and each (pixels, caption) pair's id:
+    one picture saved twice in other bytes (re-encoded, metadata stripped) is the same
+    record."""
+
+    ids: dict[str, str]
+    pairs: dict[tuple[str, str], str]
+
+    @classmethod
+    def of(cls, table: pd.DataFrame) -> _Seen:
+        seen = cls(dict(zip(table["id"], table["source_sha256"], strict=True)), {})
+        for image_id, pixels, caption in zip(
+            table["id"], table["sha256"], table["caption"], strict=True
+        ):
+            seen.pairs.setdefault((pixels, caption), image_id)
+        return seen
+
+
+def _accept(rec: RawRecord, cfg: IngestConfig, out_dir: Path, seen: _Seen) -> dict[str, Any]:
     """Validate one record and store its image; returns its table row or raises Rejected."""
     if rec.reject is not None:
         raise Rejected(rec.reject, rec.reject_detail or "rejected by the source")
@@ -297,19 +337,25 @@ def _accept(
     caption = check_caption(rec.caption, cfg.max_caption_chars)
     source_sha = sha256_bytes(rec.data)
     image_id = source_sha[:ID_CHARS]
-    if image_id in known:
-        if known[image_id] == source_sha:
+    if image_id in seen.ids:
+        if seen.ids[image_id] == source_sha:
             raise Rejected("duplicate", f"same bytes as id {image_id}")
         raise Rejected("id_collision", f"id {image_id} already names other bytes")
     im = decode_image(rec.data, cfg)
     try:
         rgb = to_rgb(im)
+    except Rejected:
+        raise
     except Exception as err:  # bad EXIF, a mode Pillow cannot convert
         raise Rejected("corrupt_image", f"cannot convert {im.mode} to RGB: {err}") from None
     png = encode_png(rgb)
+    pixels = sha256_bytes(png)
+    twin = seen.pairs.setdefault((pixels, caption), image_id)
+    if twin != image_id:
+        raise Rejected("duplicate", f"same pixels and caption as id {twin}, in other bytes")
     rel = f"{IMAGES}/{image_id}.png"
     write_bytes_atomic(out_dir / rel, png)
-    known[image_id] = source_sha
+    seen.ids[image_id] = source_sha
     scene = (
         None if rec.scene is None else json.dumps(rec.scene, sort_keys=True, separators=(",", ":"))
     )
@@ -317,7 +363,7 @@ def _accept(
         "id": image_id,
         "path": rel,
         "caption": caption,
-        "sha256": sha256_bytes(png),
+        "sha256": pixels,
         "source_sha256": source_sha,
         "width": rgb.width,
         "height": rgb.height,
@@ -339,7 +385,7 @@ def ingest(
     last changed `out_dir`, so a run that adds nothing leaves it byte for byte as it was."""
     out_dir = Path(out_dir)
     old = read_table(out_dir)
-    known = dict(zip(old["id"], old["source_sha256"], strict=True))
+    seen = _Seen.of(old)
     report = IngestReport()
     rows: list[dict[str, Any]] = []
     bar = tqdm(records, desc="ingest", unit="img", disable=not progress)
@@ -347,7 +393,7 @@ def ingest(
         for rec in bar:
             report.seen += 1
             try:
-                rows.append(_accept(rec, cfg, out_dir, known))
+                rows.append(_accept(rec, cfg, out_dir, seen))
             except Rejected as err:
                 log.debug("rejected %s: %s", rec.key, err)
                 report.reject(rec.key, err, cfg.examples_per_reason)

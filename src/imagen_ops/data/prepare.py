@@ -52,7 +52,9 @@ PREPARED_SCHEMA = pa.schema(
 
 
 def split_of(image_id: str, cfg: PrepareConfig) -> str:
-    """ "val" iff sha256(salt:id) / 2**256 < val_fraction: stable under appends."""
+    """ "val" iff sha256(salt:id) / 2**256 < val_fraction: stable under appends. `prepare`
+    passes each row the id of the table's first row with its pixels, so a picture under
+    two captions (or re-encoded) never sits in both splits."""
     digest = hashlib.sha256(f"{cfg.split_salt}:{image_id}".encode()).hexdigest()
     return "val" if int(digest, 16) / 2**256 < cfg.val_fraction else "train"
 
@@ -143,7 +145,10 @@ def prepare(
     if table.empty:
         raise ValueError(f"{data_dir / TABLE}: no images to prepare")
     n = len(table)
-    splits = [split_of(i, cfg) for i in table["id"]]
+    # one picture under several captions keeps to one split: the split of its first row
+    first: dict[str, str] = {}
+    keys = [first.setdefault(px, i) for i, px in zip(table["id"], table["sha256"], strict=True)]
+    splits = [split_of(key, cfg) for key in keys]
     shard_sizes = [min(cfg.shard_size, n - start) for start in range(0, n, cfg.shard_size)]
     bar = tqdm(total=n, desc="prepare", unit="img", disable=not progress)
     with bar, atomic_dir(out_dir) as tmp:

@@ -191,6 +191,7 @@ def _folder(root: Path, cfg: IngestConfig) -> Iterator[RawRecord]:
 
 
 def _folder_records(root: Path, budget: Budget) -> Iterator[RawRecord]:
+    inside = root.resolve()
     for dirpath, dirnames, filenames in os.walk(root):
         for d in dirnames:
             if Path(dirpath, d).is_symlink():
@@ -200,10 +201,19 @@ def _folder_records(root: Path, budget: Budget) -> Iterator[RawRecord]:
             path = Path(dirpath) / name
             if name.startswith(".") or path.suffix.lower() in CAPTION_SUFFIXES:
                 continue
+            # a file linked from elsewhere (an image, or a caption such as a credentials
+            # file) would be ingested and pushed with the data: only the folder's own files
+            outside = [p for p in (path, _caption_file(path)) if _links_out(p, inside)]
+            if outside:
+                detail = f"{outside[0]} links outside the source folder {inside}"
+                yield RawRecord(
+                    str(path), None, None, str(root), reject="unsafe_path", reject_detail=detail
+                )
+                continue
             data, reason, detail = _read_file(path, budget)
             # the same-stem .txt caption beside it: a caption file that cannot be read (too
             # large, over the source's budget, not a regular file) is that, not "no caption"
-            caption, why, problem = _read_file(path.with_suffix(".txt"), budget)
+            caption, why, problem = _read_file(_caption_file(path), budget)
             if reason is None and why is not None:
                 reason, detail = why, f"caption {problem}"
             yield RawRecord(
@@ -214,6 +224,18 @@ def _folder_records(root: Path, budget: Budget) -> Iterator[RawRecord]:
                 reject=reason,
                 reject_detail=detail,
             )
+
+
+def _caption_file(image: Path) -> Path:
+    """The same-stem caption beside an image: `.txt`, else `.TXT` (as Windows tools name it)."""
+    lower = image.with_suffix(".txt")
+    upper = image.with_suffix(".TXT")
+    return upper if not lower.exists() and upper.exists() else lower
+
+
+def _links_out(path: Path, folder: Path) -> bool:
+    """True when `path` is a link whose target lies outside `folder` (resolved)."""
+    return path.is_symlink() and not path.resolve().is_relative_to(folder)
 
 
 # -------------------------------------------------------------------------- manifests
@@ -258,25 +280,33 @@ def _jsonl(path: Path, cfg: IngestConfig) -> Iterator[RawRecord]:
 
 
 def _jsonl_records(path: Path, cfg: IngestConfig) -> Iterator[RawRecord]:
+    """A line that is not a JSON object is a rejected row (the first one, the header,
+    fails the file: that is no JSONL manifest)."""
     budget = Budget(cfg)
-    for line_no, row in _jsonl_rows(path):
+    for line_no, row in _jsonl_rows(path, strict=False):
+        key = f"{path}:{line_no}"
+        if isinstance(row, str):
+            yield RawRecord(key, None, None, str(path), reject="invalid_row", reject_detail=row)
+            continue
         image, caption = row.get(cfg.image_column), row.get(cfg.caption_column)
-        yield _manifest_record(path, f"{path}:{line_no}", image, caption, budget)
+        yield _manifest_record(path, key, image, caption, budget)
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) of each non-blank line; invalid UTF-8 survives as surrogates."""
+def _jsonl_rows(path: Path, strict: bool = True) -> Iterator[tuple[int, dict[str, Any] | str]]:
+    """(line number, object) of each non-blank line; invalid UTF-8 survives as surrogates.
+    A line that is not a JSON object raises, or with `strict` off comes as its problem."""
     with path.open(encoding="utf-8", errors="surrogateescape") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
+                problem = None if isinstance(row, dict) else "expected a JSON object per line"
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: not valid JSON: {err}") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{line_no}: expected a JSON object per line")
-            yield line_no, row
+                problem = f"not valid JSON: {err}"
+            if problem is not None and strict:
+                raise ValueError(f"{path}:{line_no}: {problem}")
+            yield line_no, row if problem is None else problem
 
 
 def _csv(path: Path, cfg: IngestConfig) -> Iterator[RawRecord]:
@@ -427,10 +457,11 @@ def _parquet(path: Path, cfg: IngestConfig) -> Iterator[RawRecord]:
 
 
 def _parquet_image(value: Any) -> bytes | str | None:
-    """A cell's image: raw bytes, a {"bytes", "path"} struct, or a path string."""
+    """A cell's image: raw bytes (empty ones are that: zero_size), a {"bytes", "path"}
+    struct (the path where the bytes are empty), or a path string."""
     if isinstance(value, dict):
-        value = value.get("bytes") if value.get("bytes") is not None else value.get("path")
-    return value if isinstance(value, bytes | str) and value else None
+        value = value.get("bytes") or value.get("path") or value.get("bytes")
+    return value if isinstance(value, bytes | str) else None
 
 
 def _parquet_records(file: Path, cfg: IngestConfig, budget: Budget) -> Iterator[RawRecord]:

@@ -83,6 +83,8 @@ def linear_schedule(
     N * integral_0^t -log(1 - beta(u)) du with beta(u) linear from beta_start to beta_end;
     the integral has the closed form G(beta(t)) - G(beta_start), G(b) = ((1-b) log(1-b) + b)
     / (beta_end - beta_start). Then logsnr = -log(expm1(-log alpha_t^2)), clipped to range.
+    The difference of G cancels nearly all digits at small t, so it is taken in float64
+    (in float32 it gives NaN at t = 1e-6, and a log-SNR 0.3 off at 1e-5).
     """
     slope = beta_end - beta_start
 
@@ -90,9 +92,11 @@ def linear_schedule(
         return ((1 - b) * torch.log1p(-b) + b) / slope
 
     def logsnr(t: Tensor) -> Tensor:
-        b_start = torch.as_tensor(beta_start, dtype=t.dtype)
-        neg_log_abar = num_steps * (primitive(b_start + t * slope) - primitive(b_start))
-        return (-torch.log(torch.expm1(neg_log_abar))).clamp(logsnr_min, logsnr_max)
+        t64 = t.double()
+        b_start = torch.as_tensor(beta_start, dtype=torch.float64, device=t.device)
+        neg_log_abar = num_steps * (primitive(b_start + t64 * slope) - primitive(b_start))
+        out = (-torch.log(torch.expm1(neg_log_abar))).clamp(logsnr_min, logsnr_max)
+        return out.to(t.dtype)
 
     return logsnr
 

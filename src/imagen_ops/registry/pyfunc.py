@@ -11,9 +11,9 @@ predict: a DataFrame with a `prompt` column and optional columns named like the
 image is super-resolved, with `strength` it starts image-to-image, with `mask` it is
 inpainted) -> a DataFrame with
 `prompt`, `seed` and `image` (base64 PNG). Rows with equal settings are sampled in batches.
-A bad request, or one over the work budget, raises MlflowException(INVALID_PARAMETER_VALUE)
-(HTTP 400) before any work; sampling past `serve.timeout_s` stops with DEADLINE_EXCEEDED
-(HTTP 504).
+A bad request (an unknown column, or any MLflow `params`, included), or one over the work
+budget, raises MlflowException(INVALID_PARAMETER_VALUE) (HTTP 400) before any work;
+sampling past `serve.timeout_s` stops with DEADLINE_EXCEEDED (HTTP 504).
 """
 
 from __future__ import annotations
@@ -186,7 +186,8 @@ def validate_request(
             raise _bad_request(f"row {i}: {'; '.join(err.problems)}") from None
         try:
             images = (_image(files[i, k], k, i) for k in IMAGE_COLUMNS)
-            roles = image_roles(*images, given["strength"])
+            strength = None if given["strength"] is None else settings.strength  # parsed
+            roles = image_roles(*images, strength)
         except ValueError as err:
             raise _bad_request(f"row {i}: {err}") from None
         if cascade is not None and settings.rerank > 1 and cascade.scorer is None:
@@ -322,6 +323,11 @@ class ImagenModel(PythonModel):
     def predict(self, context, model_input, params=None):
         import pandas as pd
 
+        if params is not None:  # MLflow passes {} for a request's `params`: none are read
+            raise _bad_request(
+                "this model reads no `params`: give settings as request columns, one value "
+                f"per row ({', '.join(REQUEST_COLUMNS[1:])})"
+            )
         rows = validate_request(model_input, self.settings, self.limits, self.cascade)
         deadline = time.monotonic() + self.limits.timeout_s
         try:

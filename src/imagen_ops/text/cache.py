@@ -210,6 +210,18 @@ class EmbeddingCache:
                 )
         return cls(root, manifest)
 
+    def check_encoder(self, encoder: Any) -> None:
+        """Embeddings mixed with `encoder`'s own (the scorer's hard negatives) must come
+        from the same weights: a local encoder folder can change under the same name."""
+        for key in ("kind", "weights_id"):
+            built, loaded = self.manifest.get(key), getattr(encoder, key)
+            if built != loaded:
+                raise CacheMismatchError(
+                    f"{self.root}: built by encoder {key}={built!r}, but the loaded encoder "
+                    f"has {loaded!r}; rebuild it with `imagen-ops encode-text` (or `dvc "
+                    "repro encode_text`)"
+                )
+
     @property
     def dim(self) -> int:
         return int(self.manifest["dim"])

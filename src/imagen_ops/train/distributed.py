@@ -55,16 +55,19 @@ def cleanup(info: DistInfo) -> None:
         dist.destroy_process_group()
 
 
-def check_same(info: DistInfo, value: int, what: str) -> None:
+SHARED_CHECKPOINTS = (
+    "every node must see the same checkpoint folder (train --checkpoints on a shared filesystem)"
+)
+
+
+def check_same(info: DistInfo, value: object, what: str, hint: str = SHARED_CHECKPOINTS) -> None:
     """Raise on every rank unless all ranks hold the same `value`: ranks that disagree on,
-    say, the resume step (nodes without a shared checkpoint folder) would deadlock or mix
-    steps in the gradient all-reduce."""
+    say, the resume step (nodes without a shared checkpoint folder) or the run's
+    fingerprint (another commit or data on one node) would deadlock or mix two trainings
+    in the gradient all-reduce."""
     if not info.enabled:
         return
     values = [None] * info.world_size
     dist.all_gather_object(values, value)
     if len(set(values)) > 1:
-        raise RuntimeError(
-            f"ranks disagree on {what}: {values} (rank order). Every node must see the same "
-            "checkpoint folder (train --checkpoints on a shared filesystem)"
-        )
+        raise RuntimeError(f"ranks disagree on {what}: {values} (rank order); {hint}")

@@ -236,6 +236,7 @@ def train_scorer(
         from imagen_ops.text.encoders import load_text_encoder
 
         encoder = load_text_encoder(text)
+    cache.check_encoder(encoder)  # its embeddings and the encoder's meet in one batch
     records = np.concatenate([train, val])
     bank = _CaptionBank(
         table["caption"].iloc[records].tolist(),

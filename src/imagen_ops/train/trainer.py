@@ -299,6 +299,12 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Train to `train.steps`, resuming from the newest matching checkpoint."""
         tc, main = self.tcfg, self.dist.is_main
+        distributed.check_same(
+            self.dist,
+            self.fingerprint,
+            "the run's fingerprint (code, data, settings)",
+            hint="every node must run the same commit on the same prepared data and params",
+        )
         start = self._resume()
         distributed.check_same(self.dist, start, "the step their checkpoints resume from")
         if start == 0 and tc.layout.steps and not self.warm_started:
