@@ -267,6 +267,13 @@ def test_a_local_encoder_folder_is_a_dependency_of_the_stages_that_load_it(tmp_p
         assert (encoder in deps["encode_text"]) is expected
         assert (encoder in deps["train_scorer"]) is expected
         assert encoder not in deps["train_base"] and encoder not in deps["prepare"]
+    # DVC does not expand `~`: the stage names the folder itself
+    home = folder.parent
+    params = parse_params(apply_overrides(three_stage_raw(), ["text.encoder=~/my-encoder"]))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HOME", str(home))
+        deps = {s.name: s.deps for s in pipeline_stages(params)}
+    assert str(folder) in deps["encode_text"] and "~/my-encoder" not in deps["encode_text"]
 
 
 def test_pipeline_write_refuses_settings_its_stages_would_not_read(tmp_path, caplog) -> None:

@@ -126,6 +126,29 @@ def test_validate_request_good_rows_with_default_seeds() -> None:
     assert validate_request(per_stage, DEFAULTS, LIMITS)[0].settings.guidance == (3.0, 1.0)
 
 
+def test_every_mlflow_request_format_becomes_the_same_table() -> None:
+    """With no input schema MLflow hands its JSON formats over as they came: `inputs`
+    (columns), `instances` (rows), a bare object (one row, lists in it per stage)."""
+    from mlflow.exceptions import MlflowException
+
+    from imagen_ops.registry.pyfunc import request_frame
+
+    table = pd.DataFrame({"prompt": ["a", "b"], "seed": [1, 2]})
+    columns = request_frame({"prompt": ["a", "b"], "seed": [1, 2]})
+    rows = request_frame([{"prompt": "a", "seed": 1}, {"prompt": "b", "seed": 2}])
+    assert columns.equals(table) and rows.equals(table) and request_frame(table) is table
+    arrays = request_frame({"prompt": np.array(["a", "b"]), "seed": np.array([1, 2])})
+    assert arrays.equals(table)  # how a server hands `inputs` / `instances` over
+    one = validate_request(request_frame({"prompt": "a", "guidance": [3.0, 1.0]}), DEFAULTS, LIMITS)
+    assert len(one) == 1 and one[0].settings.guidance == (3.0, 1.0)
+    with pytest.raises(MlflowException, match="do not form a table"):
+        request_frame({"prompt": ["a", "b"], "seed": [1, 2, 3]})
+    with pytest.raises(MlflowException, match="got str"):
+        request_frame("a red circle")
+    digits = validate_request(pd.DataFrame({"prompt": [1984]}), DEFAULTS, LIMITS)  # text/csv
+    assert digits[0].prompt == "1984"
+
+
 def test_validate_request_columns() -> None:
     _bad(pd.DataFrame({"text": ["a red circle"]}), r"unknown column \['text'\]")
     _bad(pd.DataFrame({"seed": [1]}), r"needs a 'prompt' column \(got \['seed'\]\)")
@@ -142,14 +165,8 @@ def test_validate_request_columns() -> None:
         (None, "no caption"),
         ("a red\x00circle", "contains control character U\\+0000"),
         ("a red\x1fcircle", "contains control character U\\+001F"),  # Python calls it space
-        (
-            "\u200b",
-            "caption has no letter, digit or symbol",
-        ),  # zero-width space: the tokenizer reads ""
-        (
-            "\u0301 \u202e",
-            "caption has no letter, digit or symbol",
-        ),  # a lone accent, a bidi override
+        ("\u200b", "caption has no visible character"),  # zero-width: the tokenizer reads ""
+        ("\u0301 \u202e", "caption has no visible character"),  # a lone accent, a bidi mark
         ("a" * 2001, "2001 characters"),
     ],
 )
@@ -336,6 +353,10 @@ def test_pyfunc_log_load_predict(tiny_models, store) -> None:
     assert not np.array_equal(images[0], images[3]), "the row's steps are used"
     with pytest.raises(MlflowException, match="row 0: prompt: caption is empty"):
         model.predict(pd.DataFrame({"prompt": ["  "]}))
+    # MLflow's other formats reach the model as they came, and sample the same images
+    as_rows = model.predict([{"prompt": "a red circle", "seed": 1}])
+    as_object = model.predict({"prompt": "a red circle", "seed": 1})
+    assert as_rows["image"].tolist() == as_object["image"].tolist() == [out["image"][0]]
 
 
 def aliases(name: str = "imagen-ops") -> dict[str, str]:
@@ -696,6 +717,9 @@ def load_requests(n: int) -> list[tuple[str, dict, int, str | None]]:
             {"dataframe_records": [{"prompt": "a star", "image": image, "mask": mask, "steps": 2}]},
         ),
         ("good", {"dataframe_records": [{"prompt": "a star", "image": image, "steps": 2}]}),
+        ("good", {"inputs": {"prompt": ["a star", "a moon"], "steps": [2, 2]}}),  # columns
+        ("good", {"instances": [{"prompt": "a star", "steps": 2}]}),  # rows
+        ("good", {"prompt": "a star", "steps": 2}),  # a bare object: one row
     ]
     bad = [
         ({"dataframe_records": [{"prompt": "   "}]}, 400, "prompt: caption is empty"),
@@ -1116,9 +1140,11 @@ def test_a_warm_start_from_the_command_line_is_recorded(tiny_data, tiny_models, 
     params = write_params(
         tmp_path / "params.yaml", "registry.track_training=true", "stages.base.train.steps=1"
     )
+    source = tmp_path / "runs #2"  # a path, not YAML: '#' starts no comment
+    shutil.copytree(tiny_models, source)
     argv = [
         *("train", "--stage", "base", "--params", str(params), "-q"),
-        *("--init-from", str(tiny_models), "--out", str(tmp_path / "out")),
+        *("--init-from", str(source), "--out", str(tmp_path / "out")),
         *("--prepared", str(tiny_data["prepared"]), "--cache", str(tiny_data["cache"])),
         *("--checkpoints", str(tmp_path / "ck"), "--metrics", str(tmp_path / "m.csv")),
     ]
@@ -1126,4 +1152,4 @@ def test_a_warm_start_from_the_command_line_is_recorded(tiny_data, tiny_models, 
     client = MlflowClient()
     (run,) = client.search_runs([client.get_experiment_by_name("imagen-ops").experiment_id])
     recorded = {k: v for k, v in run.data.params.items() if k.endswith("init_from")}
-    assert recorded == {"train.init_from": str(tiny_models)}, recorded
+    assert recorded == {"train.init_from": str(source)}, recorded

@@ -621,7 +621,7 @@ def denoising_steps(steps: int, strength: float) -> int:
     convention, a fraction of the steps), halves rounded up and at least 1 where diffusers
     floors and may run none. Counted on the decimal the user wrote: 25 x 0.58 is 14.5, so
     15 steps, where the float product (14.4999...) would round down."""
-    exact = Fraction(repr(strength)) * steps
+    exact = Fraction(repr(float(strength))) * steps
     return max(1, math.floor(exact + Fraction(1, 2)))
 
 

@@ -155,7 +155,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     if name not in params.stages:
         raise KeyError(f"no stage {name!r} in params (stages: {params.stage_names()})")
     if args.init_from:  # as if params.yaml said it: the tracked run's params name the source
-        params = _params(args, f"stages.{name}.train.init_from={args.init_from}")
+        params = _params(args, f"stages.{name}.train.init_from={json.dumps(args.init_from)}")
     settings = train_settings(params, name)
     paths = TrainPaths(
         prepared=_path(args.prepared, p.prepared),

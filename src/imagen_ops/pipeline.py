@@ -145,7 +145,8 @@ def encoder_folder(params: Params) -> list[str]:
     from imagen_ops.text.encoders import PACKAGED_ENCODERS
 
     name = params.text.encoder
-    return [name] if name not in PACKAGED_ENCODERS and Path(name).expanduser().is_dir() else []
+    folder = Path(name).expanduser()  # DVC does not expand `~`
+    return [str(folder)] if name not in PACKAGED_ENCODERS and folder.is_dir() else []
 
 
 def pipeline_stages(params: Params) -> list[PipelineStage]:

@@ -183,9 +183,9 @@ def check_caption(
         cat = unicodedata.category(ch)
         if (cat == "Cc" and ch not in LINE_SPACE) or cat == "Cs":
             raise Rejected("invalid_caption", f"contains control character U+{ord(ch):04X}")
-    if not any(unicodedata.category(ch)[0] in "LNS" for ch in text):
+    if not any(unicodedata.category(ch)[0] in "LNPS" for ch in text):
         # zero-width spaces, bidi marks, lone accents: the tokenizer reads an empty caption
-        raise Rejected("empty_caption", "caption has no letter, digit or symbol")
+        raise Rejected("empty_caption", "caption has no visible character")
     if len(text) > max_chars:
         raise Rejected("invalid_caption", f"{len(text)} characters > {limit}={max_chars}")
     return text
@@ -255,8 +255,8 @@ def to_rgb(im: Image.Image) -> Image.Image:
         if values.size and (values.min() < 0 or values.max() > 65535):  # mode I: 32-bit
             raise Rejected(
                 "unsupported_mode",
-                f"32-bit pixels from {values.min():.0f} to {values.max():.0f}, outside 16 "
-                "bit's 0..65535: save 8 or 16 bit",
+                f"pixels from {values.min():.0f} to {values.max():.0f} (mode {im.mode}), "
+                "outside 16 bit's 0..65535: save 8 or 16 bit",
             )
         grey = values / 257.0
         if isinstance(im.info.get("transparency"), int):  # white, as alpha is composited

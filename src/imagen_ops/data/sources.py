@@ -191,7 +191,6 @@ def _folder(root: Path, cfg: IngestConfig) -> Iterator[RawRecord]:
 
 
 def _folder_records(root: Path, budget: Budget) -> Iterator[RawRecord]:
-    inside = root.resolve()
     for dirpath, dirnames, filenames in os.walk(root):
         for d in dirnames:
             if Path(dirpath, d).is_symlink():
@@ -200,15 +199,6 @@ def _folder_records(root: Path, budget: Budget) -> Iterator[RawRecord]:
         for name in sorted(filenames):
             path = Path(dirpath) / name
             if name.startswith(".") or path.suffix.lower() in CAPTION_SUFFIXES:
-                continue
-            # a file linked from elsewhere (an image, or a caption such as a credentials
-            # file) would be ingested and pushed with the data: only the folder's own files
-            outside = [p for p in (path, _caption_file(path)) if _links_out(p, inside)]
-            if outside:
-                detail = f"{outside[0]} links outside the source folder {inside}"
-                yield RawRecord(
-                    str(path), None, None, str(root), reject="unsafe_path", reject_detail=detail
-                )
                 continue
             data, reason, detail = _read_file(path, budget)
             # the same-stem .txt caption beside it: a caption file that cannot be read (too
@@ -231,11 +221,6 @@ def _caption_file(image: Path) -> Path:
     lower = image.with_suffix(".txt")
     upper = image.with_suffix(".TXT")
     return upper if not lower.exists() and upper.exists() else lower
-
-
-def _links_out(path: Path, folder: Path) -> bool:
-    """True when `path` is a link whose target lies outside `folder` (resolved)."""
-    return path.is_symlink() and not path.resolve().is_relative_to(folder)
 
 
 # -------------------------------------------------------------------------- manifests

@@ -47,6 +47,7 @@ __all__ = [
     "Row",
     "generate",
     "package_cascade",
+    "request_frame",
     "validate_request",
 ]
 
@@ -170,10 +171,11 @@ def validate_request(
     rows = []
     for i, rec in enumerate(records):
         try:
-            prompt = check_prompt(_value(rec.get("prompt")))
+            prompt = check_prompt(_text(_value(rec.get("prompt"))))
         except ValueError as err:
             raise _bad_request(f"row {i}: prompt: {err}") from None
         given = {k: _value(rec.get(k)) for k in SETTING_COLUMNS}
+        given["negative_prompt"] = _text(given["negative_prompt"])
         if isinstance(given["seed"], float) and abs(given["seed"]) >= 2**53:
             raise _bad_request(  # pandas makes a column with empty cells float64
                 f"row {i}: seed {given['seed']:.0f} is not exact: a seed column with empty "
@@ -215,6 +217,29 @@ def validate_request(
     return rows
 
 
+def request_frame(model_input: Any) -> Any:
+    """A request as a DataFrame: MLflow hands over its JSON formats as they came (the model
+    declares no input schema), a table, a dict of columns or of one row's values (`inputs`,
+    a bare object), or a list of rows (`instances`)."""
+    import numpy as np
+    import pandas as pd
+
+    if isinstance(model_input, pd.DataFrame):
+        return model_input
+    if isinstance(model_input, dict):  # `inputs` and `instances` come as arrays by column
+        if not isinstance(model_input.get("prompt"), list | tuple | np.ndarray):
+            return pd.DataFrame([model_input])  # one row (a list in it: per-stage values)
+        try:
+            return pd.DataFrame(model_input)
+        except ValueError as err:  # columns of different lengths
+            raise _bad_request(f"the request's columns do not form a table: {err}") from None
+    if isinstance(model_input, list) and all(isinstance(r, dict) for r in model_input):
+        return pd.DataFrame.from_records(model_input)
+    raise _bad_request(
+        f"a request is a table of rows with a 'prompt' column, got {type(model_input).__name__}"
+    )
+
+
 def _value(value: Any) -> Any:
     """A request cell: None for missing / NaN, numpy scalars as Python values."""
     if value is None or (isinstance(value, float) and value != value):
@@ -222,6 +247,11 @@ def _value(value: Any) -> Any:
     if hasattr(value, "tolist"):  # numpy scalars and arrays (a per-stage list)
         return value.tolist()
     return value
+
+
+def _text(value: Any) -> Any:
+    """A prompt cell: a CSV request's "1984" arrives as the number 1984."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 def _file(value: Any, column: str, row: int) -> bytes | None:
@@ -323,12 +353,17 @@ class ImagenModel(PythonModel):
     def predict(self, context, model_input, params=None):
         import pandas as pd
 
-        if params is not None:  # MLflow passes {} for a request's `params`: none are read
+        # MLflow passes {} for a table request's `params` (it drops them: no params schema)
+        # and None without; its dict and list formats (`inputs`, `instances`, a bare JSON
+        # object) always come with {}, so only a table's `params` can be told apart
+        if params is not None and isinstance(model_input, pd.DataFrame):
             raise _bad_request(
                 "this model reads no `params`: give settings as request columns, one value "
                 f"per row ({', '.join(REQUEST_COLUMNS[1:])})"
             )
-        rows = validate_request(model_input, self.settings, self.limits, self.cascade)
+        rows = validate_request(
+            request_frame(model_input), self.settings, self.limits, self.cascade
+        )
         deadline = time.monotonic() + self.limits.timeout_s
         try:
             images = generate(self.cascade, rows, deadline)
