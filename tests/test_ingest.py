@@ -522,6 +522,26 @@ def test_folder_caption_in_upper_case_suffix(tmp_path: Path) -> None:
     assert read_table(tmp_path / "out")["caption"].tolist() == ["a caption saved by a Windows tool"]
 
 
+def test_folder_caption_files_no_image_reads_are_counted(tmp_path: Path) -> None:
+    """A caption whose image is missing (or misnamed) is a rejected record with its reason,
+    not a file the ingest passes over without a word; JSON sidecars are not captions."""
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "x.png").write_bytes(encode(noise(1), "PNG"))
+    (src / "x.txt").write_text("a kept caption")
+    (src / "x.TXT").write_text("the same stem in upper case: x.txt is the one read")
+    (src / "sub" / "lost.txt").write_text("its image was never copied")
+    (src / "sub" / "meta.json").write_text("{}")
+    (src / ".hidden.txt").write_text("dot-files are skipped")
+    cfg = CFG.model_copy(update={"examples_per_reason": 5})
+    report = ingest(open_source(src, cfg), tmp_path / "out", cfg, progress=False)
+    assert report.kept == 1 and report.rejected == {"missing_image": 2}
+    assert report.seen == 3  # nothing lost: seen = kept + rejected
+    examples = " ".join(str(e) for e in report.examples["missing_image"])
+    assert str(src / "sub" / "lost.txt") in examples and "no same-stem image" in examples
+    assert str(src / "x.TXT") in examples and "reads the .txt beside it" in examples
+
+
 def test_webdataset_shard_directory_and_json_caption_column(tmp_path: Path) -> None:
     shards = tmp_path / "shards"
     shards.mkdir()

@@ -192,6 +192,28 @@ def test_resume_with_another_thread_count_says_the_weights_will_differ(tiny_data
     assert f"OMP_NUM_THREADS={threads}" in line
 
 
+def test_resume_on_another_device_says_the_weights_will_differ(tiny_data, tmp_path, caplog):
+    """A checkpoint written on a GPU continues on the CPU (its position is right), but not
+    to the uninterrupted run's weights: the resume says so, naming the device that would."""
+    from imagen_ops.train.checkpoint import latest_valid, save_checkpoint
+
+    paths = paths_for(tiny_data, tmp_path)
+    params = tiny_params("stages.base.train.steps=4", "stages.base.train.checkpoint_every=4")
+    trainer = Trainer(train_settings(params, "base"), paths, progress=False)
+    trainer.fit()
+    ckpt = latest_valid(trainer.run_dir)
+    assert ckpt.state["device"] == "cpu"
+    caplog.clear()
+    assert Trainer(train_settings(params, "base"), paths, progress=False)._resume() == 4
+    assert "written on" not in caplog.text  # the same device: nothing to say
+    state = {**ckpt.state, "device": "cuda", "threads": torch.get_num_threads() + 3}
+    save_checkpoint(trainer.run_dir, 5, trainer.stage, ckpt.weights, state, 2)
+    assert Trainer(train_settings(params, "base"), paths, progress=False)._resume() == 4
+    (line,) = [r.getMessage() for r in caplog.records if "written on" in r.getMessage()]
+    assert "written on cuda, this process trains on cpu" in line and "resume it on cuda" in line
+    assert "threads" not in caplog.text  # a GPU run's CPU thread count says nothing
+
+
 def test_checkpoint_of_other_prepared_data_is_not_resumed(tiny_data, tmp_path, caplog):
     """Another split of the same source table (data.prepare.val_fraction) trains on other
     images: DVC reruns the stage, and its old final checkpoint must not be exported."""

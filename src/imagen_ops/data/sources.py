@@ -185,7 +185,9 @@ def _files(path: Path, suffix: str) -> list[Path]:
 
 def _folder(root: Path, cfg: IngestConfig) -> Iterator[RawRecord]:
     """Every non-caption file under `root` (recursive, sorted; dot-files and symlinked
-    directories are skipped), captioned by the same-stem `.txt` beside it."""
+    directories are skipped), captioned by the same-stem `.txt` beside it. A `.txt` that no
+    image reads (its image missing or misnamed) is a record too, rejected as
+    `missing_image`: a caption is never dropped uncounted."""
     _expect_kind(root, True, "folder")
     return _folder_records(root, Budget(cfg))
 
@@ -196,14 +198,18 @@ def _folder_records(root: Path, budget: Budget) -> Iterator[RawRecord]:
             if Path(dirpath, d).is_symlink():
                 log.warning("%s: symlinked directory not followed", Path(dirpath, d))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
+        names = sorted(n for n in filenames if not n.startswith("."))
+        read: set[str] = set()  # the caption files an image of this directory reads
+        for name in names:
             path = Path(dirpath) / name
-            if name.startswith(".") or path.suffix.lower() in CAPTION_SUFFIXES:
+            if path.suffix.lower() in CAPTION_SUFFIXES:
                 continue
             data, reason, detail = _read_file(path, budget)
             # the same-stem .txt caption beside it: a caption file that cannot be read (too
             # large, over the source's budget, not a regular file) is that, not "no caption"
-            caption, why, problem = _read_file(_caption_file(path), budget)
+            caption_file = _caption_file(path)
+            read.add(caption_file.name)
+            caption, why, problem = _read_file(caption_file, budget)
             if reason is None and why is not None:
                 reason, detail = why, f"caption {problem}"
             yield RawRecord(
@@ -214,6 +220,19 @@ def _folder_records(root: Path, budget: Budget) -> Iterator[RawRecord]:
                 reject=reason,
                 reject_detail=detail,
             )
+        stems = {Path(n).stem for n in names if Path(n).suffix.lower() not in CAPTION_SUFFIXES}
+        for name in names:
+            if Path(name).suffix.lower() == ".txt" and name not in read:
+                shadowed = Path(name).stem in stems  # x.TXT beside x.txt: x.txt is read
+                yield RawRecord(
+                    key=str(Path(dirpath) / name),
+                    data=None,
+                    caption=None,
+                    source=str(root),
+                    reject="missing_image",
+                    reject_detail="a caption file no image reads: "
+                    + ("its image reads the .txt beside it" if shadowed else "no same-stem image"),
+                )
 
 
 def _caption_file(image: Path) -> Path:

@@ -421,6 +421,7 @@ class Trainer:
             "window": list(self.window),  # losses since the last row: the next row's too
             "fingerprint": self.fingerprint,
             "threads": torch.get_num_threads(),
+            "device": self.device.type,
         }
 
     def _save_checkpoint(self, step: int) -> None:
@@ -451,8 +452,20 @@ class Trainer:
         self.net.load_state_dict(ckpt.weights["model"])
         self.ema.load_state_dict(ckpt.weights["ema"])
         state = ckpt.state
+        written_on = state.get("device", self.device.type)  # older checkpoints: unrecorded
+        if written_on != self.device.type:
+            log.warning(
+                "stage %s: %s was written on %s, this process trains on %s: the devices' "
+                "kernels round differently, so the resumed run's weights will differ from an "
+                "uninterrupted run's (resume it on %s to continue it exactly)",
+                self.stage.name,
+                ckpt.path,
+                written_on,
+                self.device.type,
+                written_on,
+            )
         threads = state.get("threads", torch.get_num_threads())
-        if self.device.type == "cpu" and threads != torch.get_num_threads():
+        if written_on == self.device.type == "cpu" and threads != torch.get_num_threads():
             log.warning(
                 "stage %s: %s was written with %d threads, this process runs %d: the resumed "
                 "run's weights will differ from an uninterrupted run's in their last bits "
