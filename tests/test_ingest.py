@@ -529,17 +529,26 @@ def test_folder_caption_files_no_image_reads_are_counted(tmp_path: Path) -> None
     (src / "sub").mkdir(parents=True)
     (src / "x.png").write_bytes(encode(noise(1), "PNG"))
     (src / "x.txt").write_text("a kept caption")
+    if (src / "x.TXT").exists():  # a case-insensitive file system: one name, one file
+        pytest.skip("needs a case-sensitive file system")
     (src / "x.TXT").write_text("the same stem in upper case: x.txt is the one read")
+    (src / "m.png").write_bytes(encode(noise(2), "PNG"))
+    (src / "m.Txt").write_text("neither .txt nor .TXT: not its caption")
     (src / "sub" / "lost.txt").write_text("its image was never copied")
     (src / "sub" / "meta.json").write_text("{}")
     (src / ".hidden.txt").write_text("dot-files are skipped")
     cfg = CFG.model_copy(update={"examples_per_reason": 5})
     report = ingest(open_source(src, cfg), tmp_path / "out", cfg, progress=False)
-    assert report.kept == 1 and report.rejected == {"missing_image": 2}
-    assert report.seen == 3  # nothing lost: seen = kept + rejected
-    examples = " ".join(str(e) for e in report.examples["missing_image"])
-    assert str(src / "sub" / "lost.txt") in examples and "no same-stem image" in examples
-    assert str(src / "x.TXT") in examples and "reads the .txt beside it" in examples
+    assert report.kept == 1 and report.rejected == {"missing_image": 3, "missing_caption": 1}
+    assert report.seen == 5  # nothing lost: seen = kept + rejected
+    why = {e["key"]: e["detail"] for e in report.examples["missing_image"]}
+    assert why == {
+        str(src / "x.TXT"): "a caption file no image reads: the image of its stem reads x.txt",
+        str(src / "m.Txt"): "a caption file no image reads: "
+        "the image of its stem reads m.txt or m.TXT only",
+        str(src / "sub" / "lost.txt"): "a caption file no image reads: "
+        "no image of the same stem beside it",
+    }
 
 
 def test_webdataset_shard_directory_and_json_caption_column(tmp_path: Path) -> None:

@@ -153,6 +153,7 @@ def pipeline_stages(params: Params) -> list[PipelineStage]:
     """prepare -> encode_text -> train_scorer, train_<stage> for each cascade stage ->
     evaluate."""
     p, names = params.paths, params.stage_names()
+    encoder = encoder_folder(params)  # a dependency of both stages that run the encoder
     stages = [
         PipelineStage(
             "prepare",
@@ -164,7 +165,7 @@ def pipeline_stages(params: Params) -> list[PipelineStage]:
         PipelineStage(
             "encode_text",
             ["imagen-ops", "encode-text", "--prepared", p.prepared, "--out", p.text_cache],
-            [p.prepared, *encoder_folder(params), *ENCODE_CODE],
+            [p.prepared, *encoder, *ENCODE_CODE],
             ["text"],
             [p.text_cache],
         ),
@@ -176,7 +177,7 @@ def pipeline_stages(params: Params) -> list[PipelineStage]:
                 *("imagen-ops", "train-scorer", "--prepared", p.prepared, "--cache", p.text_cache),
                 *("--out", p.scorer, "--metrics", p.scorer_metrics),
             ],
-            [p.prepared, p.text_cache, *encoder_folder(params), *SCORER_CODE],
+            [p.prepared, p.text_cache, *encoder, *SCORER_CODE],
             ["scorer", f"stages.{names[0]}.resolution", "text"],
             # its report is a plain output: `dvc metrics show` stays the one headline row
             [p.scorer, {p.scorer_metrics: {"cache": False}}],

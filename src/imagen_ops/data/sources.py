@@ -3,8 +3,9 @@
 Formats: an image folder with same-stem `.txt` captions, a JSONL or CSV manifest, WebDataset
 `.tar` shards, Hugging Face style parquet (image bytes or {"bytes", "path"} structs), and
 the built-in synthetic shapes. Readers only read; every check of the content is `ingest`'s,
-except one only a reader can make: tar members that are links, devices or whose names
-escape the archive root are never read and arrive pre-rejected as `unsafe_path`.
+except those only a reader can make: tar members that are links, devices or whose names
+escape the archive root are never read and arrive pre-rejected as `unsafe_path`, and a
+folder's caption files that no image reads arrive as `missing_image`.
 
 `open_source` validates what it can up front (the path exists, the format is known, the
 manifest has its columns) and raises `ValueError` / `FileNotFoundError` naming the file.
@@ -199,7 +200,8 @@ def _folder_records(root: Path, budget: Budget) -> Iterator[RawRecord]:
                 log.warning("%s: symlinked directory not followed", Path(dirpath, d))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         names = sorted(n for n in filenames if not n.startswith("."))
-        read: set[str] = set()  # the caption files an image of this directory reads
+        listed = set(names)
+        chosen: dict[str, str] = {}  # image stem -> the caption file name it reads
         for name in names:
             path = Path(dirpath) / name
             if path.suffix.lower() in CAPTION_SUFFIXES:
@@ -207,9 +209,8 @@ def _folder_records(root: Path, budget: Budget) -> Iterator[RawRecord]:
             data, reason, detail = _read_file(path, budget)
             # the same-stem .txt caption beside it: a caption file that cannot be read (too
             # large, over the source's budget, not a regular file) is that, not "no caption"
-            caption_file = _caption_file(path)
-            read.add(caption_file.name)
-            caption, why, problem = _read_file(caption_file, budget)
+            chosen[path.stem] = _caption_name(path.stem, listed)
+            caption, why, problem = _read_file(path.with_name(chosen[path.stem]), budget)
             if reason is None and why is not None:
                 reason, detail = why, f"caption {problem}"
             yield RawRecord(
@@ -220,26 +221,32 @@ def _folder_records(root: Path, budget: Budget) -> Iterator[RawRecord]:
                 reject=reason,
                 reject_detail=detail,
             )
-        stems = {Path(n).stem for n in names if Path(n).suffix.lower() not in CAPTION_SUFFIXES}
         for name in names:
-            if Path(name).suffix.lower() == ".txt" and name not in read:
-                shadowed = Path(name).stem in stems  # x.TXT beside x.txt: x.txt is read
-                yield RawRecord(
-                    key=str(Path(dirpath) / name),
-                    data=None,
-                    caption=None,
-                    source=str(root),
-                    reject="missing_image",
-                    reject_detail="a caption file no image reads: "
-                    + ("its image reads the .txt beside it" if shadowed else "no same-stem image"),
-                )
+            stem = Path(name).stem
+            if Path(name).suffix.lower() != ".txt" or chosen.get(stem) == name:
+                continue
+            if stem not in chosen:
+                why = "no image of the same stem beside it"
+            elif chosen[stem] in listed:
+                why = f"the image of its stem reads {chosen[stem]}"
+            else:
+                why = f"the image of its stem reads {stem}.txt or {stem}.TXT only"
+            yield RawRecord(
+                key=str(Path(dirpath) / name),
+                data=None,
+                caption=None,
+                source=str(root),
+                reject="missing_image",
+                reject_detail=f"a caption file no image reads: {why}",
+            )
 
 
-def _caption_file(image: Path) -> Path:
-    """The same-stem caption beside an image: `.txt`, else `.TXT` (as Windows tools name it)."""
-    lower = image.with_suffix(".txt")
-    upper = image.with_suffix(".TXT")
-    return upper if not lower.exists() and upper.exists() else lower
+def _caption_name(stem: str, listed: set[str]) -> str:
+    """The name of an image's caption among its directory's files: `<stem>.txt`, else
+    `<stem>.TXT` (as Windows tools name it). Chosen from the listing, not by `exists()`,
+    which a case-insensitive file system (macOS, Windows) answers for either spelling."""
+    upper = f"{stem}.TXT"
+    return upper if f"{stem}.txt" not in listed and upper in listed else f"{stem}.txt"
 
 
 # -------------------------------------------------------------------------- manifests
@@ -464,7 +471,8 @@ def _parquet_image(value: Any) -> bytes | str | None:
     """A cell's image: raw bytes (empty ones are that: zero_size), a {"bytes", "path"}
     struct (the path where the bytes are empty), or a path string."""
     if isinstance(value, dict):
-        value = value.get("bytes") or value.get("path") or value.get("bytes")
+        data, path = value.get("bytes"), value.get("path")
+        value = path if not data and path else data
     return value if isinstance(value, bytes | str) else None
 
 
