@@ -362,6 +362,14 @@ def test_evaluation_scores_the_prompts_at_the_scorers_layer(tiny_data, tmp_path)
         evaluate_module.evaluate(params.eval, params.sample, sample_fn, plain, paths, **run)
 
 
+def shade_images(settings: SampleConfig, seeds: list[int]) -> np.ndarray:
+    """Stand-in samples: one flat 32 px image per seed, its shade set by the seed and the
+    base stage's guidance (the same prompt row and setting, the same image)."""
+    guidance = settings.per_stage("guidance", 2)[0]
+    shade = np.array(seeds, np.uint8)[:, None, None, None] * 40 + int(guidance)
+    return np.broadcast_to(shade, (len(seeds), 32, 32, 3)).copy()
+
+
 def test_the_sweep_point_at_the_headline_setting_reuses_its_images(tiny_data, tmp_path) -> None:
     """A sweep weight equal to sample.guidance is the headline's own setting on its first
     prompts and seeds: those images are scored again, not sampled a second time."""
@@ -374,10 +382,8 @@ def test_the_sweep_point_at_the_headline_setting_reuses_its_images(tiny_data, tm
     calls = []
 
     def sample_fn(text, settings, seeds, scorer_text=None):
-        guidance = settings.per_stage("guidance", 2)
-        calls.append((guidance, list(seeds)))
-        shade = np.array(seeds, np.uint8)[:, None, None, None] * 40 + int(guidance[0])
-        return np.broadcast_to(shade, (len(seeds), 32, 32, 3)).copy(), {}
+        calls.append((settings.per_stage("guidance", 2), list(seeds)))
+        return shade_images(settings, seeds), {}
 
     run = dict(stage_count=2, model_sha256="-", device="cpu", scorer=None)
     paths = eval_paths(tmp_path / "run")
@@ -418,9 +424,7 @@ def test_the_inception_network_sees_each_image_set_once(tiny_data, tmp_path, mon
             return torch.from_numpy(flat + np.arange(2048) % 7)  # not constant per image
 
     def sample_fn(text, settings, seeds, scorer_text=None):
-        guidance = settings.per_stage("guidance", 2)[0]
-        shade = np.array(seeds, np.uint8)[:, None, None, None] * 40 + int(guidance)
-        return np.broadcast_to(shade, (len(seeds), 32, 32, 3)).copy(), {}
+        return shade_images(settings, seeds), {}
 
     monkeypatch.setattr(evaluate_module, "InceptionFeatures", Features)
     run = dict(stage_count=2, model_sha256="-", device="cpu", scorer=None)
@@ -431,7 +435,7 @@ def test_the_inception_network_sees_each_image_set_once(tiny_data, tmp_path, mon
     assert [len(real), len(headline), len(other)] == [n, n, n_sweep]
     assert np.array_equal(real, prompts.real_images(32))
     seeds = list(range(params.sample.seed, params.sample.seed + n))
-    assert np.array_equal(headline, sample_fn(None, params.sample, seeds)[0])
+    assert np.array_equal(headline, shade_images(params.sample, seeds))
     with paths.sweep.open() as f:
         reused = next(csv.DictReader(f))
     assert reused["guidance_stages"] == "2 1"
