@@ -19,6 +19,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from imagen_ops.config import IngestConfig, SynthConfig
+from imagen_ops.data import ingest as ingest_module
 from imagen_ops.data.ingest import RawRecord, ingest, read_table
 from imagen_ops.data.shapes import PHRASINGS, Scene, caption_for, synth_scenes
 from imagen_ops.data.sources import open_source, synth_source
@@ -227,6 +228,29 @@ def test_crash_midway_leaves_previous_table_intact(tmp_path: Path) -> None:
     report = ingest(synth_source(SynthConfig(n=6, seed=1, resolution=32)), out, CFG, progress=False)
     assert report.kept == 6 and report.rows == 10
     check_table(out)
+
+
+def test_the_images_reach_the_disk_before_the_table_names_them(monkeypatch, tmp_path: Path) -> None:
+    """One flush for a batch of images (not one per image), before the table that names
+    them is written: a power cut cannot leave the table pointing at lost images."""
+    out, flushes, fsyncs = tmp_path / "data", [], []
+    real_sync, real_fsync = ingest_module.sync_filesystem, os.fsync
+
+    def sync(path: Path) -> None:
+        flushes.append((len(list((out / "images").glob("*.png"))), len(read_table(out))))
+        real_sync(path)
+
+    def fsync(fd: int) -> None:
+        fsyncs.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(ingest_module, "sync_filesystem", sync)
+    monkeypatch.setattr(os, "fsync", fsync)
+    ingest(synth_source(SynthConfig(n=5, resolution=32)), out, CFG, progress=False)
+    ingest(synth_source(SynthConfig(n=3, seed=1, resolution=32)), out, CFG, progress=False)
+    assert flushes == [(5, 0), (8, 5)]  # every image on disk, the old table still in place
+    # per ingest (no report file): the table's bytes and its folder, not each image
+    assert len(fsyncs) == 2 * 2
 
 
 def test_first_run_crash_leaves_no_table(tmp_path: Path) -> None:

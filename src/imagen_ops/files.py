@@ -1,12 +1,16 @@
-"""Small file helpers: atomic writes (temp file + rename) and content hashes."""
+"""Small file helpers: atomic, durable writes (temp file, fsync, rename) and content hashes."""
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import fcntl
+import functools
 import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -23,6 +27,7 @@ __all__ = [
     "sha256_file",
     "sha256_files",
     "sha256_tree",
+    "sync_filesystem",
     "write_bytes_atomic",
     "write_json_atomic",
     "write_text_atomic",
@@ -42,11 +47,51 @@ def _umask() -> int:
     return mask
 
 
+# what fsync on a folder returns where the file system cannot flush one (some FUSE and
+# network mounts): skipped there, as PostgreSQL does; a file's flush must not fail
+_NO_FOLDER_FSYNC = {errno.EINVAL, errno.ENOTSUP, errno.EBADF}
+
+
+def _fsync(path: Path) -> None:
+    """Flush `path` to the disk: a file's bytes, or a folder's entries (names, renames)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in _NO_FOLDER_FSYNC or not stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise
+    finally:
+        os.close(fd)
+
+
+@functools.cache
+def _syncfs() -> Any:
+    """Linux's syncfs(2) from the C library, None where there is none."""
+    return getattr(ctypes.CDLL(None, use_errno=True), "syncfs", None)
+
+
+def sync_filesystem(path: str | Path) -> None:
+    """Flush every pending write on the file system that holds `path`: one flush for many
+    files written with `fsync=False`. Linux's syncfs; elsewhere `os.sync()`, the machine's."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        syncfs = _syncfs()
+        if syncfs is None or syncfs(fd) != 0:
+            os.sync()
+    finally:
+        os.close(fd)
+
+
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, fsync: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds.
 
-    Readers never see a half-written file, and a crash leaves the old file in place.
+    Readers never see a half-written file, and a crash leaves the old file in place. The
+    bytes reach the disk before the name points at them, and the rename before the block
+    returns: a power cut after a write cannot leave an empty file under the new name.
+    (A folder that `mkdir` creates here is not flushed into its own parent.) `fsync=False`
+    leaves the flush to a caller writing many files, with one `sync_filesystem` before the
+    write that names them (ingest's images, then its table).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -56,32 +101,42 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if fsync:
+            _fsync(tmp_path)
         tmp_path.replace(path)
+        if fsync:
+            _fsync(path.parent)
     finally:
         tmp_path.unlink(missing_ok=True)
 
 
 @contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary directory that replaces `path` as a whole when the block succeeds."""
+    """Yield a temporary directory that replaces `path` as a whole when the block succeeds
+    (its files and folders flushed to the disk first, as in `atomic_path`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the umask decides, as for mkdir
     try:
         yield tmp
+        for entry in [*tmp.rglob("*"), tmp]:
+            kind = entry.lstat().st_mode
+            if stat.S_ISREG(kind) or stat.S_ISDIR(kind):  # not links, FIFOs (open would block)
+                _fsync(entry)
         old = path.with_name(f".{path.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         if path.exists():
             path.replace(old)
         tmp.replace(path)
+        _fsync(path.parent)
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
+def write_bytes_atomic(path: str | Path, data: bytes, fsync: bool = True) -> None:
+    with atomic_path(path, fsync) as tmp:
         tmp.write_bytes(data)
 
 

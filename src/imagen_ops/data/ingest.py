@@ -8,7 +8,8 @@ image bytes (`missing_image`, `zero_size`), the caption, `duplicate`, then the d
 Ids are the first 16 hex digits of the sha256 of the raw input bytes, so ingest is
 idempotent: a second run over the same records only finds duplicates (as is one picture
 under the same caption in other bytes: re-encoded, its metadata stripped). Images are written
-first and the table atomically last, so an interrupted run leaves the previous table valid;
+first, flushed to the disk together, and the table atomically last, so an interrupted run (or
+a power cut) leaves the previous table valid;
 image files it left behind are not in the table and are overwritten by the next run.
 """
 
@@ -33,7 +34,13 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from imagen_ops.config import IngestConfig
-from imagen_ops.files import atomic_path, sha256_bytes, write_bytes_atomic, write_json_atomic
+from imagen_ops.files import (
+    atomic_path,
+    sha256_bytes,
+    sync_filesystem,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 
 __all__ = [
     "REASONS",
@@ -299,7 +306,9 @@ def write_table(out_dir: Path, old: pd.DataFrame, rows: list[dict[str, Any]]) ->
     table = pa.concat_tables(
         [pa.Table.from_pandas(old, schema=TABLE_SCHEMA, preserve_index=False), new]
     )
-    with atomic_path(Path(out_dir) / TABLE) as tmp:
+    out_dir.mkdir(parents=True, exist_ok=True)  # where every record was rejected
+    sync_filesystem(out_dir)  # the images it names reach the disk first, in one flush
+    with atomic_path(out_dir / TABLE) as tmp:
         pq.write_table(table, tmp)
     return table.num_rows
 
@@ -354,7 +363,7 @@ def _accept(rec: RawRecord, cfg: IngestConfig, out_dir: Path, seen: _Seen) -> di
     if twin != image_id:
         raise Rejected("duplicate", f"same pixels and caption as id {twin}, in other bytes")
     rel = f"{IMAGES}/{image_id}.png"
-    write_bytes_atomic(out_dir / rel, png)
+    write_bytes_atomic(out_dir / rel, png, fsync=False)  # flushed with the table
     seen.ids[image_id] = source_sha
     scene = (
         None if rec.scene is None else json.dumps(rec.scene, sort_keys=True, separators=(",", ":"))
