@@ -247,13 +247,15 @@ def _end_stale_runs(params: Params) -> None:
     from imagen_ops.registry.tracking import end_stale_runs
 
     for run_id in end_stale_runs(params.registry, "retrain"):
-        get_run_logger().warning("MLflow run %s of a killed flow run marked KILLED", run_id)
+        get_run_logger().warning(
+            "MLflow run %s left RUNNING by a killed flow run or stage marked KILLED", run_id
+        )
 
 
 def _start_mlflow_run(params: Params) -> str | None:
-    from imagen_ops.registry.tracking import start_run
+    from imagen_ops.registry.tracking import KIND_TAG, start_run
 
-    return start_run(params.registry, "retrain", {"imagen_ops.kind": "retrain"})
+    return start_run(params.registry, "retrain", {KIND_TAG: "retrain"})
 
 
 def _end_mlflow_run(params: Params, run_id: str, status: str) -> None:

@@ -16,6 +16,7 @@ from imagen_ops.config import (
     apply_overrides,
     flatten,
     load_params,
+    read_yaml,
 )
 from imagen_ops.device import PRECISIONS
 from imagen_ops.diffusion.guidance import THRESHOLDING
@@ -87,6 +88,22 @@ def test_unknown_top_level_key(tmp_path: Path) -> None:
     path = write_params(tmp_path / "params.yaml", "trian.steps=3")
     with pytest.raises(ConfigError, match=r"trian: unknown key"):
         load_params(path)
+
+
+def test_a_key_given_twice_is_an_error_not_the_last_one(tmp_path: Path) -> None:
+    """PyYAML keeps the last of two equal keys: a second `text:` block would drop the
+    first's keys back to the defaults without a word. Here it names the key and lines;
+    a merge key's values may still be overridden."""
+    path = write_params(tmp_path / "params.yaml")
+    text = path.read_text()
+    path.write_text(text + "text:\n  batch_size: 8\n")
+    first = 1 + text.splitlines().index("text:")
+    with pytest.raises(ConfigError, match=rf"key 'text' is given twice .*first on line {first}"):
+        load_params(path)
+    with pytest.raises(yaml.YAMLError, match="key 'seed' is given twice"):  # a recipe
+        read_yaml("sample:\n  seed: 1\n  seed: 2\n")
+    merged = read_yaml("base: &b {seed: 1, steps: 5}\nsample:\n  <<: *b\n  seed: 2\n")
+    assert merged["sample"] == {"seed": 2, "steps": 5}
 
 
 def test_wrong_type_names_key(tmp_path: Path) -> None:

@@ -386,6 +386,19 @@ def test_csv_manifest(tmp_path: Path) -> None:
     assert read_table(tmp_path / "out")["caption"].tolist() == [c for _, c in rows[:2]]
 
 
+def test_a_csv_row_the_reader_cannot_read_is_named_with_its_line(tmp_path: Path) -> None:
+    """A field over the csv module's 131,072-character limit failed with an error naming
+    no file or row. It names both; reading on is no option: the field may be a quoted one
+    over several lines, whose lines would be read as rows ("q.png,evil" below)."""
+    folder, rows = manifest_fixture(tmp_path)
+    path = folder / "data.csv"
+    long = "x" * 200_000 + "\nq.png,evil\ntail"
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows([["image", "caption"], rows[0], ["img/b.png", long], rows[1]])
+    with pytest.raises(ValueError, match=r"data\.csv:3: not a readable CSV row: field larger"):
+        list(open_source(path, CFG))
+
+
 @pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
 def test_missing_manifest_column_is_named(tmp_path: Path, fmt: str) -> None:
     path = tmp_path / f"data.{fmt}"
@@ -424,6 +437,24 @@ def write_shard(path: Path, start: int, n: int) -> list[str]:
                 add_member(tar, f"{i:04d}.json", json.dumps({"text": caption}).encode())
             captions.append(caption)
     return captions
+
+
+def test_a_shard_cut_between_members_is_refused_not_read_short(tmp_path: Path) -> None:
+    """tarfile ends at a cut or missing header as if at the archive's end: a shard cut
+    short between members (an unfinished download) read as a shorter, valid one."""
+    full = tmp_path / "full.tar"
+    write_shard(full, 0, 10)
+    assert len(list(open_source(full, CFG))) == 10
+    with tarfile.open(full) as tar:
+        sixth = tar.getmembers()[10].offset  # the header of sample 5's image
+    data = full.read_bytes()
+    for end in (sixth, sixth + 100):  # at a header, inside one
+        cut = tmp_path / "cut" / f"{end}.tar"
+        cut.parent.mkdir(exist_ok=True)
+        cut.write_bytes(data[:end])
+        with pytest.raises(ValueError, match=r"not a readable tar archive: .*cut short"):
+            list(open_source(cut, CFG))
+        cut.unlink()
 
 
 def test_webdataset_unsafe_members_are_never_extracted(tmp_path: Path) -> None:
@@ -698,6 +729,15 @@ def test_format_detection_errors_name_the_path(tmp_path: Path) -> None:
     pq.write_table(pa.table({"image": [b""], "caption": ["c"]}), mixed / "b.parquet")
     with pytest.raises(ValueError, match="mixed"):
         open_source(mixed, CFG)
+    # images beside a shard: reading either would leave the other out without a word
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (40, 40)).save(photos / "a.png")
+    (photos / "a.txt").write_text("a black square")
+    write_shard(photos / "old_backup.tar", 0, 2)
+    with pytest.raises(ValueError, match=r"photos: .*both \.tar and image files"):
+        open_source(photos, CFG)
+    assert len(list(open_source(photos, CFG.model_copy(update={"format": "folder"})))) == 2
     with pytest.raises(FileNotFoundError, match="nope"):
         open_source(tmp_path / "nope", CFG)
     with pytest.raises(ValueError, match="expects a directory"):

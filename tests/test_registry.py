@@ -127,21 +127,63 @@ def test_validate_request_good_rows_with_default_seeds() -> None:
 
 
 def test_every_mlflow_request_format_becomes_the_same_table() -> None:
-    """With no input schema MLflow hands its JSON formats over as they came: `inputs`
-    (columns), `instances` (rows), a bare object (one row, lists in it per stage)."""
+    """Each JSON format as MLflow's scoring server parses it (no input schema: `inputs` and
+    `instances` arrive as numpy arrays by column, 0-d for one value, 2-D for per-stage
+    lists), and a bare object (one row, lists in it per stage)."""
     from mlflow.exceptions import MlflowException
+    from mlflow.pyfunc.scoring_server import infer_and_parse_data
 
     from imagen_ops.registry.pyfunc import request_frame
 
-    table = pd.DataFrame({"prompt": ["a", "b"], "seed": [1, 2]})
-    columns = request_frame({"prompt": ["a", "b"], "seed": [1, 2]})
-    rows = request_frame([{"prompt": "a", "seed": 1}, {"prompt": "b", "seed": 2}])
-    assert columns.equals(table) and rows.equals(table) and request_frame(table) is table
-    arrays = request_frame({"prompt": np.array(["a", "b"]), "seed": np.array([1, 2])})
-    assert arrays.equals(table)  # how a server hands `inputs` / `instances` over
-    one = validate_request(request_frame({"prompt": "a", "guidance": [3.0, 1.0]}), DEFAULTS, LIMITS)
-    assert len(one) == 1 and one[0].settings.guidance == (3.0, 1.0)
-    with pytest.raises(MlflowException, match="do not form a table"):
+    def served(body: dict) -> list[tuple]:
+        rows = validate_request(request_frame(infer_and_parse_data(body)), DEFAULTS, LIMITS)
+        return [(r.prompt, r.settings.seed, r.settings.guidance) for r in rows]
+
+    g = DEFAULTS.guidance
+    two = [("a", 1, g), ("b", 2, g)]
+    assert served({"inputs": {"prompt": ["a", "b"], "seed": [1, 2]}}) == two
+    assert served({"instances": [{"prompt": "a", "seed": 1}, {"prompt": "b", "seed": 2}]}) == two
+    assert (
+        served({"dataframe_records": [{"prompt": "a", "seed": 1}, {"prompt": "b", "seed": 2}]})
+        == two
+    )
+    split = {"columns": ["prompt", "seed"], "data": [["a", 1], ["b", 2]]}
+    assert served({"dataframe_split": split}) == two
+    # one row: a single prompt, its lists per stage (not rows)
+    one = [("a", DEFAULTS.seed, (3.0, 1.0))]
+    assert served({"inputs": {"prompt": "a", "guidance": [3, 1]}}) == one
+    assert served({"instances": [{"prompt": "a", "guidance": [3, 1]}]}) == one
+    assert served({"dataframe_records": [{"prompt": "a", "guidance": [3, 1]}]}) == one
+    assert served({"inputs": {"prompt": "a"}}) == [("a", DEFAULTS.seed, g)]
+    rows = request_frame(
+        infer_and_parse_data({"inputs": {"prompt": "a", "guidance_interval": [0.5, 1]}})
+    )
+    assert validate_request(rows, DEFAULTS, LIMITS)[0].settings.guidance_interval == (0.5, 1.0)
+    # per-stage lists in each of several rows; a list beside a list of prompts is by row
+    stages = {
+        "instances": [{"prompt": "a", "guidance": [3, 1]}, {"prompt": "b", "guidance": [2, 1]}]
+    }
+    s0 = DEFAULTS.seed
+    assert served(stages) == [("a", s0, (3.0, 1.0)), ("b", s0 + 1, (2.0, 1.0))]
+    assert served({"inputs": {"prompt": ["a", "b"], "guidance": [3, 2]}}) == [
+        ("a", s0, 3.0),
+        ("b", s0 + 1, 2.0),
+    ]
+    # one seed for several prompts: seed + k, as the CLI's --seed and Python's sample.seed
+    for seed in (7, "7", 7.0):  # as the seed setting reads one
+        rows = served({"inputs": {"prompt": ["a"] * 3, "seed": seed}})
+        assert [s for _, s, _ in rows] == [7, 8, 9]
+    with pytest.raises(MlflowException, match="row 0: seed"):
+        served({"inputs": {"prompt": ["a"] * 3, "seed": -1}})
+    assert served({"inputs": {"prompt": ["a", "b"], "guidance": 3}}) == [
+        ("a", s0, 3.0),
+        ("b", s0 + 1, 3.0),
+    ]
+    one_row = validate_request(
+        request_frame({"prompt": "a", "guidance": [3.0, 1.0]}), DEFAULTS, LIMITS
+    )
+    assert len(one_row) == 1 and one_row[0].settings.guidance == (3.0, 1.0)  # a bare object
+    with pytest.raises(MlflowException, match="'prompt' has 2 values, 'seed' 3"):
         request_frame({"prompt": ["a", "b"], "seed": [1, 2, 3]})
     with pytest.raises(MlflowException, match="got str"):
         request_frame("a red circle")
@@ -541,7 +583,7 @@ def test_paired_decide_needs_significance_and_the_margin() -> None:
 def test_golden_set_is_stratified_seeded_and_frozen(tmp_path, capsys) -> None:
     from imagen_ops.cli import main
     from imagen_ops.eval.alignment import CATEGORIES
-    from imagen_ops.eval.golden import make_golden, read_golden
+    from imagen_ops.eval.golden import find_golden, make_golden, read_golden
 
     rows = make_golden(3, seed=11)
     assert [r["category"] for r in rows] == [c for c in CATEGORIES for _ in range(3)]
@@ -564,6 +606,11 @@ def test_golden_set_is_stratified_seeded_and_frozen(tmp_path, capsys) -> None:
         read_golden(out)
     with pytest.raises(FileNotFoundError, match="golden make"):
         read_golden(tmp_path / "none")
+    # a set DVC records but not checked out is not "no set": the metric gate would decide
+    assert find_golden(tmp_path / "none") is None
+    (tmp_path / "none.dvc").write_text("outs:\n- md5: 0a.dir\n  path: none\n")
+    with pytest.raises(FileNotFoundError, match=r"none\.dvc records .* `dvc checkout none\.dvc`"):
+        find_golden(tmp_path / "none")
 
 
 @pytest.mark.integration
@@ -628,6 +675,142 @@ def test_register_with_the_paired_gate(tiny_models, store) -> None:
     assert aliases()["champion"] == second["version"]
     kept = carry_out(params.registry, first["version"], promoting, expected=second["version"])
     assert kept == (promoting, second["version"]) and aliases()["champion"] == first["version"]
+
+
+@pytest.mark.integration
+def test_a_champion_the_gate_cannot_sample_does_not_block_every_run(
+    tiny_models, store, monkeypatch
+) -> None:
+    """A challenger whose settings the champion cannot take (here a list per stage for
+    more stages than the champion has) is registered unpromoted, saying why and how to
+    promote it; failing instead would fail every later run the same way, with no version
+    to force."""
+    from imagen_ops.cascade import Cascade
+    from imagen_ops.eval.golden import make_golden
+    from imagen_ops.registry import register as register_module
+    from imagen_ops.registry.pyfunc import ModelSpec
+    from imagen_ops.registry.register import RegisterPaths, promote, register
+
+    params = tiny_params()
+    golden = make_golden(1, seed=5)
+    paths = RegisterPaths(
+        store, tiny_models, write_metrics(store / "metrics.json", tiny_models, 0.5), store
+    )
+    spec = ModelSpec.from_params(params)
+    first = register(params.registry, spec, paths, run_params={}, golden=golden, device="cpu")
+    assert first["decision"]["promote"]
+
+    def one_stage_champion(uri: str, **kwargs) -> Cascade:  # as an older, shorter cascade
+        return Cascade.from_dir(tiny_models, ("base",), params.text, kwargs["device"])
+
+    monkeypatch.setattr(register_module, "load_cascade", one_stage_champion)
+    second = register(params.registry, spec, paths, run_params={}, golden=golden, device="cpu")
+    decision = second["decision"]
+    assert not decision["promote"] and decision["n"] == 4 and decision["champion"] is None
+    assert "cannot be sampled" in decision["reason"] and "for a 1-stage" in decision["reason"]
+    assert "promote --force" in decision["reason"]
+    assert aliases() == {"champion": first["version"], "challenger": second["version"]}
+    forced = promote(params.registry, force=True, golden=golden, settings=params.sample)
+    assert forced.promote and forced.reason.startswith("forced")
+    assert aliases()["champion"] == second["version"]
+    # the way out needs no golden set: `promote --force` with golden.dvc but no golden/
+    from imagen_ops.cli import main
+
+    params_file = write_params(store / "params.yaml")
+    (store / "golden.dvc").write_text("outs:\n- md5: 0a.dir\n  path: golden\n")
+    argv = ["promote", "--version", first["version"], "--force", "--params", str(params_file)]
+    assert main(argv) == 0
+    assert aliases()["champion"] == first["version"]
+
+
+def test_runs_left_running_under_a_flow_run_are_ended_whatever_its_state(store) -> None:
+    """A training process killed alone leaves its run RUNNING under a flow run that went
+    on to end FAILED or FINISHED: the next flow run (holding the lock) ends it KILLED, with
+    a killed flow run's own runs. A manual training run outside the flow is left alone."""
+    from mlflow import MlflowClient
+
+    from imagen_ops.registry.tracking import KIND_TAG, configure, end_stale_runs
+
+    cfg = tiny_params().registry
+    experiment = configure(cfg)
+    client = MlflowClient()
+
+    def new_run(kind: str, parent: str | None = None) -> str:
+        tags = {KIND_TAG: kind, **({"mlflow.parentRunId": parent} if parent else {})}
+        return client.create_run(experiment, tags=tags).info.run_id
+
+    finished = new_run("retrain")
+    orphan = new_run("train", parent=finished)
+    client.set_terminated(finished, "FAILED")
+    killed = new_run("retrain")
+    its_child = new_run("train", parent=killed)
+    manual = new_run("train")
+    assert sorted(end_stale_runs(cfg, "retrain")) == sorted([orphan, killed, its_child])
+    status = {r: client.get_run(r).info.status for r in (orphan, killed, its_child, manual)}
+    assert status == {orphan: "KILLED", killed: "KILLED", its_child: "KILLED", manual: "RUNNING"}
+    assert client.get_run(finished).info.status == "FAILED"
+    assert end_stale_runs(cfg, "retrain") == []  # a second call finds nothing
+
+
+@pytest.mark.integration
+def test_register_root_is_the_project_whatever_the_working_directory(
+    tiny_models, tmp_path, monkeypatch, capsys
+) -> None:
+    """`imagen-ops register --root DIR` from elsewhere: DIR's params.yaml, and DIR's store
+    and artifacts (their relative paths are the project's); none made where it ran. A
+    second project in the same process gets its own store, not the first one's (MLflow
+    caches a store by its URI, and params.yaml's is relative)."""
+    from mlflow import MlflowClient
+    from mlflow.tracking._tracking_service import utils
+
+    from imagen_ops.cli import main
+
+    monkeypatch.setattr(utils, "_tracking_uri", utils._tracking_uri)  # restored afterwards
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for name in ("first", "second"):
+        project = tmp_path / name
+        (project / "reports").mkdir(parents=True)
+        write_params(project / "params.yaml", f"paths.models={tiny_models}")
+        write_metrics(project / "reports" / "metrics.json", tiny_models, 0.5)
+        assert main(["register", "--root", str(project)]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["version"] == "1" and Path.cwd() == elsewhere
+        assert list(elsewhere.iterdir()) == []
+        assert "MLFLOW_TRACKING_URI" not in os.environ  # mlflow.set_tracking_uri exports it
+        client = MlflowClient(tracking_uri=f"sqlite:///{project}/mlflow/mlflow.db")
+        assert client.get_model_version("imagen-ops", "1").run_id == result["run_id"]
+        assert (project / "mlflow" / "artifacts").is_dir()
+
+
+def test_what_a_version_holds_includes_the_code_and_pins_that_serve_it(
+    tiny_models, tmp_path, monkeypatch
+) -> None:
+    """ "No change" compares this digest with the registered versions': a fix to the
+    packaged code (request handling, say) or a new pinned requirement is something to
+    register, weights and settings unchanged; the same inputs give the same digest."""
+    from imagen_ops.registry import register as register_module
+    from imagen_ops.registry.pyfunc import ModelSpec
+    from imagen_ops.registry.register import RegisterPaths, registration_digest
+
+    params = tiny_params()
+    metrics = write_metrics(tmp_path / "metrics.json", tiny_models, 0.5)
+    paths = RegisterPaths(tmp_path, tiny_models, metrics, tmp_path)
+    spec = ModelSpec.from_params(params)
+    code = tmp_path / "code"
+    shutil.copytree(register_module.PACKAGE, code, ignore=shutil.ignore_patterns("*.pyc"))
+    monkeypatch.setattr(register_module, "PACKAGE", code)
+    before = registration_digest(paths, spec)
+    assert registration_digest(paths, spec) == before
+    served = code / "registry" / "pyfunc.py"
+    served.write_text(served.read_text() + "\n# a fix\n")
+    fixed = registration_digest(paths, spec)
+    assert fixed != before
+    pins = register_module.serving_requirements()
+    monkeypatch.setattr(register_module, "serving_requirements", lambda: [*pins, "extra==1"])
+    assert registration_digest(paths, spec) not in (before, fixed)
 
 
 def yaml_dump(raw: dict) -> str:

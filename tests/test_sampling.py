@@ -184,6 +184,33 @@ def test_batches_do_not_change_images(cascade) -> None:
     assert not torch.equal(together[0], together[1])
 
 
+def test_python_takes_one_prompt_as_a_string_and_refuses_what_is_no_seed(cascade) -> None:
+    """A string is one prompt (as diffusers takes it), not one image per character; an
+    empty list, and seeds that are not `Seed`s (a float, a bool, a negative or 64-bit
+    one) are refused naming the problem, not truncated to another image's seed."""
+    settings = tiny_params().sample.updated(steps=2)
+    one = cascade.sample("a red circle", settings, seeds=[3])
+    assert one.shape[0] == 1
+    assert torch.equal(one, cascade.sample(["a red circle"], settings, seeds=[np.int64(3)]))
+    with pytest.raises(ValueError, match="no prompts"):
+        cascade.sample([], settings)
+    for seed, problem in [(1.9, "float"), (True, "bool"), (-1, "greater than or equal to 0"),
+                          (2**64, "less than")]:  # fmt: skip
+        with pytest.raises(ValueError, match=rf"seed 2 is .*{problem}"):
+            cascade.sample(["a", "b"], settings, seeds=[1, seed])
+
+
+def test_a_prompt_longer_than_the_encoder_reads_is_named_in_a_warning(cascade, caplog) -> None:
+    """The encoder reads text.max_length tokens: a longer prompt's tail changes nothing,
+    so the user is told, as diffusers tells of CLIP's 77."""
+    limit = cascade._text_encoder().max_length
+    long = " ".join(["a red circle"] * limit)
+    with caplog.at_level("WARNING", logger="imagen_ops.cascade"):
+        cascade.encode(["a blue square", long])
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert message.startswith("prompt 2 is ") and f"reads the first {limit}" in message
+
+
 def test_fp32_images_do_not_depend_on_the_thread_count(cascade) -> None:
     """fp32 sampling gives the same pixels with 1 or 2 threads (bf16 autocast on a CPU
     may not: its reductions split by thread; README, "Reproducing")."""
@@ -498,6 +525,19 @@ def test_cli_sample_errors_are_one_line(tiny_models, tmp_path, caplog, args, mes
     assert code == 2
     (record,) = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert message in record.getMessage() and "\n" not in record.getMessage()
+
+
+@pytest.mark.parametrize("in_project", [True, False])
+def test_cli_sample_checks_its_flags_before_loading_the_model(tmp_path, caplog, in_project):
+    """A bad flag fails before the model is looked for (a `models:/` download), in a
+    project and outside one (where the model's packaged settings are the defaults)."""
+    project = ["--params", str(write_params(tmp_path / "params.yaml"))] if in_project else []
+    missing = str(tmp_path / "no-such-model")
+    with caplog.at_level(logging.ERROR):
+        code = main(["sample", "a star", "--steps", "0", "--model", missing, *project])
+    assert code == 2
+    (record,) = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert "steps: Input should be greater" in record.getMessage()
 
 
 # ------------------------------------------------------------------- best of N (rerank)

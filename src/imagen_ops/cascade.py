@@ -12,6 +12,7 @@ import itertools
 import json
 import logging
 import math
+import operator
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -22,11 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from imagen_ops.config import SampleConfig, StageConfig, StageSampling, TextConfig
+from imagen_ops.config import SEED, SampleConfig, StageConfig, StageSampling, TextConfig
 from imagen_ops.device import use_bf16
 from imagen_ops.diffusion.guidance import (
     CondDenoiser,
@@ -284,7 +286,18 @@ class Cascade:
                 checked.append(check_prompt(prompt))
             except ValueError as err:
                 raise ValueError(f"prompt {k + 1}: {err}") from None
-        return self._text_encoder().encode(checked, layer).as_stored()
+        encoder = self._text_encoder()
+        for k, length in enumerate(encoder.token_lengths(checked)):
+            if length > encoder.max_length:  # as diffusers says of CLIP's 77
+                log.warning(
+                    "prompt %d is %d tokens: %s reads the first %d (text.max_length), "
+                    "the rest is ignored",
+                    k + 1,
+                    length,
+                    encoder.name,
+                    encoder.max_length,
+                )
+        return encoder.encode(checked, layer).as_stored()
 
     def _text_encoder(self) -> TextEncoder:
         """The frozen encoder, loaded on first use."""
@@ -356,7 +369,7 @@ class Cascade:
     @torch.no_grad()
     def sample(
         self,
-        text: TextEmbeddings | Sequence[str],
+        text: TextEmbeddings | str | Sequence[str],
         settings: SampleConfig,
         seeds: Sequence[int] | None = None,
         *,
@@ -385,10 +398,12 @@ class Cascade:
         # 1. validate and encode the text once
         prompts = None
         if not isinstance(text, TextEmbeddings):
-            prompts = list(text)
+            prompts = [text] if isinstance(text, str) else list(text)  # one prompt, or several
+            if not prompts:
+                raise ValueError("no prompts: pass a prompt or a list of them")
             text = self.encode(prompts)
         n = len(text)
-        seeds = list(seeds) if seeds is not None else [settings.seed + k for k in range(n)]
+        seeds = checked_seeds(seeds) if seeds is not None else [settings.seed + k for k in range(n)]
         if len(seeds) != n:
             raise ValueError(f"{len(seeds)} seeds for {n} prompts")
         negative = None
@@ -586,6 +601,21 @@ def candidate_scores(scorer: Scorer, images: Tensor, text: TextEmbeddings, n: in
         return scorer.similarity(images[k * n : (k + 1) * n], own)
 
     return torch.stack([scores(k) for k in range(len(text))])
+
+
+def checked_seeds(seeds: Sequence[Any]) -> list[int]:
+    """`seeds` as Python ints, each a `Seed` (what params.yaml, the CLI and requests take):
+    a float or a bool is refused, not rounded to another image's seed."""
+    out = []
+    for k, seed in enumerate(seeds):
+        try:
+            if isinstance(seed, bool):
+                raise TypeError("a bool")
+            out.append(SEED.validate_python(operator.index(seed)))
+        except (TypeError, ValidationError) as err:
+            detail = err.errors()[0]["msg"] if isinstance(err, ValidationError) else err
+            raise ValueError(f"seed {k + 1} is {seed!r}: {detail}") from None
+    return out
 
 
 def candidate_seed(seed: int, j: int) -> int:

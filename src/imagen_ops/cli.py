@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 from imagen_ops import __version__
-from imagen_ops.config import IngestConfig, Params, load_params
+from imagen_ops.config import IngestConfig, Params, SampleConfig, load_params
 from imagen_ops.diffusion.samplers import SAMPLERS
 from imagen_ops.pipeline import view_for
 
@@ -227,6 +227,11 @@ def cmd_sample(args: argparse.Namespace) -> None:
     if args.num_images < 1:
         raise ValueError(f"--num-images {args.num_images}: give 1 or more")
     image, mask, lowres = _sample_images(args)
+    given = {k: getattr(args, k) for k in SAMPLE_OPTIONS}
+    given = {k: v[0] if isinstance(v, list) and len(v) == 1 else v for k, v in given.items()}
+    # a bad flag fails now, not after the model loaded (a registry download); the ranges
+    # do not depend on the defaults, which may be the packaged model's
+    (params.sample if params else SampleConfig()).updated(**given)
     registry = params.registry if params else None
     source = args.model or (params.paths.models if params else None)
     if source is None:
@@ -248,8 +253,6 @@ def cmd_sample(args: argparse.Namespace) -> None:
             source,
             ", ".join(differ),
         )
-    given = {k: getattr(args, k) for k in SAMPLE_OPTIONS}
-    given = {k: v[0] if isinstance(v, list) and len(v) == 1 else v for k, v in given.items()}
     settings = defaults.updated(**given)
     if settings.rerank > 1 and cascade.scorer is None and params is not None:
         project = Path(params.paths.scorer)  # its format-3 scorer read params text.layer
@@ -319,16 +322,15 @@ def _sample_images(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 def cmd_params_apply(args: argparse.Namespace) -> None:
     import io
 
-    import yaml
     from ruamel.yaml import YAML
 
-    from imagen_ops.config import apply_overrides, deep_merge, flatten, parse_params
+    from imagen_ops.config import apply_overrides, deep_merge, flatten, parse_params, read_yaml
     from imagen_ops.files import write_text_atomic
 
     source = Path(args.params or "params.yaml")
-    base = yaml.safe_load(source.read_text()) or {}
+    base = read_yaml(source.read_text()) or {}
     # the recipe's values with the -S overrides over them: what is written into the file
-    patch = apply_overrides(yaml.safe_load(Path(args.recipe).read_text()) or {}, args.set)
+    patch = apply_overrides(read_yaml(Path(args.recipe).read_text()) or {}, args.set)
     merged = deep_merge(base, patch)
     parse_params(merged, f"{source} + {args.recipe}")  # validate before writing
     # Round-trip the file so its comments and layout survive; only the patch's leaves change.
@@ -442,11 +444,18 @@ def _optional_scorer(path: Path, text_layer: int):
 
 
 def cmd_register(args: argparse.Namespace) -> None:
+    """In the project `--root`: its params.yaml (unless --params), and its store, artifact
+    root and alias lock, whose relative paths name the project's, as in the flow."""
+    from contextlib import chdir
+
     from imagen_ops.registry.register import register_project
 
-    result = register_project(
-        Path(args.root), _params(args), args.run_id, args.models, args.metrics, args.eval_dir
-    )
+    root = Path(args.root)
+    params = load_params(args.params or root / "params.yaml", args.set)
+    with chdir(root):
+        result = register_project(
+            Path(), params, args.run_id, args.models, args.metrics, args.eval_dir
+        )
     _out(json.dumps(result, indent=2))
 
 
@@ -520,7 +529,7 @@ def cmd_promote(args: argparse.Namespace) -> None:
         params.registry,
         version=args.version,
         force=args.force,
-        golden=find_golden(Path(params.paths.golden)),
+        golden=None if args.force else find_golden(Path(params.paths.golden)),
         settings=params.sample,
     )
     _out(json.dumps(decision.to_dict(), indent=2))
@@ -734,7 +743,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
 
     p = add("register", cmd_register, "log the run and model to MLflow; gate the champion")
-    p.add_argument("--root", default=".", help="project root (git + DVC)")
+    p.add_argument("--root", default=".", help="project root (git + DVC; its params.yaml)")
     path(p, "--models", "paths.models", "the trained stages")
     path(p, "--metrics", "paths.reports/metrics.json", "the metrics file")
     path(p, "--eval-dir", "paths.eval", "grid and report")

@@ -9,13 +9,21 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from imagen_ops.choices import choice_of
 from imagen_ops.device import PRECISIONS
@@ -50,6 +58,7 @@ __all__ = [
     "deep_merge",
     "flatten",
     "load_params",
+    "read_yaml",
 ]
 
 
@@ -64,6 +73,7 @@ class ConfigError(ValueError):
 
 Seed = Annotated[int, Field(ge=0, lt=2**63)]
 """A generator seed: numpy and torch take non-negative 64-bit ones."""
+SEED = TypeAdapter(Seed)
 Beta = Annotated[float, Field(ge=0, lt=1)]
 
 
@@ -780,11 +790,45 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 # loading
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, except that a key given twice in one mapping is an error:
+    PyYAML keeps the last one silently, so a second `text:` block would drop every key of
+    the first (back to config.py's defaults) without a word."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    first: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # `<<: *anchor`: its keys may be overridden here, by design
+        key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, Hashable):
+            continue  # construct_mapping refuses it, naming it
+        if key in first:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"key {key!r} is given twice in one mapping (first on line {first[key] + 1}); "
+                "merge the two",
+                key_node.start_mark,
+            )
+        first[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def read_yaml(text: str) -> Any:
+    """YAML as `yaml.safe_load` reads it, refusing a key given twice in one mapping."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. stages.base.train.steps=10")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw)
+    return key.strip().split("."), read_yaml(raw)
 
 
 def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
@@ -860,7 +904,7 @@ def load_params(path: str | Path = "params.yaml", overrides: Iterable[str] = ())
             f"{path}: no such params file (run from the project root or pass --params)"
         )
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = read_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):

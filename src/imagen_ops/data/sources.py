@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 CAPTION_SUFFIXES = (".txt", ".json")
 # every format ingest decodes (ingest.FORMATS), in preference order within one sample
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
+IMAGE_SUFFIXES = {f".{ext}" for ext in WDS_IMAGE_EXTS}
+"""Files that make a folder of WebDataset shards ambiguous: it could be a folder source."""
 SYNTH = "synth"  # the source label of synthetic records
 WDS_CAPTION_KEYS = ("caption", "text")  # json fallbacks after cfg.caption_column
 PARQUET_BATCH_ROWS = 64
@@ -121,11 +123,14 @@ def detect_format(path: Path) -> str:
             f"{path.suffix!r}; expected one of {sorted(by_suffix)} or a directory "
             "(set data.ingest.format)"
         )
-    kinds = {p.suffix.lower() for p in path.iterdir() if p.is_file()} & {".tar", ".parquet"}
-    if len(kinds) > 1:
+    suffixes = {p.suffix.lower() for p in path.iterdir() if p.is_file() and p.name[0] != "."}
+    kinds = suffixes & {".tar", ".parquet"}
+    images = kinds == {".tar"} and suffixes & IMAGE_SUFFIXES  # parquet may name side files
+    if len(kinds) > 1 or images:
+        found = " and ".join(sorted(kinds | ({"image"} if images else set())))
         raise ValueError(
-            f"{path}: cannot tell the source format: it holds both .tar and .parquet files; "
-            "set data.ingest.format"
+            f"{path}: cannot tell the source format: it holds both {found} files (the "
+            "others would be left out); set data.ingest.format"
         )
     if kinds:
         return by_suffix[kinds.pop()]
@@ -329,10 +334,20 @@ def _csv(path: Path, cfg: IngestConfig) -> Iterator[RawRecord]:
 
 
 def _csv_records(path: Path, cfg: IngestConfig) -> Iterator[RawRecord]:
+    """A row the csv module cannot read (a field over its 131,072-character limit) stops
+    the ingest naming the file and line: the reader could not go on at the next row (a
+    quoted field may span lines, and its lines would be read as rows)."""
     budget = Budget(cfg)
     with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         reader = csv.DictReader(f)
-        for row in reader:
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as err:
+                line = reader.line_num + 1  # the line it failed in is not counted yet
+                raise ValueError(f"{path}:{line}: not a readable CSV row: {err}") from None
             yield _manifest_record(
                 path,
                 f"{path}:{reader.line_num}",
@@ -383,6 +398,7 @@ def _tar_records(shard: Path, cfg: IngestConfig, budget: Budget) -> Iterator[Raw
     key: str | None = None
     group: dict[str, bytes] = {}
     unsafe: tuple[str, str] | None = None  # (reason, detail) that rejects the whole sample
+    _check_complete(shard)
     try:
         with tarfile.open(shard, mode="r|*") as tar:
             for member in tar:
@@ -415,6 +431,29 @@ def _tar_records(shard: Path, cfg: IngestConfig, budget: Budget) -> Iterator[Raw
                 yield _sample(shard, key, group, unsafe, cfg)
     except (tarfile.TarError, EOFError, OSError) as err:
         raise ValueError(f"{shard}: not a readable tar archive: {err}") from err
+
+
+COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")
+"""gzip, bzip2, xz, zstd: the tail check below does not apply."""
+
+
+def _check_complete(shard: Path) -> None:
+    """Refuse an uncompressed shard that does not end as a tar archive does (whole 512-byte
+    blocks, the last two zero): tarfile ends at a cut or missing header as if at the end,
+    so a download cut between members would read as a shorter, valid shard. Not checked:
+    a cut just after a member whose data ends in 1,024 zero bytes, and compressed shards
+    (a cut gzip or xz stream also ends quietly at some cut points)."""
+    with shard.open("rb") as f:
+        if f.read(6).startswith(COMPRESSED_MAGIC):
+            return
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - 1024))
+        complete = size % 512 == 0 and size >= 1024 and f.read(1024) == bytes(1024)
+    if not complete:
+        raise ValueError(
+            f"{shard}: not a readable tar archive: it does not end with the archive's end "
+            f"marker ({size:,} bytes; cut short, e.g. an unfinished download)"
+        )
 
 
 def _sample(

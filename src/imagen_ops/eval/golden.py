@@ -79,8 +79,18 @@ def read_golden(directory: Path) -> list[dict[str, Any]]:
 
 def find_golden(directory: Path) -> list[dict[str, Any]] | None:
     """The golden rows if `directory` holds a set (then the paired gate decides
-    promotions), else None with a warning (then the metric gate does)."""
-    if not (Path(directory) / GOLDEN_FILE).is_file():
+    promotions), else None with a warning (then the metric gate does). A set that DVC
+    records (`<directory>.dvc`) but that is not checked out is an error: the metric gate
+    would quietly stand in for the paired test (a fresh clone, another machine)."""
+    directory = Path(directory)
+    if not (directory / GOLDEN_FILE).is_file():
+        pointer = directory.with_name(f"{directory.name}.dvc")
+        if pointer.is_file():
+            raise FileNotFoundError(
+                f"{pointer} records a golden prompt set but {directory / GOLDEN_FILE} is "
+                f"missing: `dvc checkout {pointer.name}` (or `dvc pull {pointer.name}`) "
+                "restores it, and promotions are decided on it"
+            )
         log.warning("no golden prompt set in %s: the metric gate decides", directory)
         return None
     return read_golden(directory)

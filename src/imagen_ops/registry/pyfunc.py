@@ -29,9 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
 from imagen_ops.cascade import SCORER_DIR, Cascade, check_prompt, image_roles
-from imagen_ops.config import ConfigError, Params, SampleConfig, ServeConfig, TextConfig
+from imagen_ops.config import SEED, ConfigError, Params, SampleConfig, ServeConfig, TextConfig
 from imagen_ops.device import resolve_device
 from imagen_ops.images import image_pixels
 from imagen_ops.registry.loading import ARTIFACT, packaged_settings
@@ -218,26 +219,59 @@ def validate_request(
 
 
 def request_frame(model_input: Any) -> Any:
-    """A request as a DataFrame: MLflow hands over its JSON formats as they came (the model
-    declares no input schema), a table, a dict of columns or of one row's values (`inputs`,
-    a bare object), or a list of rows (`instances`)."""
-    import numpy as np
+    """A request as a DataFrame. With no input schema MLflow hands its JSON formats over
+    as it parsed them: `dataframe_split` / `dataframe_records` as a table, `inputs` and
+    `instances` as a dict of numpy arrays by column (0-d where one value was given, 2-D
+    where each row holds a per-stage list), a bare object as a dict of Python values.
+
+    A dict whose prompt is one value is one row (a list in it: per-stage values). Else each
+    list or array is a column, a row per item, and a single value applies to every row; a
+    single `seed` means what `--seed` means to the CLI and `sample.seed` to Python: row k
+    gets seed + k."""
     import pandas as pd
 
     if isinstance(model_input, pd.DataFrame):
         return model_input
-    if isinstance(model_input, dict):  # `inputs` and `instances` come as arrays by column
-        if not isinstance(model_input.get("prompt"), list | tuple | np.ndarray):
-            return pd.DataFrame([model_input])  # one row (a list in it: per-stage values)
-        try:
-            return pd.DataFrame(model_input)
-        except ValueError as err:  # columns of different lengths
-            raise _bad_request(f"the request's columns do not form a table: {err}") from None
+    if isinstance(model_input, dict):
+        if _ndim(model_input.get("prompt")) == 0:
+            return pd.DataFrame([{k: _value(v) for k, v in model_input.items()}])
+        n = len(model_input["prompt"])
+        columns = {}
+        for key, value in model_input.items():
+            if _ndim(value) == 0:
+                value = _value(value)
+                seed = _seed(value) if key == "seed" else None
+                columns[key] = [value] * n if seed is None else [seed + k for k in range(n)]
+            elif len(value) == n:
+                columns[key] = list(value)  # a 2-D array's rows: per-stage lists
+            else:
+                raise _bad_request(
+                    f"the request's columns do not form a table: 'prompt' has {n} values, "
+                    f"{key!r} {len(value)}"
+                )
+        return pd.DataFrame(columns)
     if isinstance(model_input, list) and all(isinstance(r, dict) for r in model_input):
         return pd.DataFrame.from_records(model_input)
     raise _bad_request(
         f"a request is a table of rows with a 'prompt' column, got {type(model_input).__name__}"
     )
+
+
+def _seed(value: Any) -> int | None:
+    """One seed as the `seed` setting reads it ("7" and 7.0 are 7), None if it is none:
+    then every row gets the value and names the problem."""
+    try:
+        return None if value is None else SEED.validate_python(value)
+    except ValidationError:
+        return None
+
+
+def _ndim(value: Any) -> int:
+    """0 for one value (a numpy 0-d array included), else the dimensions of a list or
+    array (a list counts as one: its items are the rows)."""
+    if isinstance(value, list | tuple):
+        return 1
+    return getattr(value, "ndim", 0)
 
 
 def _value(value: Any) -> Any:

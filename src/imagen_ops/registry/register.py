@@ -29,12 +29,13 @@ from imagen_ops.charts import chart_path
 from imagen_ops.config import Params, PathsConfig, RegistryConfig, SampleConfig, flatten
 from imagen_ops.device import resolve_device
 from imagen_ops.eval.golden import find_golden
-from imagen_ops.files import exclusive_lock
+from imagen_ops.files import exclusive_lock, sha256_tree
+from imagen_ops.pipeline import PACKAGE
 from imagen_ops.registry.gate import golden_correct
 from imagen_ops.registry.loading import ARTIFACT, load_cascade
 from imagen_ops.registry.promotion import Decision, decide, paired_decide, primary_metric
 from imagen_ops.registry.pyfunc import REQUEST_COLUMNS, ModelSpec, package_cascade
-from imagen_ops.registry.tracking import configure, open_store, sqlite_file
+from imagen_ops.registry.tracking import KIND_TAG, configure, open_store, sqlite_file
 from imagen_ops.scorer import scorer_digest
 
 __all__ = [
@@ -206,7 +207,7 @@ def version_tags(
 ) -> dict[str, str]:
     """What a reviewer filters versions by: data version, recipe, commit, key metrics."""
     flat = flatten(metrics)
-    tags = {k: v for k, v in run_tags.items() if v is not None and k != "imagen_ops.kind"}
+    tags = {k: v for k, v in run_tags.items() if v is not None and k != KIND_TAG}
     tags["imagen_ops.recipe"] = str(run_params.get("recipe", "unknown"))
     tags["imagen_ops.text_encoder"] = str((run_params.get("text") or {}).get("encoder"))
     for key in KEY_METRICS:
@@ -253,7 +254,7 @@ def log_cascade_model(
     import mlflow
     import pandas as pd
 
-    code = Path(imagen_ops.__file__).parent
+    code = PACKAGE
     with tempfile.TemporaryDirectory() as tmp:  # MLflow copies the artifacts it logs
         cascade_dir = package_cascade(models, spec, Path(tmp) / ARTIFACT, scorer)
         return mlflow.pyfunc.log_model(
@@ -275,9 +276,10 @@ def log_cascade_model(
 
 
 def registration_digest(paths: RegisterPaths, spec: ModelSpec) -> str | None:
-    """sha256 of what a version holds: the weights, the packaged scorer, metrics.json and
-    the settings packaged with them (stages, text encoder, sampling defaults, serving
-    limits). None while the cascade or its metrics are missing."""
+    """sha256 of what a version holds: the weights, the packaged scorer, metrics.json, the
+    settings packaged with them (stages, text encoder, sampling defaults, serving limits),
+    and the code and pinned requirements that serve them (a fix to request handling is
+    something to register too). None while the cascade or its metrics are missing."""
     try:
         parts = [cascade_digest(paths.models, spec.stage_names), paths.metrics.read_bytes()]
     except FileNotFoundError:
@@ -289,6 +291,8 @@ def registration_digest(paths: RegisterPaths, spec: ModelSpec) -> str | None:
         **{k: getattr(spec, k).model_dump(mode="json") for k in ("text", "sample", "serve")},
     }
     parts.append(json.dumps(settings, sort_keys=True))
+    parts.append(sha256_tree(PACKAGE, "*.py"))  # the code logged with it (code_paths)
+    parts.append("\n".join(serving_requirements()))
     h = hashlib.sha256()
     for part in parts:
         data = part if isinstance(part, bytes) else part.encode()
@@ -419,9 +423,22 @@ def gate(
                 len(mine),
             )
         uri = f"models:/{cfg.model_name}/{champion_version}"
-        champion = load_cascade(uri, registry=cfg, device=challenger.device)
         label = f"champion (version {champion_version})"
-        theirs = golden_correct(champion, golden, settings, label)
+        champion = load_cascade(uri, registry=cfg, device=challenger.device)
+        try:
+            theirs = golden_correct(champion, golden, settings, label)
+        except ValueError as err:  # e.g. a list per stage for more stages than it has
+            # lasting, unlike a store error: failing would fail every later run the same way
+            reason = (
+                f"not promoted: the {label} cannot be sampled with this model's settings "
+                f"({err}); the gate did not run: `imagen-ops promote --force` promotes "
+                "this version"
+            )
+            log.warning("%s", reason)
+            acc = float(mine.mean())
+            return Decision(
+                False, reason, GOLDEN, acc, None, True, cfg.margin, "mcnemar", None, len(mine)
+            )
         return paired_decide(theirs, mine, cfg.confidence, cfg.margin, GOLDEN)
     metric, value, greater = primary_metric(metrics, cfg.primary_metric)
     _, champion_value = champion_metric(cfg, metric)
@@ -553,7 +570,7 @@ def register(
         DIRTY_TAG: _git_dirty(paths.root),
         "imagen_ops.dvc_lock_sha256": _sha256(paths.root / "dvc.lock"),
         "imagen_ops.data_version": _data_version(paths.root),
-        "imagen_ops.kind": "retrain",
+        KIND_TAG: "retrain",
     }
     with mlflow.start_run(
         run_id=run_id,

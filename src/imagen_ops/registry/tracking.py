@@ -15,6 +15,7 @@ from PIL import Image
 from imagen_ops.config import RegistryConfig
 
 __all__ = [
+    "KIND_TAG",
     "PARENT_RUN_ENV",
     "MLflowTracker",
     "configure",
@@ -27,6 +28,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+KIND_TAG = "imagen_ops.kind"
+"""A run tag: what made the run (`retrain`: a flow run; `train`: a stage's training)."""
 
 PARENT_RUN_ENV = "IMAGEN_OPS_PARENT_RUN_ID"
 """When set (by the retraining flow), training runs nest under this MLflow run."""
@@ -94,10 +98,27 @@ def _texty(sql_type: str) -> bool:
     return any(t in sql_type.upper() for t in ("CHAR", "TEXT", "CLOB"))
 
 
+def _use_store(cfg: RegistryConfig) -> None:
+    """mlflow.set_tracking_uri(`tracking_uri`), a sqlite file made absolute (MLflow caches
+    a store by its URI: a relative one would name the first project's database in a
+    process that moves on to another), without MLflow's side effect of exporting
+    MLFLOW_TRACKING_URI: that variable is the user's override, and once MLflow had set
+    it every later project in the process (a serving flow, a notebook) used this store."""
+    import mlflow
+
+    database, before = sqlite_file(cfg), os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(
+        tracking_uri(cfg) if database is None else f"sqlite:///{database.resolve()}"
+    )
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 def open_store(cfg: RegistryConfig) -> None:
     """Point MLflow at an existing store to read from it; creates nothing (a missing
     sqlite file is an error that says how to get one)."""
-    import mlflow
 
     uri, database = tracking_uri(cfg), sqlite_file(cfg)
     if database is not None and not database.is_file():
@@ -106,7 +127,7 @@ def open_store(cfg: RegistryConfig) -> None:
             "the project) or point MLFLOW_TRACKING_URI at the team's store"
         )
     follow_moved_store(cfg)
-    mlflow.set_tracking_uri(uri)
+    _use_store(cfg)
 
 
 def configure(cfg: RegistryConfig) -> str:
@@ -116,11 +137,10 @@ def configure(cfg: RegistryConfig) -> str:
     `mlflow-artifacts:/`); returns its id."""
     import mlflow
 
-    uri = tracking_uri(cfg)
     if (database := sqlite_file(cfg)) is not None:
         database.parent.mkdir(parents=True, exist_ok=True)
         follow_moved_store(cfg)
-    mlflow.set_tracking_uri(uri)
+    _use_store(cfg)
     experiment = mlflow.get_experiment_by_name(cfg.experiment)
     if experiment is not None:
         return experiment.experiment_id
@@ -183,28 +203,35 @@ def start_run(cfg: RegistryConfig, run_name: str, tags: dict[str, str]) -> str:
 
 
 def training_tracker(cfg: RegistryConfig, stage: str) -> MLflowTracker:
-    return MLflowTracker(
-        cfg, f"train-{stage}", {"imagen_ops.stage": stage, "imagen_ops.kind": "train"}
-    )
+    return MLflowTracker(cfg, f"train-{stage}", {"imagen_ops.stage": stage, KIND_TAG: "train"})
 
 
 def end_stale_runs(cfg: RegistryConfig, kind: str) -> list[str]:
-    """Mark KILLED every RUNNING run of `kind` and the runs nested under it.
+    """Mark KILLED every RUNNING run of `kind` and every RUNNING run nested under a run of
+    `kind`, whether that one is still RUNNING or has ended: a training process killed
+    alone (the OOM killer) leaves its run RUNNING under a flow run that went on.
 
     Call it only while holding the retraining lock: then no such run is alive, and one
-    still RUNNING belongs to a flow run that was killed before it could end it."""
+    still RUNNING belongs to a flow run that was killed, or a stage it outlived."""
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     experiment_id = configure(cfg)  # first: a client made before it would use MLflow's default
     client = MlflowClient()
-    running = "attributes.status = 'RUNNING'"
-    stale = client.search_runs([experiment_id], f"{running} and tags.`imagen_ops.kind` = '{kind}'")
+    kinds: dict[str, str | None] = {}
+
+    def kind_of(run_id: str) -> str | None:
+        if run_id not in kinds:
+            try:
+                kinds[run_id] = client.get_run(run_id).data.tags.get(KIND_TAG)
+            except MlflowException:  # a parent deleted since
+                kinds[run_id] = None
+        return kinds[run_id]
+
     ended = []
-    for run in stale:
-        children = client.search_runs(
-            [experiment_id], f"{running} and tags.`mlflow.parentRunId` = '{run.info.run_id}'"
-        )
-        for r in [*children, run]:
-            client.set_terminated(r.info.run_id, "KILLED")
-            ended.append(r.info.run_id)
+    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'"):
+        parent = run.data.tags.get("mlflow.parentRunId")
+        if run.data.tags.get(KIND_TAG) == kind or (parent and kind_of(parent) == kind):
+            client.set_terminated(run.info.run_id, "KILLED")
+            ended.append(run.info.run_id)
     return ended
