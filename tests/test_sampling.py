@@ -205,7 +205,7 @@ def test_a_prompt_longer_than_the_encoder_reads_is_named_in_a_warning(cascade, c
     so the user is told, as diffusers tells of CLIP's 77."""
     limit = cascade._text_encoder().max_length
     long = " ".join(["a red circle"] * limit)
-    with caplog.at_level("WARNING", logger="imagen_ops.cascade"):
+    with caplog.at_level("WARNING", logger="imagen_ops.text.encoders"):
         cascade.encode(["a blue square", long])
     (message,) = [r.getMessage() for r in caplog.records]
     assert message.startswith("prompt 2 is ") and f"reads the first {limit}" in message

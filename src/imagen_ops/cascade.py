@@ -286,18 +286,7 @@ class Cascade:
                 checked.append(check_prompt(prompt))
             except ValueError as err:
                 raise ValueError(f"prompt {k + 1}: {err}") from None
-        encoder = self._text_encoder()
-        for k, length in enumerate(encoder.token_lengths(checked)):
-            if length > encoder.max_length:  # as diffusers says of CLIP's 77
-                log.warning(
-                    "prompt %d is %d tokens: %s reads the first %d (text.max_length), "
-                    "the rest is ignored",
-                    k + 1,
-                    length,
-                    encoder.name,
-                    encoder.max_length,
-                )
-        return encoder.encode(checked, layer).as_stored()
+        return self._text_encoder().encode(checked, layer).as_stored()
 
     def _text_encoder(self) -> TextEncoder:
         """The frozen encoder, loaded on first use."""

@@ -137,7 +137,7 @@ def encode_captions(
     captions in the given order, filled one encoder pass at a time."""
     layers = [encoder.cfg.layer] if layers is None else list(layers)
     lengths_full = encoder.token_lengths(unique)
-    truncated = sum(n > encoder.max_length for n in lengths_full)
+    truncated = len(encoder.truncated(lengths_full))
     if truncated:
         log.warning(
             "%d of %d distinct captions exceed max_length=%d tokens and were truncated",

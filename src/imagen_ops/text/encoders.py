@@ -252,6 +252,11 @@ class TextEncoder:
                 raise ValueError(f"caption {i} is empty; captions must be non-empty text")
         return [len(ids) for ids in self.tokenizer(list(texts), truncation=False)["input_ids"]]
 
+    def truncated(self, lengths: Sequence[int]) -> list[int]:
+        """Which of captions of `lengths` tokens (`token_lengths`) lose their tail to
+        max_length."""
+        return [i for i, n in enumerate(lengths) if n > self.max_length]
+
     def width_of(self, length: int) -> int:
         """The width of a caption of `length` tokens (TextEmbeddings.widths of its
         embeddings): truncated to max_length, rounded up to TOKEN_BUCKET."""
@@ -287,6 +292,15 @@ class TextEncoder:
         if not layers:
             return []
         lengths = self.token_lengths(texts)
+        for i in self.truncated(lengths):  # as diffusers warns of CLIP's 77
+            log.warning(
+                "prompt %d is %d tokens: %s reads the first %d (text.max_length), "
+                "the rest is ignored",
+                i + 1,
+                lengths[i],
+                self.name,
+                self.max_length,
+            )
         width = self.stored_width(lengths)
         tokens = [torch.zeros(len(texts), width, self.dim) for _ in layers]
         mask = torch.zeros(len(texts), width, dtype=torch.bool)
